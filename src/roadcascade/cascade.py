@@ -1,0 +1,407 @@
+"""The cascade: tiers, deferral rules, fusion and the batched runtime.
+
+A tier takes a batch of decoded images and returns a logit, a calibrated probability and optional
+features per image, plus its cost. After tier ``k`` runs, exit point ``k`` fuses the outputs of tiers
+``0..k`` into one calibrated probability, folds its decision threshold to 0.5 and asks its rule
+whether the image can stop there. Tier ``k + 1`` then runs once, as one batch, on the images still
+undecided. A stage-1 bundle is a cascade of one tier.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .calibration import TemperatureCalibrator, fold
+from .preprocess import pick_device, to_batch
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass
+class TierOutput:
+    """One tier's answer on a batch of n images."""
+
+    logits: np.ndarray  # (n,) raw roadwork logit
+    prob: np.ndarray  # (n,) calibrated P(roadwork) of this tier alone (not folded)
+    features: np.ndarray | None = None  # (n, d) extra evidence for fusion and rules
+    ms: float = 0.0  # wall time of the batch
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+
+@dataclass
+class Trace:
+    tiers: list[str] = field(default_factory=list)  # tiers run, in order
+    probs: dict[str, float] = field(default_factory=dict)  # each tier's calibrated probability
+    rule: str = ""  # the rule that decided ("final", "confidence", "deadline", ...)
+    exit: int = -1  # exit point index
+    ms: dict[str, float] = field(default_factory=dict)  # per tier: the wall time of the batch it ran in
+    anytime: bool = False  # answered early (deadline) from the tiers that had run
+
+    def as_dict(self) -> dict:
+        return {
+            "tiers": list(self.tiers),
+            "probs": dict(self.probs),
+            "rule": self.rule,
+            "exit": self.exit,
+            "ms": dict(self.ms),
+            "anytime": self.anytime,
+        }
+
+
+@dataclass
+class Prediction:
+    probability: float  # calibrated and folded: decide with > 0.5, as validators do
+    label: int
+    trace: Trace
+    calibrated: float = float("nan")  # calibrated probability before the threshold fold
+
+    def as_dict(self) -> dict:
+        return {"probability": self.probability, "label": self.label, "trace": self.trace.as_dict()}
+
+
+@dataclass
+class ImageState:
+    """One image on its way through the cascade (what crosses a stage queue)."""
+
+    image: np.ndarray
+    logits: list[float] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    features: list[np.ndarray | None] = field(default_factory=list)
+    trace: Trace = field(default_factory=Trace)
+    done: bool = False
+    probability: float = float("nan")  # folded probability at the last exit reached
+    calibrated: float = float("nan")  # the same before the fold (for calibration metrics)
+
+    @property
+    def stage(self) -> int:
+        """Index of the next tier to run."""
+        return len(self.logits)
+
+
+# ----------------------------------------------------------------------------- registry helpers
+
+
+def _registry() -> tuple[dict[str, type], Callable[[type], type]]:
+    table: dict[str, type] = {}
+
+    def register(cls: type) -> type:
+        table[cls.kind] = cls  # type: ignore[attr-defined]
+        return cls
+
+    return table, register
+
+
+TIERS, register_tier = _registry()
+RULES, register_rule = _registry()
+FUSIONS, register_fusion = _registry()
+
+
+def _build(table: dict[str, type], what: str, cfg: dict, **kw):
+    kind = cfg.get("kind")
+    if kind not in table:
+        raise ValueError(f"unknown {what} kind {kind!r}; known: {', '.join(sorted(table))}")
+    return table[kind].from_config(cfg, **kw)
+
+
+# ----------------------------------------------------------------------------- tiers
+
+
+class Tier(ABC):
+    kind: ClassVar[str]
+    name: str
+    gflops: float
+
+    @abstractmethod
+    def run(self, images: Sequence[np.ndarray]) -> TierOutput: ...
+
+    @abstractmethod
+    def to_config(self, bundle_dir: Path) -> dict:
+        """Describe the tier for bundle.json, writing its weights into bundle_dir."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: dict, bundle_dir: Path, device: torch.device) -> "Tier": ...
+
+
+@register_tier
+class ClassifierTier(Tier):
+    """Any zoo model at any input size, returning one roadwork logit, temperature-calibrated."""
+
+    kind = "classifier"
+
+    def __init__(
+        self,
+        name: str,
+        model_name: str,
+        model: torch.nn.Module,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        calibrator: TemperatureCalibrator,
+        gflops: float,
+        device: torch.device | None = None,
+        batch_size: int = 64,
+    ):
+        self.name, self.model_name, self.input_size = name, model_name, int(input_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.calibrator, self.gflops, self.batch_size = calibrator, float(gflops), batch_size
+        self.device = device or pick_device()
+        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = to_batch(images[i : i + self.batch_size], self.input_size, self.mean, self.std).to(self.device)
+            out.append(self.model(x).float().reshape(-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def run(self, images: Sequence[np.ndarray]) -> TierOutput:
+        t0 = time.perf_counter()
+        z = self.logits(images).astype(np.float64)
+        return TierOutput(logits=z, prob=self.calibrator.calibrated(z), ms=(time.perf_counter() - t0) * 1e3)
+
+    def to_config(self, bundle_dir: Path) -> dict:
+        from safetensors.torch import save_file
+
+        weights = f"{self.name}.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(Path(bundle_dir) / weights), metadata={"model": self.model_name})
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "model": self.model_name,
+            "weights": weights,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "gflops": self.gflops,
+            "calibration": self.calibrator.to_dict(),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict, bundle_dir: Path, device: torch.device) -> "ClassifierTier":
+        from safetensors.torch import load_file
+
+        from .zoo import create_model
+
+        model = create_model(cfg["model"], num_classes=1, pretrained=False)
+        path = Path(bundle_dir) / cfg["weights"]
+        if not path.exists():
+            raise FileNotFoundError(f"bundle weights missing: {path}")
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return cls(
+            name=cfg["name"],
+            model_name=cfg["model"],
+            model=model,
+            input_size=cfg["input_size"],
+            mean=cfg["mean"],
+            std=cfg["std"],
+            calibrator=TemperatureCalibrator.from_dict(cfg["calibration"]),
+            gflops=cfg.get("gflops", 0.0),
+            device=device,
+        )
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+class Rule(ABC):
+    """Decides, at one exit point, which images may stop there."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
+        """Boolean (n,): True where the image stops at this exit."""
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Rule":
+        return cls()
+
+
+@register_rule
+class FinalRule(Rule):
+    """The last exit: every image stops."""
+
+    kind = "final"
+
+    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
+        return np.ones(len(folded), dtype=bool)
+
+
+@register_rule
+class ConfidenceRule(Rule):
+    """Stop when the folded probability is at least ``tau`` away from 0.5 on either side."""
+
+    kind = "confidence"
+
+    def __init__(self, tau: float):
+        self.tau = float(tau)
+
+    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
+        return np.abs(np.asarray(folded) - 0.5) >= self.tau
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind, "tau": self.tau}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ConfidenceRule":
+        return cls(cfg["tau"])
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+class Fusion(ABC):
+    """Fuses the outputs of tiers 0..k (k = len of each state's logits - 1) into one calibrated probability."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def prob(self, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """logits, probs: (n, k+1) per-tier values of the tiers that ran -> (n,) calibrated probability."""
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Fusion":
+        return cls()
+
+
+@register_fusion
+class LastTierFusion(Fusion):
+    """The calibrated probability of the last tier that ran."""
+
+    kind = "last"
+
+    def prob(self, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        return probs[:, -1]
+
+
+@dataclass
+class ExitPoint:
+    fusion: Fusion
+    threshold: float  # decision threshold of the fused probability, folded to 0.5
+    rule: Rule
+
+    def to_config(self) -> dict:
+        return {"fusion": self.fusion.to_config(), "threshold": self.threshold, "rule": self.rule.to_config()}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ExitPoint":
+        return cls(
+            fusion=_build(FUSIONS, "fusion", cfg["fusion"]),
+            threshold=float(cfg["threshold"]),
+            rule=_build(RULES, "rule", cfg["rule"]),
+        )
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+class Cascade:
+    """Tiers and their exit points, with a batched runtime.
+
+    ``run_stage(k, states)`` is the unit the server's multi-stage batcher schedules; ``predict`` is the
+    offline loop over stages. Both give exactly the same answers.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], exits: Sequence[ExitPoint]):
+        if len(tiers) == 0 or len(tiers) != len(exits):
+            raise ValueError(f"a cascade needs one exit point per tier (got {len(tiers)} tiers, {len(exits)} exits)")
+        self.tiers, self.exits = list(tiers), list(exits)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def _fused(self, k: int, states: Sequence[ImageState]) -> np.ndarray:
+        """Calibrated fused probability at exit k (before the fold)."""
+        logits = np.array([s.logits[: k + 1] for s in states], dtype=np.float64).reshape(len(states), k + 1)
+        probs = np.array([s.probs[: k + 1] for s in states], dtype=np.float64).reshape(len(states), k + 1)
+        return self.exits[k].fusion.prob(logits, probs)
+
+    def run_stage(self, k: int, states: Sequence[ImageState]) -> None:
+        """Run tier k once on all given states (as one batch), then apply exit point k."""
+        if not states:
+            return
+        if any(s.stage != k or s.done for s in states):
+            raise ValueError(f"run_stage({k}) got states that are done or at another stage")
+        tier = self.tiers[k]
+        out = tier.run([s.image for s in states])
+        for i, s in enumerate(states):
+            s.logits.append(float(out.logits[i]))
+            s.probs.append(float(out.prob[i]))
+            s.features.append(None if out.features is None else out.features[i])
+            s.trace.tiers.append(tier.name)
+            s.trace.probs[tier.name] = float(out.prob[i])
+            s.trace.ms[tier.name] = out.ms
+        calibrated = self._fused(k, states)
+        folded = fold(calibrated, self.exits[k].threshold)
+        last = k == self.n_stages - 1
+        stop = np.ones(len(states), dtype=bool) if last else self.exits[k].rule.stop(folded, states)
+        for s, p, c, st in zip(states, folded, calibrated, stop):
+            s.probability, s.calibrated = float(p), float(c)
+            if st:
+                s.done, s.trace.exit = True, k
+                s.trace.rule = "final" if last else self.exits[k].rule.kind
+
+    def answer(self, state: ImageState) -> Prediction:
+        """The answer for a state: final if done, else the anytime answer from the tiers that ran."""
+        if state.stage == 0:
+            raise ValueError("no tier has run on this image yet: no answer to give")
+        if not state.done:
+            state.trace.anytime, state.trace.rule, state.trace.exit = True, "deadline", state.stage - 1
+        p = float(np.clip(state.probability, 0.0, 1.0))
+        return Prediction(probability=p, label=int(p > 0.5), trace=state.trace, calibrated=state.calibrated)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Batched reference loop: tier k runs once on every image still undecided."""
+        states = [ImageState(image=im) for im in images]
+        for k in range(self.n_stages):
+            self.run_stage(k, [s for s in states if not s.done])
+        return [self.answer(s) for s in states]
+
+    def predict_proba(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return np.array([p.probability for p in self.predict(images)], dtype=np.float64)
+
+    def mean_gflops(self, exit_rates: Sequence[float]) -> float:
+        """Mean GFLOPs per image given the fraction of images exiting at each exit point."""
+        reach = 1.0
+        total = 0.0
+        for k, t in enumerate(self.tiers):
+            total += reach * t.gflops
+            reach -= exit_rates[k] if k < len(exit_rates) else 0.0
+        return total
+
+    def to_config(self, bundle_dir: Path) -> dict[str, Any]:
+        return {
+            "tiers": [t.to_config(bundle_dir) for t in self.tiers],
+            "exits": [e.to_config() for e in self.exits],
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict, bundle_dir: Path, device: torch.device | None = None) -> "Cascade":
+        device = device or pick_device()
+        tiers = [_build(TIERS, "tier", t, bundle_dir=bundle_dir, device=device) for t in cfg["tiers"]]
+        exits = [ExitPoint.from_config(e) for e in cfg["exits"]]
+        return cls(tiers, exits)

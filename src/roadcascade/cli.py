@@ -1,0 +1,246 @@
+"""The ``roadcascade`` command: train, eval, predict, quickstart, zoo (and later parts' sub-commands)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="roadcascade: is there roadwork in this street image? Train, calibrate, evaluate and serve an adaptive cascade.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+DEFAULT_QUICKSTART = Path("runs/quickstart")
+
+
+@contextmanager
+def progress_bar():
+    """A rich progress display; yields a callback ``(description, done, total)``."""
+    with Progress(
+        TextColumn("[bold]{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal and False,
+    ) as prog:
+        tasks: dict[str, int] = {}
+
+        def cb(desc: str, done: int, total: int) -> None:
+            if desc not in tasks:
+                tasks[desc] = prog.add_task(desc, total=total)
+            prog.update(tasks[desc], completed=done, total=total)
+
+        yield cb
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def zoo() -> None:
+    """List the registered backbones and where their weights come from."""
+    from .zoo import get_spec, list_models
+
+    t = Table(title="model zoo")
+    for c in ("name", "arch", "input", "weights", "licence"):
+        t.add_column(c)
+    for n in list_models():
+        s = get_spec(n)
+        src = s.weights.pip_name or s.weights.path or s.weights.kind
+        t.add_row(n, s.arch, str(s.input_size), src, s.license)
+    Console().print(t)
+
+
+@app.command()
+def train(
+    model: str = typer.Option("lite0", help="zoo model name (see `roadcascade zoo`)"),
+    out: Path = typer.Option(Path("runs/train/bundle"), help="bundle directory to write"),
+    data: Optional[str] = typer.Option(None, help="dataset: StreetWork manifest dir, image folder or parquet (default $ROADCASCADE_DATA or ../shared/data/streetwork)"),
+    input_size: Optional[int] = typer.Option(None, help="training resolution (default: the model's)"),
+    eval_size: Optional[int] = typer.Option(None, help="inference resolution stored in the bundle (default: the model's)"),
+    epochs: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(6e-4, min=0.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    max_train: Optional[int] = typer.Option(None, help="train on a stratified subset of this many images"),
+    max_val: Optional[int] = typer.Option(None, help="select/calibrate on a subset of this many val images"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimiser steps"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    task: str = typer.Option("classify", help="classify (the stage-1 classifier)"),
+) -> None:
+    """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle."""
+    from .train import TrainConfig, train as run_train
+
+    if task != "classify":
+        _fail(f"--task {task!r} is not available in this build (known: classify)")
+    cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                      seed=seed, device=device, data=data, max_train=max_train, max_val=max_val, max_steps=max_steps, threads=threads)
+    with progress_bar() as cb:
+        res = run_train(cfg, out, progress=cb, log=console.print)
+    console.print(f"bundle written to [bold]{out}[/bold] in {res.seconds:.0f} s")
+
+
+def _print_summary(rows: list[tuple[str, dict]]) -> None:
+    t = Table(title="roadcascade evaluation")
+    for c in ("split / views", "n", "MCC", "accuracy", "ECE", "AUROC", "reward", "dashcam MCC", "dashcam acc", "img/s"):
+        t.add_column(c, justify="right")
+    for name, r in rows:
+        d = r.get("dashcam") or {}
+        t.add_row(name, str(r["n"]), f"{r['mcc']:.4f}", f"{r['accuracy']:.4f}", f"{r['ece']:.4f}", f"{r['auroc']:.4f}",
+                  f"{r['reward']:.4f}", f"{d.get('mcc', float('nan')):.4f}", f"{d.get('accuracy', float('nan')):.4f}",
+                  f"{r['throughput_img_s']:.1f}")
+    Console().print(t)
+
+
+@app.command("eval")
+def eval_cmd(
+    bundle: Path = typer.Option(..., help="bundle directory"),
+    split: str = typer.Option("test", help="split name present in the dataset (train/val/test/all ...)"),
+    views: str = typer.Option("clean", help="clean | challenge"),
+    data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON here"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="write an HTML report here"),
+    seed: Optional[int] = typer.Option(None, help="challenge view seed (default 0 on val, 1 on test)"),
+    n_views: int = typer.Option(4, min=1, help="challenge views per image"),
+    batch_size: int = typer.Option(32, min=1),
+    max_images: Optional[int] = typer.Option(None, help="evaluate a stratified subset"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Evaluate a bundle the way a validator would; print a summary, write JSON and HTML."""
+    from .bundle import Bundle, BundleError
+    from .data import DataError, open_dataset
+    from .evaluate import evaluate, public
+    from .preprocess import pick_device
+    from .report import write_html
+
+    if views not in ("clean", "challenge"):
+        _fail("--views must be clean or challenge")
+    try:
+        b = Bundle.load(bundle, device=pick_device(device))
+        ds = open_dataset(data, split).subset(max_images)
+    except (BundleError, DataError, FileNotFoundError) as e:
+        _fail(str(e))
+    with progress_bar() as cb:
+        rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb)
+    _print_summary([(f"{split} / {views}", rep)])
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(public(rep), indent=2))
+        console.print(f"metrics: {json_out}")
+    if html_out:
+        write_html([(f"{split} / {views}", rep)], html_out)
+        console.print(f"report: {html_out}")
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="image files"),
+    bundle: Path = typer.Option(DEFAULT_QUICKSTART / "bundle", help="bundle directory"),
+    trace: bool = typer.Option(False, help="also print each image's trace"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Print P(roadwork) for image files (calibrated and folded: > 0.5 means roadwork)."""
+    from .bundle import Bundle, BundleError
+    from .images import BadImage, decode_path
+    from .preprocess import pick_device
+
+    try:
+        b = Bundle.load(bundle, device=pick_device(device))
+    except (BundleError, FileNotFoundError) as e:
+        _fail(str(e))
+    ok, decoded = [], []
+    bad = 0
+    for p in images:
+        try:
+            decoded.append(decode_path(p))
+            ok.append(p)
+        except BadImage as e:
+            bad += 1
+            print(f"{p}\terror\t{e.reason}: {e}")
+    for p, pr in zip(ok, b.cascade.predict(decoded) if decoded else []):
+        line = f"{p}\t{pr.probability:.4f}\t{'roadwork' if pr.label else 'none'}"
+        if trace:
+            line += "\t" + json.dumps(pr.trace.as_dict())
+        print(line)
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(DEFAULT_QUICKSTART, help="run directory"),
+    data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
+    retrain: bool = typer.Option(False, help="train even if a bundle is cached"),
+    epochs: int = typer.Option(6, min=1, help="training epochs"),
+    input_size: int = typer.Option(192, help="training resolution (inference runs at the model's 224)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """The main job: train (or reuse) the stage-1 model, calibrate, evaluate test clean + challenge, report."""
+    from .bundle import Bundle
+    from .data import open_dataset
+    from .evaluate import evaluate, public
+    from .preprocess import pick_device
+    from .report import write_html
+    from .train import TrainConfig, train as run_train
+
+    t0 = time.perf_counter()
+    bdir = out / "bundle"
+    with progress_bar() as cb:
+        if retrain or not (bdir / "bundle.json").exists():
+            cfg = TrainConfig(model="lite0", input_size=input_size, epochs=epochs, data=data, device=device)
+            console.print(f"[bold]training[/bold] {cfg.model} for {epochs} epochs at {input_size}px -> {bdir}")
+            run_train(cfg, bdir, progress=cb, log=console.print)
+        else:
+            console.print(f"using cached bundle {bdir} (pass --retrain to train again)")
+        b = Bundle.load(bdir, device=pick_device(device))
+        ds = open_dataset(data, "test")
+        reps = []
+        for views in ("clean", "challenge"):
+            rep = evaluate(b, ds, views, "test", progress=cb)
+            (out / f"eval-test-{views}.json").write_text(json.dumps(public(rep), indent=2))
+            reps.append((f"test / {views}", rep))
+    html = write_html(reps, out / "report.html", title="roadcascade quickstart: stage-1 on StreetWork test")
+    _print_summary(reps)
+    console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json\nreport {html}")
+    console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+
+
+# Sub-command modules of other parts: each exposes ``register(app, bench_app)``; one line each.
+_COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(app, bench_app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

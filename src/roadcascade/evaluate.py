@@ -1,0 +1,123 @@
+"""Validator-faithful evaluation of a bundle on a dataset split, clean or challenge views.
+
+Challenge views are made as a validator makes them (NATIX v2.0.4 augmentation, JPEG quality 75)
+and the timed path starts from those JPEG bytes: decode, preprocess, every tier, fusion, fold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .bundle import Bundle
+from .challenge import ChallengeConfig, challenge_views
+from .data import Dataset
+from .images import decode_bytes, encode_jpeg
+from .metrics import DASHCAM_SOURCES, percentiles, reliability, summarize
+
+Progress = Callable[[str, int, int], None]
+
+#: DESIGN.md: challenge views use seed 0 on val and seed 1 on test
+DEFAULT_VIEW_SEEDS = {"val": 0, "test": 1}
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    key: str
+    label: int
+    source: str
+    payload: bytes  # JPEG (or the stored file's) bytes, exactly what a client would send
+
+
+def view_seed(split: str | None, seed: int | None) -> int:
+    if seed is not None:
+        return seed
+    return DEFAULT_VIEW_SEEDS.get(split or "", 0)
+
+
+def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int = 224, progress: Progress | None = None) -> list[EvalItem]:
+    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75."""
+    if views not in ("clean", "challenge"):
+        raise ValueError(f"views must be 'clean' or 'challenge', not {views!r}")
+    items: list[EvalItem] = []
+    cfg = ChallengeConfig(size=size, jpeg_quality=None)  # encoded once below, as the validator does
+    for i, s in enumerate(ds.samples):
+        if views == "clean":
+            data = s.data if s.data is not None else s.path.read_bytes()  # type: ignore[union-attr]
+            items.append(EvalItem(s.key, s.label, s.source, data))
+        else:
+            for j, v in enumerate(challenge_views(s.load(), seed=seed, key=s.key, n=n_views, cfg=cfg)):
+                items.append(EvalItem(f"{s.key}#v{j}", s.label, s.source, encode_jpeg(v, 75)))
+        if progress:
+            progress(f"prepare {views} views", i + 1, len(ds))
+    return items
+
+
+def _group_metrics(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict:
+    s = summarize(y[mask], p[mask])
+    return {"n": s.n, "pos": int(y[mask].sum()), "mcc": s.mcc, "accuracy": s.accuracy, "confusion": s.confusion}
+
+
+def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None) -> dict:
+    """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits."""
+    cascade = bundle.cascade
+    probs, calib, lat, exits, rules = [], [], [], [], []
+    busy = 0.0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        t0 = time.perf_counter()
+        preds = cascade.predict([decode_bytes(it.payload) for it in chunk])
+        dt = (time.perf_counter() - t0) * 1e3
+        busy += dt
+        lat += [dt] * len(chunk)
+        for pr in preds:
+            probs.append(pr.probability)
+            calib.append(pr.calibrated)
+            exits.append(pr.trace.exit)
+            rules.append(pr.trace.rule)
+        if progress:
+            progress("evaluate", min(i + batch_size, len(items)), len(items))
+    y = np.array([it.label for it in items], dtype=np.int64)
+    p = np.array(probs, dtype=np.float64)
+    src = np.array([it.source for it in items])
+    summary = summarize(y, p).as_dict()
+    exit_rates = [float(np.mean(np.array(exits) == k)) for k in range(cascade.n_stages)]
+    dashcam = np.isin(src, DASHCAM_SOURCES)
+    dev = next((str(t.device) for t in cascade.tiers if hasattr(t, "device")), "cpu")
+    return {
+        **summary,
+        "ece_calibrated": summarize(y, np.array(calib)).ece,
+        "latency_ms": percentiles(np.array(lat)),
+        "throughput_img_s": float(len(items) / (busy / 1e3)) if busy > 0 else float("nan"),
+        "batch_size": batch_size,
+        "device": dev if dev != "cuda" else f"cuda ({torch.cuda.get_device_name()})",
+        "threads": torch.get_num_threads(),
+        "per_source": {s: _group_metrics(y, p, src == s) for s in sorted(set(src.tolist()))},
+        "dashcam": _group_metrics(y, p, dashcam) if dashcam.any() else None,
+        "exit_rates": exit_rates,
+        "rules": {r: int(c) for r, c in zip(*np.unique(np.array(rules), return_counts=True))},
+        "mean_gflops": cascade.mean_gflops(exit_rates),
+        "mean_ms": float(busy / max(1, len(items))),
+        "reliability": reliability(y, p),
+        "_y": y.tolist(),
+        "_p": p.tolist(),
+    }
+
+
+def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: int | None = None, n_views: int = 4,
+             batch_size: int = 32, progress: Progress | None = None) -> dict:
+    seed_ = view_seed(split, seed) if views == "challenge" else None
+    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress)
+    res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress)
+    meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views, "view_seed": seed_,
+            "n_images": len(ds), "n_views_per_image": n_views if views == "challenge" else 1}
+    return {**meta, **res}
+
+
+def public(report: dict) -> dict:
+    """The report without the per-item arrays (those feed the plots)."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}

@@ -1,0 +1,692 @@
+"""Safe image decoding for hostile input.
+
+Every public decoder returns an ``H x W x 3`` ``uint8`` RGB array (C-contiguous, writable) or raises
+:class:`BadImage`, one ``ValueError`` subclass carrying a short machine ``reason`` and the HTTP status a
+server should answer with (400 bad content, 413 too large, 415 wrong format). No other exception
+escapes a decoder for bad input, so a server can map ``BadImage`` to a 4xx and anything else is a bug.
+
+The path of one input::
+
+    bytes -> size limit -> sniff magic bytes (non-image / unsupported format -> 415)
+          -> format pre-checks (WebP/TIFF truncation, JPEG scan count, TIFF tile size)
+          -> PIL.Image.open restricted to ``limits.formats`` (header only; bomb warning -> error)
+          -> width/height checked against the limits BEFORE any pixel is decoded
+          -> load (truncated data is an error: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False)
+          -> EXIF orientation applied (a broken EXIF block means "no transpose", never an error)
+          -> :func:`to_rgb` (mode conversion)
+
+Choices worth knowing:
+
+- Alpha is **dropped**, never composited: the RGB values under the alpha channel are kept, which are the
+  pixels ``PIL.Image.convert("RGB")`` gives and what dataset/validator pipelines feed their models.
+  The ndarray path (``H x W x 4`` -> drop the 4th channel) does the same.
+- 16-bit gray (``I;16*``) is scaled by its bit depth (``round(v / 257)``), so 0..65535 maps to 0..255.
+  32-bit ``I`` and float ``F`` carry no bit depth: values already in 0..255 (``F``: 0..1 is scaled by 255)
+  are kept, ``I`` values in 0..65535 are treated as 16-bit, anything else is stretched min..max to 0..255.
+- Multi-frame GIF/TIFF/WebP/APNG: the first frame.
+- PIL's decompression-bomb warning is turned into an error only inside :func:`decode_bytes`'s call to
+  ``Image.open``, under a module lock, with ``warnings.catch_warnings``; no PIL global is changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+import stat
+import struct
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Final, Union
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "REASONS",
+    "BadImage",
+    "DecodeLimits",
+    "decode_any",
+    "decode_base64",
+    "decode_bytes",
+    "decode_path",
+    "encode_base64_jpeg",
+    "encode_jpeg",
+    "to_rgb",
+]
+
+#: Every ``BadImage.reason`` this module raises, with the HTTP status it carries.
+REASONS: Final[dict[str, int]] = {
+    "empty": 400,  # zero bytes / empty string
+    "bad_input": 400,  # a Python object of the wrong type
+    "bad_base64": 400,  # not valid base64 (alphabet, padding, non-ASCII, bad data URL)
+    "bad_array": 400,  # ndarray of the wrong dtype or shape
+    "not_found": 400,  # path missing, a directory, or not a regular file
+    "unreadable": 400,  # path exists but cannot be read
+    "truncated": 400,  # image data ends early
+    "corrupt": 400,  # recognised container, undecodable content
+    "bad_dimensions": 400,  # a side below min_side or above max_side
+    "too_large": 413,  # more bytes (or base64 characters) than allowed
+    "too_many_pixels": 413,  # width * height above max_pixels
+    "decompression_bomb": 413,  # PIL's bomb guard, oversized TIFF tiles, or a JPEG with absurd scan count
+    "not_image": 415,  # text, HTML, JSON, PDF, zip, ... or unrecognised bytes
+    "unsupported_format": 415,  # an image format outside limits.formats (SVG, HEIC, ICO, ...)
+}
+
+_JPEG_MAX_SCANS: Final = 256  # libjpeg decodes every progressive scan over the whole image: a CPU bomb
+_PATHLIKE_CHARS: Final = frozenset(".\\~")  # characters a path may hold that base64 never does
+_MAX_PATH_CHARS: Final = 4096
+_FORMAT_ALIASES: Final = {"JPG": "JPEG", "TIF": "TIFF", "MPO": "JPEG"}  # MPO: multi-picture JPEG (phones)
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-global state: one decoder at a time
+
+
+def _canonical_format(name: str | None) -> str:
+    """Upper-case PIL format name with aliases folded (MPO -> JPEG, JPG -> JPEG, TIF -> TIFF)."""
+    upper = (name or "").strip().upper()
+    return _FORMAT_ALIASES.get(upper, upper)
+
+
+class BadImage(ValueError):
+    """One error type for every undecodable input.
+
+    Attributes:
+        reason: short machine code, one of :data:`REASONS`.
+        message: human-readable explanation (also ``str(err)``).
+        http_status: 400 for bad content, 413 for too large, 415 for a wrong format.
+    """
+
+    reason: str
+    message: str
+    http_status: int
+
+    def __init__(self, reason: str, message: str, http_status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.http_status = http_status
+
+    def __reduce__(self) -> tuple[type[BadImage], tuple[str, str, int]]:
+        """Pickle with all three fields (errors cross process boundaries in data loaders)."""
+        return (type(self), (self.reason, self.message, self.http_status))
+
+    def __repr__(self) -> str:
+        return f"BadImage(reason={self.reason!r}, message={self.message!r}, http_status={self.http_status})"
+
+
+def _bad(reason: str, message: str) -> BadImage:
+    """Build a :class:`BadImage` with the status registered for ``reason``."""
+    return BadImage(reason, message, REASONS[reason])
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits applied to every decode. ``formats`` are PIL format names (case-insensitive; JPG/TIF ok)."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_side: int = 20_000
+    min_side: int = 1
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_side", "min_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
+        if self.min_side > self.max_side:
+            raise ValueError(f"DecodeLimits.min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        if isinstance(self.formats, (str, bytes)) or not self.formats:
+            raise ValueError(f"DecodeLimits.formats must be a non-empty tuple of names like ('JPEG', 'PNG'), got {self.formats!r}")
+        names = tuple(dict.fromkeys(_canonical_format(str(f)) for f in self.formats))
+        object.__setattr__(self, "formats", names)
+
+    @property
+    def max_base64_chars(self) -> int:
+        """Length of the base64 encoding of ``max_bytes`` bytes (padding included)."""
+        return 4 * math.ceil(self.max_bytes / 3)
+
+
+_DEFAULT_LIMITS: Final = DecodeLimits()
+
+ImageSource = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", "os.PathLike[bytes]", np.ndarray, Image.Image]
+
+
+# --------------------------------------------------------------------------------------------- errors
+def _short(exc: BaseException) -> str:
+    """``Type: message`` of an exception, one line, at most 160 characters."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:160] if text else type(exc).__name__
+
+
+def _classify(exc: BaseException, what: str) -> BadImage:
+    """Map any exception raised while parsing ``what`` (e.g. "PNG data") to a :class:`BadImage`."""
+    if isinstance(exc, BadImage):
+        return exc
+    text = str(exc)
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return _bad("decompression_bomb", f"{what} declares too many pixels ({text.split(',')[0]})")
+    if isinstance(exc, ValueError) and "Decompressed Data Too Large" in text:
+        return _bad("decompression_bomb", f"{what} holds a metadata chunk that inflates past PIL's limit")
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return _bad("truncated", f"{what} is truncated: the file ends before the image data does")
+    return _bad("corrupt", f"{what} could not be decoded ({_short(exc)})")
+
+
+# --------------------------------------------------------------------------------------------- sniffing
+_IMAGE_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xffO\xffQ", "JPEG2000"),
+    (b"\xff\n", "JPEGXL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEGXL"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"icns", "ICNS"),
+    (b"v/1\x01", "OPENEXR"),
+    (b"#?RADIANCE", "HDR"),
+    (b"%!PS-Adobe", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"\x0a\x05\x01", "PCX"),
+)
+_OTHER_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PK\x05\x06", "a zip archive"),
+    (b"PK\x07\x08", "a zip archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"BZh", "bzip2 data"),
+    (b"\xfd7zXZ\x00", "xz data"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"\x7fELF", "an ELF executable"),
+    (b"\xca\xfe\xba\xbe", "a Java class / Mach-O file"),
+    (b"\x1aE\xdf\xa3", "a Matroska/WebM video"),
+    (b"OggS", "an Ogg stream"),
+    (b"ID3", "an MP3 file"),
+    (b"fLaC", "a FLAC file"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"\x93NUMPY", "a NumPy array file"),
+    (b"\x80\x04\x95", "a Python pickle"),
+)
+_HEIF_BRANDS: Final = {b"heic": "HEIF", b"heix": "HEIF", b"hevc": "HEIF", b"heim": "HEIF", b"heis": "HEIF",
+                       b"hevm": "HEIF", b"hevs": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF",
+                       b"avis": "AVIF"}
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """True when ``head`` (the first bytes of the input) is printable UTF-8/ASCII text."""
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # a multi-byte character cut at the end of the window is fine
+            return False
+        text = head[: exc.start].decode("utf-8")
+    if not text:
+        return False
+    printable = sum(ch.isprintable() or ch in "\t\r\n\f" for ch in text)
+    return printable >= 0.95 * len(text)
+
+
+def _text_kind(head: bytes) -> tuple[str, str]:
+    """Classify text: SVG is an (unsupported) image, anything else is not an image."""
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if start.startswith(b"<svg") or (start.startswith((b"<?xml", b"<!doctype svg", b"<!--")) and b"<svg" in start):
+        return "image", "SVG"
+    if start.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<?xml", b"<")):
+        return "other", "HTML/XML text"
+    if start[:1] in (b"{", b"["):
+        return "other", "JSON text"
+    return "other", "plain text"
+
+
+def _sniff(data: bytes) -> tuple[str, str]:
+    """Guess what ``data`` is from its first bytes.
+
+    Returns ``(kind, name)``: kind ``"image"`` with a canonical format name, ``"other"`` with a
+    description of a known non-image, or ``"unknown"``.
+    """
+    for magic, name in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return "image", name
+    if data[:4] == b"RIFF":
+        return ("image", "WEBP") if data[8:12] == b"WEBP" else ("other", "a RIFF (WAV/AVI) file")
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        return ("image", _HEIF_BRANDS[brand]) if brand in _HEIF_BRANDS else ("other", "an MP4/QuickTime file")
+    for magic, name in _OTHER_MAGIC:
+        if data.startswith(magic):
+            return "other", name
+    if data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"7") and data[2:3].isspace():
+        return "image", "PPM"
+    head = data[:4096]
+    if _looks_like_text(head):
+        return _text_kind(head)
+    if data.startswith(b"BM"):  # weak magic: checked after text so that "BMW ..." is text
+        return "image", "BMP"
+    if data.startswith(b"MZ"):
+        return "other", "a Windows executable"
+    return "unknown", "unrecognised data"
+
+
+def _precheck(fmt: str, data: bytes) -> None:
+    """Cheap structural checks PIL does not make (or reports vaguely) for some formats."""
+    if fmt == "WEBP" and len(data) >= 8:
+        (riff_size,) = struct.unpack_from("<I", data, 4)
+        if len(data) < riff_size + 8:
+            raise _bad("truncated", f"WEBP data is truncated: {len(data)} of {riff_size + 8} bytes")
+    elif fmt == "TIFF" and len(data) >= 8 and data[2:4] in (b"*\x00", b"\x00*"):
+        (ifd,) = struct.unpack_from("<I" if data[:2] == b"II" else ">I", data, 4)
+        if ifd >= len(data):
+            raise _bad("truncated", f"TIFF data is truncated: first directory at byte {ifd} of {len(data)}")
+    elif fmt == "JPEG" and data.count(b"\xff\xda") > _JPEG_MAX_SCANS:
+        raise _bad("decompression_bomb", f"JPEG data holds more than {_JPEG_MAX_SCANS} scans (CPU exhaustion)")
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    """Reject a declared size outside the limits (called before any pixel is decoded)."""
+    if width < limits.min_side or height < limits.min_side:
+        raise _bad("bad_dimensions", f"image is {width}x{height}; each side must be at least {limits.min_side} pixel(s)")
+    if width * height > limits.max_pixels:
+        raise _bad("too_many_pixels",
+                   f"image is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,}")
+    if max(width, height) > limits.max_side:
+        raise _bad("bad_dimensions", f"image is {width}x{height}; no side may exceed {limits.max_side} pixels")
+
+
+def _check_format(img: Image.Image, limits: DecodeLimits) -> None:
+    """Reject a PIL image whose (known) format is outside ``limits.formats``."""
+    if img.format is not None and _canonical_format(img.format) not in limits.formats:
+        raise _bad("unsupported_format", f"{img.format} images are not accepted (allowed: {', '.join(limits.formats)})")
+
+
+def _check_tiff_tiles(img: Image.Image, limits: DecodeLimits) -> None:
+    """libtiff allocates a whole tile before decoding it: bound the declared tile area."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return
+    try:
+        tile_w, tile_h = int(tags.get(322, 0) or 0), int(tags.get(323, 0) or 0)
+    except Exception:  # noqa: BLE001 - a hostile tag value; libtiff will reject it on load
+        return
+    if tile_w * tile_h > limits.max_pixels:
+        raise _bad("decompression_bomb", f"TIFF declares {tile_w}x{tile_h} tiles, above the pixel limit")
+
+
+def _allowed_pil_formats(limits: DecodeLimits) -> tuple[str, ...]:
+    """The formats of ``limits`` that this PIL build can open (PIL's JPEG opener also yields MPO)."""
+    if not Image.OPEN:
+        Image.init()
+    return tuple(f for f in limits.formats if f in Image.OPEN)
+
+
+# --------------------------------------------------------------------------------------------- PIL path
+_TRANSPOSE: Final = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """EXIF orientation (1..8) of ``img``; 1 when absent, out of range or unreadable."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+        value = int(value[0] if isinstance(value, (tuple, list)) else value)
+    except Exception:  # noqa: BLE001 - a broken EXIF block means "no orientation", never an error
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """Honour EXIF orientation like ``ImageOps.exif_transpose`` (no copy when there is nothing to do).
+
+    Any failure (hostile EXIF, odd mode) falls back to the untransposed image.
+    """
+    method = _TRANSPOSE.get(_exif_orientation(img))
+    if method is None:
+        return img
+    try:
+        return img.transpose(method)
+    except Exception:  # noqa: BLE001 - orientation is cosmetic; keep the pixels we have
+        return img
+
+
+def _decode_pil(img: Image.Image, limits: DecodeLimits, what: str) -> np.ndarray:
+    """Check limits on a (lazily) opened image, load its current frame, orient it, convert to RGB."""
+    _check_format(img, limits)
+    width, height = img.size
+    _check_size(width, height, limits)
+    _check_tiff_tiles(img, limits)
+    try:
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - every PIL failure becomes a BadImage
+        raise _classify(exc, what) from exc
+    return to_rgb(_apply_orientation(img))
+
+
+def _open(data: bytes, limits: DecodeLimits, fmt: str) -> Image.Image:
+    """``Image.open`` restricted to the allowed formats, with PIL's bomb warning raised as an error."""
+    what = f"{fmt} data" if fmt else "data"
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=_allowed_pil_formats(limits))
+    except Image.UnidentifiedImageError as exc:
+        if fmt:
+            raise _bad("corrupt", f"{what} has an unreadable or invalid header") from exc
+        raise _bad("not_image", "input is not a recognised image") from exc
+    except Exception as exc:  # noqa: BLE001 - every PIL failure becomes a BadImage
+        raise _classify(exc, what) from exc
+
+
+# --------------------------------------------------------------------------------------------- to_rgb
+_GRAY16: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA: Final = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Linearly map ``values`` (float64) from their min..max onto 0..255 (constant -> 0)."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, np.uint8)
+    return np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _gray_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16/32-bit integer or float gray image to uint8 without clipping (see module docs)."""
+    if mode in _GRAY16:
+        wide = arr.astype(np.uint32)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    if mode == "F":
+        values = arr.astype(np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            fill = float(values[finite].min()) if finite.any() else 0.0
+            values = np.where(finite, values, fill)
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0.0 and hi <= 1.0:
+            return np.rint(values * 255.0).astype(np.uint8)
+        if lo >= 0.0 and hi <= 255.0:
+            return np.rint(values).astype(np.uint8)
+        return _stretch(values)
+    lo, hi = int(arr.min()), int(arr.max())  # mode "I": int32
+    if lo >= 0 and hi <= 255:
+        return arr.astype(np.uint8)
+    if lo >= 0 and hi <= 65535:
+        return _gray_to_uint8(arr, "I;16")
+    return _stretch(arr.astype(np.float64))
+
+
+def _mode_to_rgb(img: Image.Image) -> np.ndarray:
+    """The mode dispatch behind :func:`to_rgb` (may raise anything PIL raises)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.array(img, dtype=np.uint8)
+    if mode in _GRAY16 or mode in ("I", "F"):
+        gray = _gray_to_uint8(np.asarray(img), mode)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    has_alpha = mode in _ALPHA or (mode == "P" and _has_transparency(img))
+    if mode == "La":
+        img = img.convert("LA")
+    if has_alpha:  # alpha dropped: keep the colour under it (== PIL's convert("RGB"))
+        return np.array(img.convert("RGBA"), dtype=np.uint8)[:, :, :3]
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    """Whether a palette image carries transparency (``tRNS``, GIF transparency index, RGBA palette)."""
+    flag = getattr(img, "has_transparency_data", None)
+    if isinstance(flag, bool):
+        return flag
+    return "transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA")
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to an ``H x W x 3`` uint8 RGB array (C-contiguous, writable).
+
+    Alpha is dropped; 16-bit gray is scaled by bit depth; ``I``/``F`` as in the module docs; ``1``,
+    ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` go through PIL's own conversion. Loads the image
+    if needed; any failure (truncated data, unknown mode) raises :class:`BadImage`.
+    """
+    if not isinstance(img, Image.Image):
+        raise _bad("bad_input", f"to_rgb expects a PIL image, got {type(img).__name__}")
+    try:
+        arr = _mode_to_rgb(img)
+    except BadImage:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every PIL failure becomes a BadImage
+        raise _classify(exc, f"{img.mode} image") from exc
+    width, height = img.size
+    if arr.dtype != np.uint8 or arr.shape != (height, width, 3):
+        raise _bad("corrupt", f"{img.mode} image converted to an unexpected array {arr.dtype}{arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+# --------------------------------------------------------------------------------------------- decoders
+def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+    """Decode encoded image bytes to ``H x W x 3`` uint8 RGB, or raise :class:`BadImage`."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise _bad("bad_input", f"expected image bytes, got {type(data).__name__}")
+    if not data:
+        raise _bad("empty", "image data is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise _bad("too_large", f"image data is {len(data):,} bytes; the limit is {limits.max_bytes:,}")
+    kind, name = _sniff(data)
+    if kind == "other":
+        raise _bad("not_image", f"input is not an image: it looks like {name}")
+    fmt = name if kind == "image" else ""
+    if fmt and fmt not in limits.formats:
+        raise _bad("unsupported_format", f"{fmt} images are not accepted (allowed: {', '.join(limits.formats)})")
+    if fmt:
+        _precheck(fmt, data)
+    img = _open(data, limits, fmt)
+    with img:
+        return _decode_pil(img, limits, f"{_canonical_format(img.format) or fmt or 'image'} data")
+
+
+def _strip_data_url(raw: bytes) -> bytes:
+    """Remove a ``data:[<mime>][;params];base64,`` prefix if present; reject non-base64/non-image URLs."""
+    if raw[:5].lower() != b"data:":
+        return raw
+    comma = raw.find(b",", 0, 512)
+    if comma < 0:
+        raise _bad("bad_base64", "data URL has no ',' separating its header from the payload")
+    params = [p.strip().lower() for p in raw[5:comma].split(b";")]
+    if b"base64" not in params[1:]:
+        raise _bad("bad_base64", "data URL is not base64-encoded (missing ';base64')")
+    mime = params[0]
+    if mime and not (mime.startswith(b"image/") or mime == b"application/octet-stream"):
+        raise _bad("not_image", f"data URL declares media type {mime.decode('ascii', 'replace')!r}, not an image")
+    return raw[comma + 1:]
+
+
+_WHITESPACE: Final = b" \t\r\n\f\v"
+
+
+def decode_base64(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+    """Decode base64 (optionally a ``data:image/...;base64,`` URL) to ``H x W x 3`` uint8 RGB.
+
+    Whitespace and newlines are ignored and missing ``=`` padding is tolerated; any other character
+    outside the standard (or, used consistently, the URL-safe) alphabet is an error. The length is
+    checked before decoding.
+    """
+    if isinstance(text, str):
+        if not text.isascii():
+            raise _bad("bad_base64", "base64 text contains non-ASCII characters")
+        raw = text.encode("ascii")
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        if not raw.isascii():
+            raise _bad("bad_base64", "base64 text contains non-ASCII bytes")
+    else:
+        raise _bad("bad_input", f"expected base64 str or bytes, got {type(text).__name__}")
+    budget = limits.max_base64_chars
+    if len(raw) > budget + budget // 8 + 1024:  # generous room for line breaks and a data-URL prefix
+        raise _bad("too_large", f"base64 text is {len(raw):,} characters; the limit is about {budget:,}")
+    payload = _strip_data_url(raw.lstrip(_WHITESPACE)).translate(None, _WHITESPACE)
+    if not payload:
+        raise _bad("empty", "base64 text is empty")
+    if len(payload) > budget:
+        raise _bad("too_large", f"base64 payload is {len(payload):,} characters; the limit is {budget:,}")
+    return decode_bytes(_b64decode_strict(payload), limits)
+
+
+def _b64decode_strict(payload: bytes) -> bytes:
+    """Decode whitespace-free base64 with strict alphabet validation and tolerant padding."""
+    urlsafe = b"-" in payload or b"_" in payload
+    if urlsafe:
+        if b"+" in payload or b"/" in payload:
+            raise _bad("bad_base64", "base64 text mixes the standard and URL-safe alphabets")
+        payload = payload.translate(bytes.maketrans(b"-_", b"+/"))
+    if len(payload) % 4 == 1:
+        raise _bad("bad_base64", "base64 text has an impossible length (one character too many or too few)")
+    payload += b"=" * (-len(payload) % 4)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad("bad_base64", f"invalid base64 ({_short(exc)})") from exc
+
+
+def decode_path(path: str | os.PathLike, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+    """Read and decode an image file. Non-regular files (directories, FIFOs, devices) are refused and
+    the size is checked with ``fstat`` before anything is read."""
+    try:
+        name = os.fspath(path)
+    except TypeError as exc:
+        raise _bad("bad_input", f"expected a path, got {type(path).__name__}") from exc
+    shown = os.fsdecode(name)[:300]
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise _bad("not_found", f"no such file: {shown!r}") from exc
+    except IsADirectoryError as exc:
+        raise _bad("not_found", f"{shown!r} is a directory, not an image file") from exc
+    except PermissionError as exc:
+        raise _bad("unreadable", f"permission denied reading {shown!r}") from exc
+    except (OSError, ValueError) as exc:  # name too long, embedded NUL, ...
+        raise _bad("not_found", f"cannot open {shown!r} ({_short(exc)})") from exc
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        try:
+            info = os.fstat(handle.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise _bad("not_found", f"{shown!r} is a directory, not an image file")
+            if not stat.S_ISREG(info.st_mode):
+                raise _bad("not_found", f"{shown!r} is not a regular file")
+            if info.st_size > limits.max_bytes:
+                raise _bad("too_large", f"{shown!r} is {info.st_size:,} bytes; the limit is {limits.max_bytes:,}")
+            data = _read_at_most(handle, limits.max_bytes + 1)
+        except OSError as exc:
+            raise _bad("unreadable", f"cannot read {shown!r} ({_short(exc)})") from exc
+    if len(data) > limits.max_bytes:
+        raise _bad("too_large", f"{shown!r} grew past {limits.max_bytes:,} bytes while being read")
+    return decode_bytes(data, limits)
+
+
+def _read_at_most(handle: io.RawIOBase, limit: int) -> bytes:
+    """Read until EOF or ``limit`` bytes from an unbuffered file."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _from_array(arr: np.ndarray, limits: DecodeLimits) -> np.ndarray:
+    """Validate a decoded array: HxWx3 uint8 passes through (no copy when C-contiguous)."""
+    if arr.dtype != np.uint8:
+        raise _bad("bad_array", f"image arrays must be uint8, got {arr.dtype}")
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
+        height, width = arr.shape[:2]
+    else:
+        raise _bad("bad_array", f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
+    _check_size(width, height, limits)
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    channels = arr.shape[2]
+    if channels == 1:
+        return np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3] if channels == 4 else arr)
+
+
+def _is_existing_path(text: str) -> bool:
+    """Whether a (short) string names something on disk; never raises."""
+    if len(text) > _MAX_PATH_CHARS or "\x00" in text:
+        return False
+    try:
+        return os.path.exists(text)
+    except (OSError, ValueError):
+        return False
+
+
+def decode_any(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+    """Decode whatever a caller has: bytes, a path, base64 text, an ndarray or a PIL image.
+
+    - bytes-like -> :func:`decode_bytes`; ``os.PathLike`` -> :func:`decode_path`;
+    - ``str``: an existing path -> :func:`decode_path`; a string that cannot be base64 but looks like a
+      path (has ``.``, ``\\`` or ``~``) -> ``BadImage("not_found")``; otherwise :func:`decode_base64`.
+      Servers that receive strings from clients should call :func:`decode_base64` directly.
+    - ``np.ndarray``: uint8 HxW (gray, stacked), HxWx1, HxWx3 (returned as-is when C-contiguous) or
+      HxWx4 (alpha dropped), checked against the pixel limits; anything else -> ``BadImage("bad_array")``.
+    - PIL image: its current frame, with the same checks, orientation and conversion as decoded files.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return decode_bytes(bytes(src), limits)
+    if isinstance(src, np.ndarray):
+        return _from_array(src, limits)
+    if isinstance(src, Image.Image):
+        return _decode_pil(src, limits, f"{src.format or src.mode} image")
+    if isinstance(src, str):
+        stripped = src.strip()
+        if stripped[:5].lower() != "data:":
+            if _is_existing_path(src):
+                return decode_path(src, limits)
+            if len(stripped) <= _MAX_PATH_CHARS and _PATHLIKE_CHARS & set(stripped):
+                raise _bad("not_found", f"no such file: {stripped[:300]!r}")
+        return decode_base64(src, limits)
+    if isinstance(src, os.PathLike):
+        return decode_path(src, limits)
+    raise _bad("bad_input", f"cannot decode an image from {type(src).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- encoders
+def encode_jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
+    """Encode an HxWx3 uint8 array as JPEG with PIL defaults (as a validator builds its requests)."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+    if not isinstance(rgb, np.ndarray):
+        raise _bad("bad_input", f"encode_jpeg expects an ndarray, got {type(rgb).__name__}")
+    arr = _from_array(rgb, DecodeLimits(max_pixels=2**62, max_side=65_500))
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def encode_base64_jpeg(rgb: np.ndarray, quality: int = 75) -> str:
+    """Base64 (standard alphabet, no line breaks) of :func:`encode_jpeg`."""
+    return base64.b64encode(encode_jpeg(rgb, quality)).decode("ascii")
