@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .cascade import Cascade
+from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402  (registers their tier/rule/fusion kinds)
 
 FORMAT = "roadcascade.bundle/1"
 

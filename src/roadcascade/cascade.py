@@ -33,6 +33,7 @@ class TierOutput:
     prob: np.ndarray  # (n,) calibrated P(roadwork) of this tier alone (not folded)
     features: np.ndarray | None = None  # (n, d) extra evidence for fusion and rules
     ms: float = 0.0  # wall time of the batch
+    gflops: np.ndarray | None = None  # (n,) per-image cost when it varies (test-time scaling); None: tier.gflops
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -46,6 +47,7 @@ class Trace:
     exit: int = -1  # exit point index
     ms: dict[str, float] = field(default_factory=dict)  # per tier: the wall time of the batch it ran in
     anytime: bool = False  # answered early (deadline) from the tiers that had run
+    gflops: dict[str, float] = field(default_factory=dict)  # per tier: GFLOPs spent on this image
 
     def as_dict(self) -> dict:
         return {
@@ -55,6 +57,7 @@ class Trace:
             "exit": self.exit,
             "ms": dict(self.ms),
             "anytime": self.anytime,
+            "gflops": dict(self.gflops),
         }
 
 
@@ -347,7 +350,9 @@ class Cascade:
         if any(s.stage != k or s.done for s in states):
             raise ValueError(f"run_stage({k}) got states that are done or at another stage")
         tier = self.tiers[k]
-        out = tier.run([s.image for s in states])
+        # a tier may read what earlier tiers found (test-time scaling reuses its base tier's logit)
+        run_states = getattr(tier, "run_states", None)
+        out = run_states(states) if callable(run_states) else tier.run([s.image for s in states])
         for i, s in enumerate(states):
             s.logits.append(float(out.logits[i]))
             s.probs.append(float(out.prob[i]))
@@ -355,6 +360,7 @@ class Cascade:
             s.trace.tiers.append(tier.name)
             s.trace.probs[tier.name] = float(out.prob[i])
             s.trace.ms[tier.name] = out.ms
+            s.trace.gflops[tier.name] = float(tier.gflops if out.gflops is None else out.gflops[i])
         calibrated = self._fused(k, states)
         folded = fold(calibrated, self.exits[k].threshold)
         last = k == self.n_stages - 1

@@ -157,7 +157,7 @@ def _resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
     """PIL bilinear resize to ``size x size`` (antialiased when downscaling, as torchvision does)."""
     if img.shape[0] == size and img.shape[1] == size:
         return img.copy()
-    pil = Image.fromarray(np.ascontiguousarray(img), mode="RGB")
+    pil = Image.fromarray(np.ascontiguousarray(img))
     return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)).copy()
 
 
@@ -408,7 +408,7 @@ def rotate_resized_crop(
 def encode_jpeg(img, quality: int = 75) -> bytes:
     """JPEG bytes as PIL writes them (``quality`` 75 is PIL's default, 4:2:0 chroma)."""
     buf = io.BytesIO()
-    Image.fromarray(_as_rgb(img), mode="RGB").save(buf, format="JPEG", quality=int(quality))
+    Image.fromarray(_as_rgb(img)).save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()
 
 

@@ -23,6 +23,7 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
+out_console = Console(width=None if Console().is_terminal else 160)  # tables stay readable in logs and CI
 
 DEFAULT_QUICKSTART = Path("runs/quickstart")
 
@@ -61,7 +62,7 @@ def zoo() -> None:
         s = get_spec(n)
         src = s.weights.pip_name or s.weights.path or s.weights.kind
         t.add_row(n, s.arch, str(s.input_size), src, s.license)
-    Console().print(t)
+    out_console.print(t)
 
 
 @app.command()
@@ -96,14 +97,14 @@ def train(
 
 def _print_summary(rows: list[tuple[str, dict]]) -> None:
     t = Table(title="roadcascade evaluation")
-    for c in ("split / views", "n", "MCC", "accuracy", "ECE", "AUROC", "reward", "dashcam MCC", "dashcam acc", "img/s"):
+    for c in ("split/views", "n", "MCC", "accuracy", "ECE", "AUROC", "reward", "dashcam MCC", "dashcam acc", "img/s"):
         t.add_column(c, justify="right")
     for name, r in rows:
         d = r.get("dashcam") or {}
         t.add_row(name, str(r["n"]), f"{r['mcc']:.4f}", f"{r['accuracy']:.4f}", f"{r['ece']:.4f}", f"{r['auroc']:.4f}",
                   f"{r['reward']:.4f}", f"{d.get('mcc', float('nan')):.4f}", f"{d.get('accuracy', float('nan')):.4f}",
                   f"{r['throughput_img_s']:.1f}")
-    Console().print(t)
+    out_console.print(t)
 
 
 @app.command("eval")
@@ -188,8 +189,10 @@ def quickstart(
     epochs: int = typer.Option(6, min=1, help="training epochs"),
     input_size: int = typer.Option(192, help="training resolution (inference runs at the model's 224)"),
     device: str = typer.Option("auto"),
+    cascade: bool = typer.Option(True, "--cascade/--stage1-only", help="build a cascade from the stage-1 model (default)"),
+    budget: str = typer.Option("35%", help="cascade compute budget (see `roadcascade build`)"),
 ) -> None:
-    """The main job: train (or reuse) the stage-1 model, calibrate, evaluate test clean + challenge, report."""
+    """The main job: train (or reuse) the stage-1 model, build a cascade from it, evaluate test clean + challenge, report."""
     from .bundle import Bundle
     from .data import open_dataset
     from .evaluate import evaluate, public
@@ -199,13 +202,20 @@ def quickstart(
 
     t0 = time.perf_counter()
     bdir = out / "bundle"
+    sdir = out / "stage1" if cascade else bdir  # the stage-1 model (the cascade's tiers reuse its weights)
     with progress_bar() as cb:
-        if retrain or not (bdir / "bundle.json").exists():
+        if cascade:
+            from .build import adopt_stage1, quickstart_cascade
+
+            adopt_stage1(bdir, sdir, log=console.print)
+        if retrain or not (sdir / "bundle.json").exists():
             cfg = TrainConfig(model="lite0", input_size=input_size, epochs=epochs, data=data, device=device)
-            console.print(f"[bold]training[/bold] {cfg.model} for {epochs} epochs at {input_size}px -> {bdir}")
-            run_train(cfg, bdir, progress=cb, log=console.print)
+            console.print(f"[bold]training[/bold] {cfg.model} for {epochs} epochs at {input_size}px -> {sdir}")
+            run_train(cfg, sdir, progress=cb, log=console.print)
         else:
-            console.print(f"using cached bundle {bdir} (pass --retrain to train again)")
+            console.print(f"using cached bundle {sdir} (pass --retrain to train again)")
+        if cascade:
+            quickstart_cascade(sdir, bdir, data=data, device=device, budget=budget, progress=cb, log=console.print)
         b = Bundle.load(bdir, device=pick_device(device))
         ds = open_dataset(data, "test")
         reps = []
@@ -213,7 +223,8 @@ def quickstart(
             rep = evaluate(b, ds, views, "test", progress=cb)
             (out / f"eval-test-{views}.json").write_text(json.dumps(public(rep), indent=2))
             reps.append((f"test / {views}", rep))
-    html = write_html(reps, out / "report.html", title="roadcascade quickstart: stage-1 on StreetWork test")
+    html = write_html(reps, out / "report.html",
+                      title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
     console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
@@ -221,6 +232,9 @@ def quickstart(
 
 # Sub-command modules of other parts: each exposes ``register(app, bench_app)``; one line each.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "roadcascade.build_commands",
+    "roadcascade.detect.commands",
+    "roadcascade.serve.commands",
 )
 
 

@@ -65,7 +65,7 @@ def _group_metrics(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict:
 def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None) -> dict:
     """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits."""
     cascade = bundle.cascade
-    probs, calib, lat, exits, rules = [], [], [], [], []
+    probs, calib, lat, exits, rules, gfl = [], [], [], [], [], []
     busy = 0.0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
@@ -79,6 +79,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
             calib.append(pr.calibrated)
             exits.append(pr.trace.exit)
             rules.append(pr.trace.rule)
+            gfl.append(sum(pr.trace.gflops.values()) if pr.trace.gflops else float("nan"))
         if progress:
             progress("evaluate", min(i + batch_size, len(items)), len(items))
     y = np.array([it.label for it in items], dtype=np.int64)
@@ -88,7 +89,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
     exit_rates = [float(np.mean(np.array(exits) == k)) for k in range(cascade.n_stages)]
     dashcam = np.isin(src, DASHCAM_SOURCES)
     dev = next((str(t.device) for t in cascade.tiers if hasattr(t, "device")), "cpu")
-    return {
+    rep = {
         **summary,
         "ece_calibrated": summarize(y, np.array(calib)).ece,
         "latency_ms": percentiles(np.array(lat)),
@@ -100,12 +101,18 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
         "dashcam": _group_metrics(y, p, dashcam) if dashcam.any() else None,
         "exit_rates": exit_rates,
         "rules": {r: int(c) for r, c in zip(*np.unique(np.array(rules), return_counts=True))},
-        "mean_gflops": cascade.mean_gflops(exit_rates),
+        # per-image costs as spent (a test-time-scaling tier's cost varies per image)
+        "mean_gflops": float(np.mean(gfl)) if gfl and not np.isnan(gfl).any() else cascade.mean_gflops(exit_rates),
         "mean_ms": float(busy / max(1, len(items))),
         "reliability": reliability(y, p),
         "_y": y.tolist(),
         "_p": p.tolist(),
     }
+    if bundle.meta.get("ensemble"):  # a cascade bundle: best single tier and full ensemble, same items, same run
+        from .build import baselines_report
+
+        rep["baselines"] = baselines_report(bundle, items, p, batch_size=batch_size, progress=progress)
+    return rep
 
 
 def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: int | None = None, n_views: int = 4,

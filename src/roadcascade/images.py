@@ -8,11 +8,13 @@ escapes a decoder for bad input, so a server can map ``BadImage`` to a 4xx and a
 The path of one input::
 
     bytes -> size limit -> sniff magic bytes (non-image / unsupported format -> 415)
-          -> format pre-checks (WebP/TIFF truncation, JPEG scan count, TIFF tile size)
+          -> structure pre-checks (WebP/TIFF truncation; caps on JPEG scans and header segments,
+             PNG chunks, GIF blocks: millions of tiny segments would cost seconds in PIL's parsers)
           -> PIL.Image.open restricted to ``limits.formats`` (header only; bomb warning -> error)
-          -> width/height checked against the limits BEFORE any pixel is decoded
-          -> load (truncated data is an error: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False)
-          -> EXIF orientation applied (a broken EXIF block means "no transpose", never an error)
+          -> width/height (and TIFF tile size) checked against the limits BEFORE any pixel is decoded
+          -> load (truncated data is an error: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is read, never set)
+          -> EXIF orientation applied with the transposes of ``ImageOps.exif_transpose``, but without
+             its unconditional copy and EXIF rewrite (a broken EXIF block means "no transpose")
           -> :func:`to_rgb` (mode conversion)
 
 Choices worth knowing:
@@ -26,6 +28,8 @@ Choices worth knowing:
 - Multi-frame GIF/TIFF/WebP/APNG: the first frame.
 - PIL's decompression-bomb warning is turned into an error only inside :func:`decode_bytes`'s call to
   ``Image.open``, under a module lock, with ``warnings.catch_warnings``; no PIL global is changed.
+  (Code elsewhere that sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` would make truncated files
+  decode with grey fill here too: don't.)
 """
 
 from __future__ import annotations
@@ -71,16 +75,20 @@ REASONS: Final[dict[str, int]] = {
     "bad_dimensions": 400,  # a side below min_side or above max_side
     "too_large": 413,  # more bytes (or base64 characters) than allowed
     "too_many_pixels": 413,  # width * height above max_pixels
-    "decompression_bomb": 413,  # PIL's bomb guard, oversized TIFF tiles, or a JPEG with absurd scan count
+    "decompression_bomb": 413,  # PIL's bomb guard, huge TIFF tiles, absurd JPEG/PNG/GIF segment counts
     "not_image": 415,  # text, HTML, JSON, PDF, zip, ... or unrecognised bytes
     "unsupported_format": 415,  # an image format outside limits.formats (SVG, HEIC, ICO, ...)
 }
 
-_JPEG_MAX_SCANS: Final = 256  # libjpeg decodes every progressive scan over the whole image: a CPU bomb
+# Structure caps: far above anything an encoder writes, far below what makes parsing take seconds.
+_JPEG_MAX_SCANS: Final = 256  # libjpeg decodes every progressive scan over the whole image
+_JPEG_MAX_SEGMENTS: Final = 4096  # header markers before the first scan (PIL walks them in Python)
+_PNG_MAX_CHUNKS: Final = 50_000  # PIL reads every chunk in Python; encoders write 8-64 KiB IDATs
+_GIF_MAX_BLOCKS: Final = 100_000  # extension sub-blocks before the first frame
 _PATHLIKE_CHARS: Final = frozenset(".\\~")  # characters a path may hold that base64 never does
 _MAX_PATH_CHARS: Final = 4096
 _FORMAT_ALIASES: Final = {"JPG": "JPEG", "TIF": "TIFF", "MPO": "JPEG"}  # MPO: multi-picture JPEG (phones)
-_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-global state: one decoder at a time
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings edits process-global state: one Image.open at a time
 
 
 def _canonical_format(name: str | None) -> str:
@@ -139,7 +147,8 @@ class DecodeLimits:
         if self.min_side > self.max_side:
             raise ValueError(f"DecodeLimits.min_side ({self.min_side}) exceeds max_side ({self.max_side})")
         if isinstance(self.formats, (str, bytes)) or not self.formats:
-            raise ValueError(f"DecodeLimits.formats must be a non-empty tuple of names like ('JPEG', 'PNG'), got {self.formats!r}")
+            raise ValueError(
+                f"DecodeLimits.formats must be a non-empty tuple of names like ('JPEG', 'PNG'), got {self.formats!r}")
         names = tuple(dict.fromkeys(_canonical_format(str(f)) for f in self.formats))
         object.__setattr__(self, "formats", names)
 
@@ -150,8 +159,11 @@ class DecodeLimits:
 
 
 _DEFAULT_LIMITS: Final = DecodeLimits()
+_JPEG_LIMITS: Final = DecodeLimits(max_pixels=2**62, max_side=65_500)  # what the JPEG format can hold
 
-ImageSource = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", "os.PathLike[bytes]", np.ndarray, Image.Image]
+ImageSource = Union[
+    bytes, bytearray, memoryview, str, "os.PathLike[str]", "os.PathLike[bytes]", np.ndarray, Image.Image
+]
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -283,8 +295,64 @@ def _sniff(data: bytes) -> tuple[str, str]:
     return "unknown", "unrecognised data"
 
 
+def _jpeg_header_too_long(data: bytes) -> bool:
+    """Whether more than ``_JPEG_MAX_SEGMENTS`` markers (or fill bytes) precede the first scan.
+
+    PIL walks these header segments in Python, so millions of tiny COM/APP segments cost seconds.
+    """
+    pos, size = 2, len(data)
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        if pos + 4 > size or data[pos] != 0xFF:
+            return False  # end or malformed: PIL reports it
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: the header is over
+            return False
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return True
+
+
+def _png_too_many_chunks(data: bytes) -> bool:
+    """Whether the PNG has more than ``_PNG_MAX_CHUNKS`` chunks (PIL reads each one in Python)."""
+    pos, size = 8, len(data)
+    for _ in range(_PNG_MAX_CHUNKS):
+        if pos + 8 > size or data[pos + 4:pos + 8] == b"IEND":
+            return False
+        pos += 12 + struct.unpack_from(">I", data, pos)[0]
+    return pos + 8 <= size
+
+
+def _gif_too_many_blocks(data: bytes) -> bool:
+    """Whether more than ``_GIF_MAX_BLOCKS`` extension sub-blocks precede the first frame."""
+    size = len(data)
+    if size < 13:
+        return False
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    budget = _GIF_MAX_BLOCKS
+    while budget > 0:
+        if pos + 2 > size or data[pos] != 0x21:  # not an extension: image, trailer or junk
+            return False
+        pos += 2
+        while budget > 0 and pos < size:
+            length = data[pos]
+            pos += 1 + length
+            budget -= 1
+            if length == 0:
+                break
+    return True
+
+
 def _precheck(fmt: str, data: bytes) -> None:
-    """Cheap structural checks PIL does not make (or reports vaguely) for some formats."""
+    """Cheap structural checks PIL does not make (or reports vaguely) for some formats.
+
+    Truncated WebP/TIFF containers get the reason "truncated"; structures that would make PIL's
+    pure-Python parsers or libjpeg spend seconds on a small file are refused as "decompression_bomb".
+    """
     if fmt == "WEBP" and len(data) >= 8:
         (riff_size,) = struct.unpack_from("<I", data, 4)
         if len(data) < riff_size + 8:
@@ -293,15 +361,25 @@ def _precheck(fmt: str, data: bytes) -> None:
         (ifd,) = struct.unpack_from("<I" if data[:2] == b"II" else ">I", data, 4)
         if ifd >= len(data):
             raise _bad("truncated", f"TIFF data is truncated: first directory at byte {ifd} of {len(data)}")
-    elif fmt == "JPEG" and data.count(b"\xff\xda") > _JPEG_MAX_SCANS:
-        raise _bad("decompression_bomb", f"JPEG data holds more than {_JPEG_MAX_SCANS} scans (CPU exhaustion)")
+    elif fmt == "JPEG":
+        if data.count(b"\xff\xda") > _JPEG_MAX_SCANS:
+            raise _bad("decompression_bomb", f"JPEG data holds more than {_JPEG_MAX_SCANS} scans (CPU exhaustion)")
+        if _jpeg_header_too_long(data):
+            raise _bad("decompression_bomb",
+                       f"JPEG header has more than {_JPEG_MAX_SEGMENTS} segments before the image data")
+    elif fmt == "PNG" and _png_too_many_chunks(data):
+        raise _bad("decompression_bomb", f"PNG data has more than {_PNG_MAX_CHUNKS:,} chunks")
+    elif fmt == "GIF" and _gif_too_many_blocks(data):
+        raise _bad("decompression_bomb",
+                   f"GIF data has more than {_GIF_MAX_BLOCKS:,} blocks before the first frame")
 
 
 # --------------------------------------------------------------------------------------------- checks
 def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
     """Reject a declared size outside the limits (called before any pixel is decoded)."""
     if width < limits.min_side or height < limits.min_side:
-        raise _bad("bad_dimensions", f"image is {width}x{height}; each side must be at least {limits.min_side} pixel(s)")
+        raise _bad("bad_dimensions",
+                   f"image is {width}x{height}; each side must be at least {limits.min_side} pixel(s)")
     if width * height > limits.max_pixels:
         raise _bad("too_many_pixels",
                    f"image is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,}")
@@ -312,7 +390,8 @@ def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
 def _check_format(img: Image.Image, limits: DecodeLimits) -> None:
     """Reject a PIL image whose (known) format is outside ``limits.formats``."""
     if img.format is not None and _canonical_format(img.format) not in limits.formats:
-        raise _bad("unsupported_format", f"{img.format} images are not accepted (allowed: {', '.join(limits.formats)})")
+        raise _bad("unsupported_format",
+                   f"{img.format} images are not accepted (allowed: {', '.join(limits.formats)})")
 
 
 def _check_tiff_tiles(img: Image.Image, limits: DecodeLimits) -> None:
@@ -351,10 +430,9 @@ def _exif_orientation(img: Image.Image) -> int:
     """EXIF orientation (1..8) of ``img``; 1 when absent, out of range or unreadable."""
     try:
         value = img.getexif().get(0x0112, 1)
-        value = int(value[0] if isinstance(value, (tuple, list)) else value)
     except Exception:  # noqa: BLE001 - a broken EXIF block means "no orientation", never an error
         return 1
-    return value if value in _TRANSPOSE else 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
 
 
 def _apply_orientation(img: Image.Image) -> Image.Image:
@@ -394,7 +472,7 @@ def _open(data: bytes, limits: DecodeLimits, fmt: str) -> Image.Image:
     except Image.UnidentifiedImageError as exc:
         if fmt:
             raise _bad("corrupt", f"{what} has an unreadable or invalid header") from exc
-        raise _bad("not_image", "input is not a recognised image") from exc
+        raise _bad("not_image", f"input is not a recognised image ({', '.join(limits.formats)} accepted)") from exc
     except Exception as exc:  # noqa: BLE001 - every PIL failure becomes a BadImage
         raise _classify(exc, what) from exc
 
@@ -587,29 +665,30 @@ def decode_path(path: str | os.PathLike, limits: DecodeLimits = _DEFAULT_LIMITS)
         raise _bad("unreadable", f"permission denied reading {shown!r}") from exc
     except (OSError, ValueError) as exc:  # name too long, embedded NUL, ...
         raise _bad("not_found", f"cannot open {shown!r} ({_short(exc)})") from exc
-    with os.fdopen(fd, "rb", buffering=0) as handle:
-        try:
-            info = os.fstat(handle.fileno())
-            if stat.S_ISDIR(info.st_mode):
-                raise _bad("not_found", f"{shown!r} is a directory, not an image file")
-            if not stat.S_ISREG(info.st_mode):
-                raise _bad("not_found", f"{shown!r} is not a regular file")
-            if info.st_size > limits.max_bytes:
-                raise _bad("too_large", f"{shown!r} is {info.st_size:,} bytes; the limit is {limits.max_bytes:,}")
-            data = _read_at_most(handle, limits.max_bytes + 1)
-        except OSError as exc:
-            raise _bad("unreadable", f"cannot read {shown!r} ({_short(exc)})") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise _bad("not_found", f"{shown!r} is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise _bad("not_found", f"{shown!r} is not a regular file")
+        if info.st_size > limits.max_bytes:
+            raise _bad("too_large", f"{shown!r} is {info.st_size:,} bytes; the limit is {limits.max_bytes:,}")
+        data = _read_at_most(fd, limits.max_bytes + 1)
+    except OSError as exc:
+        raise _bad("unreadable", f"cannot read {shown!r} ({_short(exc)})") from exc
+    finally:
+        os.close(fd)
     if len(data) > limits.max_bytes:
         raise _bad("too_large", f"{shown!r} grew past {limits.max_bytes:,} bytes while being read")
     return decode_bytes(data, limits)
 
 
-def _read_at_most(handle: io.RawIOBase, limit: int) -> bytes:
-    """Read until EOF or ``limit`` bytes from an unbuffered file."""
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Read from a file descriptor until EOF or ``limit`` bytes."""
     chunks: list[bytes] = []
     left = limit
     while left > 0:
-        chunk = handle.read(min(left, 1 << 20))
+        chunk = os.read(fd, min(left, 1 << 20))
         if not chunk:
             break
         chunks.append(chunk)
@@ -681,7 +760,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
         raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
     if not isinstance(rgb, np.ndarray):
         raise _bad("bad_input", f"encode_jpeg expects an ndarray, got {type(rgb).__name__}")
-    arr = _from_array(rgb, DecodeLimits(max_pixels=2**62, max_side=65_500))
+    arr = _from_array(rgb, _JPEG_LIMITS)
     buffer = io.BytesIO()
     Image.fromarray(arr).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()

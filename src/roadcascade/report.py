@@ -80,6 +80,67 @@ def confusion_plot(rep: dict) -> str:
     return _png(fig)
 
 
+def pareto_plot(rep: dict) -> str:
+    """MCC vs mean GFLOPs per image: the val frontier with the chosen point, and the test measurements."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = rep["baselines"]
+    par = b.get("pareto") or {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fr = par.get("val_frontier") or []
+    if fr:
+        g, m = zip(*fr)
+        ax.step(g, m, where="post", color="#888", lw=1.2, label="val frontier (out-of-fold)")
+        ax.plot(g, m, ".", color="#888", ms=3)
+    if par.get("val_chosen"):
+        ax.plot(*par["val_chosen"], "*", color="#888", ms=13, mfc="none", label="chosen (val)")
+    ax.plot(rep["mean_gflops"], rep["mcc"], "*", color="C3", ms=15, label="cascade (test)")
+    fe = b["full_ensemble"]
+    ax.plot(fe["mean_gflops"], fe["mcc"], "s", color="C0", ms=8, label="full ensemble (test)")
+    for name, s in b.get("singles", {}).items():
+        ax.plot(s["mean_gflops"], s["mcc"], "o", color="C2", ms=6)
+        ax.annotate(name, (s["mean_gflops"], s["mcc"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    g = b.get("guaranteed")
+    if g:
+        ax.plot(g["mean_gflops"], g["mcc"], "D", color="C4", ms=7, label=f"guaranteed, eps {g['epsilon']} (test)")
+    ax.axvline(0.35 * fe["mean_gflops"], color="C0", ls=":", lw=1, label="35 % of full ensemble")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean GFLOPs per image (log)")
+    ax.set_ylabel("MCC")
+    ax.set_title("MCC vs compute (singles: green)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def cascade_html(rep: dict) -> str:
+    """The cascade part of a report: Pareto plot, baselines measured in the same run, exits."""
+    b = rep["baselines"]
+    rows = [("cascade", rep["mcc"], rep["accuracy"], rep["mean_gflops"], "")]
+    fe = b["full_ensemble"]
+    rows.append(("full ensemble (stacking)", fe["mcc"], fe["accuracy"], fe["mean_gflops"], ", ".join(fe.get("tiers", []))))
+    if b.get("full_ensemble_vote"):
+        v = b["full_ensemble_vote"]
+        rows.append(("full ensemble (weighted vote)", v["mcc"], v["accuracy"], v["mean_gflops"], ""))
+    for name, s in b.get("singles", {}).items():
+        rows.append((f"single: {name}" + (" (best)" if name == b["best_single"]["name"] else ""), s["mcc"], s["accuracy"],
+                     s["mean_gflops"], ""))
+    if b.get("guaranteed"):
+        g = b["guaranteed"]
+        rows.append((f"guaranteed (eps {g['epsilon']}, delta {g['delta']})", g["mcc"], g["accuracy"], g["mean_gflops"],
+                     f"disagreement with full ensemble {g['risk']:.4f} per image ({'<=' if g['within_epsilon'] else '>'} eps)"))
+    exits = ", ".join(f"{r:.1%}" for r in rep.get("exit_rates", []))
+    return (
+        "<h3>Cascade vs baselines (same run)</h3>"
+        + f'<img alt="Pareto plot" src="data:image/png;base64,{pareto_plot(rep)}">'
+        + _table(rows, ["policy", "MCC", "accuracy", "mean GFLOPs", "note"])
+        + f"<p>exit rates: {html.escape(exits)}; cascade cost {rep['mean_gflops'] / max(1e-12, fe['mean_gflops']):.1%} of the full"
+          f" ensemble; disagreement with it {b.get('cascade_disagreement', float('nan')):.4f}</p>"
+    )
+
+
 def _table(rows: Sequence[Sequence], head: Sequence[str]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
@@ -108,6 +169,8 @@ def section(rep: dict, title: str) -> str:
     extra = ""
     if rep.get("extra_html"):
         extra = rep["extra_html"]
+    if rep.get("baselines"):
+        extra = cascade_html(rep) + extra
     return (
         f"<h2>{html.escape(title)}</h2>"
         f"<p>split <b>{html.escape(str(rep.get('split')))}</b>, views <b>{html.escape(str(rep.get('views')))}</b>"

@@ -109,7 +109,7 @@ class AugmentedSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         x = augment(self.images[i], rng, self.size, self.clean_prob)
-        return torch.from_numpy(x).permute(2, 0, 1), torch.tensor(float(self.labels[i]))
+        return torch.from_numpy(np.array(x)).permute(2, 0, 1), torch.tensor(float(self.labels[i]))
 
 
 def decode_all(ds: Dataset, desc: str = "decode", progress: Progress | None = None) -> list[np.ndarray]:
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
                         pe.mul_(d).add_(pm.detach(), alpha=1 - d)
                     else:
                         pe.copy_(pm)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if progress:
                 progress(f"train epoch {epoch + 1}/{cfg.epochs}", step, total)

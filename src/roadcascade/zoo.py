@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib
 import importlib.util
+import os
 import logging
 import warnings
 from collections.abc import Callable, Mapping
@@ -174,9 +176,7 @@ def _check_spec(spec: ModelSpec) -> None:
     if not timm.is_model(spec.arch):
         raise ValueError(f"{spec.name}: {spec.arch!r} is not a timm architecture")
     if spec.weights.kind != "none" and spec.weights.mapping_name not in _MAPPINGS:
-        raise ValueError(
-            f"{spec.name}: unknown mapping {spec.weights.mapping!r}; known: {', '.join(list_mappings())}"
-        )
+        raise ValueError(f"{spec.name}: unknown mapping {spec.weights.mapping!r}; known: {', '.join(list_mappings())}")
     if spec.input_size <= 0 or spec.feature_dim <= 0:
         raise ValueError(f"{spec.name}: input_size and feature_dim must be positive")
     if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
@@ -283,7 +283,7 @@ def ordered_mapping(source: Mapping[str, torch.Tensor], target: Mapping[str, tor
             "does the source have a classifier the target lacks (WeightSource.num_classes)?"
         )
     out: StateDict = {}
-    for i, ((sk, sv), (tk, tv)) in enumerate(zip(src, tgt)):
+    for i, ((sk, sv), (tk, tv)) in enumerate(zip(src, tgt, strict=True)):
         where = f"'ordered' mapping, tensor #{i}: source {sk} {tuple(sv.shape)} -> target {tk} {tuple(tv.shape)}"
         if tuple(sv.shape) != tuple(tv.shape):
             raise MappingError(f"{where}: shapes differ")
@@ -300,8 +300,36 @@ def ordered_mapping(source: Mapping[str, torch.Tensor], target: Mapping[str, tor
 # ------------------------------------------------------------------------------------------- weights
 
 
+WEIGHTS_DIR_ENV = "ROADCASCADE_WEIGHTS_DIR"
+
+
+def weights_override(spec: ModelSpec) -> Path | None:
+    """``$ROADCASCADE_WEIGHTS_DIR/<name>.safetensors`` when it exists: weights already in timm's key names
+    (written by ``export_imagenet_weights``), e.g. carried to a machine without the weight packages."""
+    d = os.environ.get(WEIGHTS_DIR_ENV)
+    if not d:
+        return None
+    p = Path(d).expanduser() / f"{spec.name}.safetensors"
+    return p if p.is_file() else None
+
+
+def export_imagenet_weights(name: str, out_dir: str | Path, half: bool = True) -> Path:
+    """Write the mapped ImageNet weights of ``name`` as ``<out_dir>/<name>.safetensors`` (fp16 by default)."""
+    from safetensors.torch import save_file
+
+    state = load_imagenet_state(name)
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    out = Path(out_dir) / f"{name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
 def resolve_weights(spec: ModelSpec | str) -> Path:
     """The local weights file of ``spec``. Looks only on the local disk (no network, never a download).
+
+    ``$ROADCASCADE_WEIGHTS_DIR/<name>.safetensors`` takes precedence when present (see ``weights_override``).
 
     Raises WeightsNotFound naming the pip package to install (kind ``"package"``), the missing path (kind
     ``"path"``), or saying the spec has no weights (kind ``"none"``).
@@ -309,6 +337,9 @@ def resolve_weights(spec: ModelSpec | str) -> Path:
     if isinstance(spec, str):
         spec = get_spec(spec)
     w = spec.weights
+    override = weights_override(spec) if w.kind != "none" else None
+    if override is not None:
+        return override
     if w.kind == "none":
         raise WeightsNotFound(f"model {spec.name!r} has no pretrained weights (weights kind 'none')")
     if w.kind == "path":
@@ -364,7 +395,7 @@ def _read_state_dict(path: Path) -> StateDict:
 
 
 def _map_state(spec: ModelSpec, path: Path, target: Mapping[str, torch.Tensor]) -> StateDict:
-    mapping = spec.weights.mapping_name
+    mapping = "identity" if path == weights_override(spec) else spec.weights.mapping_name
     if mapping == "ordered" and path.suffix == ".safetensors":
         # safetensors stores tensors sorted by name, not in module order.
         raise MappingError(
@@ -434,7 +465,10 @@ def create_model(name: str, num_classes: int = 1, pretrained: bool = True, **tim
 def _count_gflops(model: torch.nn.Module, input_size: int) -> float:
     p = next(model.parameters(), None)
     x = torch.zeros(
-        1, 3, input_size, input_size,
+        1,
+        3,
+        input_size,
+        input_size,
         device=p.device if p is not None else "cpu",
         dtype=p.dtype if p is not None else torch.float32,
     )
@@ -459,8 +493,9 @@ def gflops(name_or_model: str | torch.nn.Module, input_size: int | None = None, 
 
     Counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts one multiply-add as 2 FLOPs
     and counts only matrix products and convolutions (not BatchNorm, activations, pooling or additions), so
-    GFLOPs are about 2x the "GMACs" that papers quote: efficientnet-lite0 at 224 is 0.80 GFLOPs here for
-    its published 0.4 GMACs. For a registered name the model is built (shapes only, on the meta device)
+    GFLOPs are about 2x the "GMACs" that papers quote: efficientnet-lite0 at 224 counts 0.77 GFLOPs
+    (0.385 GMACs) against its published 407M MAdds, MobileNetV2 0.60 (0.30 GMACs, published 300M).
+    For a registered name the model is built (shapes only, on the meta device)
     with a ``num_classes`` head (default 1, the roadwork logit) and the result is cached per
     (name, input_size, num_classes); ``input_size`` defaults to the spec's. A model instance is counted
     as it is, every call (no cache).
