@@ -107,7 +107,12 @@ def pareto_plot(rep: dict) -> str:
     if g:
         ax.plot(g["mean_gflops"], g["mcc"], "D", color="C4", ms=7, label=f"guaranteed, eps {g['epsilon']} (test)")
     ax.axvline(0.35 * fe["mean_gflops"], color="C0", ls=":", lw=1, label="35 % of full ensemble")
+    if par.get("val_full"):
+        ax.plot(*par["val_full"], "s", color="#888", ms=8, mfc="none", label="full ensemble (val)")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean GFLOPs per image (log)")
     ax.set_ylabel("MCC")
     ax.set_title("MCC vs compute (singles: green)")

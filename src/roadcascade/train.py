@@ -52,7 +52,7 @@ class TrainConfig:
     max_train: int | None = None
     max_val: int | None = None
     max_steps: int | None = None  # stop early (tests, smoke runs)
-    eval_from: float = 0.5  # evaluate checkpoints from this fraction of the epochs on
+    eval_from: float = 0.67  # evaluate checkpoints from this fraction of the epochs on (the last third)
     num_workers: int | None = None
     threads: int | None = None
     amp: bool = True  # bf16 autocast on CUDA
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
             losses.append(float(loss.detach()))
             step += 1
             if progress:
-                progress(f"train epoch {epoch + 1}/{cfg.epochs}", step, total)
+                progress("train", step, total)
         last_epoch = epoch == cfg.epochs - 1 or step >= total
         rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan")}
         if epoch >= eval_start or last_epoch:
