@@ -235,6 +235,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "roadcascade.build_commands",
     "roadcascade.detect.commands",
     "roadcascade.serve.commands",
+    "roadcascade.gpu_commands",
 )
 
 

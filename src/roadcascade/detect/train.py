@@ -1,0 +1,444 @@
+"""Training the cone detector on the manifest's boxes, then writing it as a cascade tier.
+
+Recipe (``recipe="cpu"`` or ``"gpu"``, every field overridable):
+
+* data: train-split images with boxes (all of them, every epoch) plus a fresh random draw of
+  ``neg_ratio`` x as many roadwork-free images (label 0) per epoch as background-only images; images
+  labelled roadwork without boxes are left out (their cones, if any, are not boxed);
+* augmentation (boxes follow): random crop (each side 55-100 %, boxes kept when >= 40 % visible),
+  horizontal flip, HSV jitter, one validator-style distortion (CS/CC/JPEG/GNC/GB, severity 1-3), JPEG
+  round trip; multi-scale training through the FCOS transform (``train_sizes``: one drawn per image);
+* AdamW, linear warm-up then cosine decay, the backbone at ``backbone_lr_mult`` x the learning rate,
+  gradient clipping, an EMA of the weights; the EMA checkpoint with the best val mAP@0.5 (ties: mAP) is
+  kept (val only: test is never used to select);
+* then: the count threshold (best box F1 on val), the evidence scorer (logistic, on val clean images and
+  seed-0 challenge views), the exit threshold (MCC-optimal on the same val evidence), and a bundle whose
+  one tier is the detector; val and test detection metrics and speed in ``detection_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..data import Dataset, Sample, open_dataset
+from ..preprocess import pick_device
+from .boxes import box_area, yolo_to_xyxy
+from .evaluate import DetEval, coco_map, evaluate_detector, measure_speed, operating_point, run_split
+from .model import ConeDetector, DetectorConfig
+
+Progress = Callable[[str, int, int], None]
+
+__all__ = ["DetTrainConfig", "RECIPES", "augment_detection", "ConeTrainSet", "train_detector", "fit_evidence", "DetTrainResult"]
+
+
+@dataclass
+class DetTrainConfig:
+    recipe: str = "cpu"
+    # network
+    backbone: str = "lite0"
+    fpn_channels: int = 64
+    head_convs: int = 2
+    freeze_blocks: int = 2
+    min_size: int = 256  # inference short side (stored in the tier)
+    max_size: int = 512
+    train_sizes: tuple[int, ...] = (224, 256, 288)
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.5
+    weight_decay: float = 1e-4
+    warmup_steps: int = 60
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    neg_ratio: float = 0.3
+    # augmentation
+    crop_prob: float = 0.5
+    crop_min: float = 0.55
+    min_visible: float = 0.4
+    color_prob: float = 0.5
+    distort_prob: float = 0.35
+    jpeg_prob: float = 0.3
+    # run
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA only
+    threads: int | None = 1  # torch CPU threads (None: torch's default)
+    num_workers: int | None = None  # DataLoader workers (default: 0 on CPU, 8 on CUDA)
+    data: str | None = None
+    max_train: int | None = None  # cap on boxed training images (smoke runs)
+    max_steps: int | None = None
+    max_eval: int | None = None  # stratified subset of val/test images for evaluation (smoke runs)
+    eval_from: float = 0.5  # evaluate val mAP from this fraction of the epochs on
+    evidence_views: int = 4  # challenge views per val image for the evidence scorer (0: clean only)
+    evaluate_test: bool = True  # report (never select on) test detection metrics at the end
+    speed_images: int = 64
+
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig(backbone=self.backbone, fpn_channels=self.fpn_channels, head_convs=self.head_convs,
+                              freeze_blocks=self.freeze_blocks, min_size=self.min_size, max_size=self.max_size)
+
+
+# The two recipes: "cpu" fits a shared 2-core machine (one thread, ~15-25 min); "gpu" is for one H100.
+RECIPES: dict[str, dict] = {
+    "cpu": {},
+    "gpu": dict(fpn_channels=96, head_convs=3, freeze_blocks=1, min_size=320, max_size=640,
+                train_sizes=(256, 288, 320, 352, 384), epochs=40, batch_size=16, lr=1e-3, ema_decay=0.998,
+                warmup_steps=150, neg_ratio=0.4, threads=None, device="cuda", amp=True),
+}
+
+
+def make_config(recipe: str = "cpu", **overrides) -> DetTrainConfig:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    kw = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in fields(DetTrainConfig)}
+    bad = set(kw) - names
+    if bad:
+        raise ValueError(f"unknown detector training options: {sorted(bad)}")
+    if "train_sizes" in kw:
+        kw["train_sizes"] = tuple(int(s) for s in kw["train_sizes"])
+    return DetTrainConfig(recipe=recipe, **kw)
+
+
+@dataclass
+class DetTrainResult:
+    out: Path
+    history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _crop(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, cfg: DetTrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    h, w = img.shape[:2]
+    area0 = box_area(boxes)
+    for _ in range(10):
+        cw, ch = max(8, int(w * rng.uniform(cfg.crop_min, 1.0))), max(8, int(h * rng.uniform(cfg.crop_min, 1.0)))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        nb = boxes - np.array([x0, y0, x0, y0], dtype=boxes.dtype)
+        nb[:, [0, 2]] = nb[:, [0, 2]].clip(0, cw)
+        nb[:, [1, 3]] = nb[:, [1, 3]].clip(0, ch)
+        keep = (box_area(nb) >= cfg.min_visible * area0) & (nb[:, 2] - nb[:, 0] >= 2) & (nb[:, 3] - nb[:, 1] >= 2)
+        if len(boxes) == 0 or keep.any():
+            return img[y0 : y0 + ch, x0 : x0 + cw], nb[keep]
+    return img, boxes
+
+
+def _hsv_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-4, 4)) % 180  # small: cones are orange
+    hsv[..., 1] *= rng.uniform(0.6, 1.4)
+    hsv[..., 2] *= rng.uniform(0.6, 1.4)
+    return cv2.cvtColor(hsv.clip(0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB)
+
+
+def augment_detection(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, cfg: DetTrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One training view of (HxWx3 uint8, (n, 4) xyxy pixel boxes); boxes follow the geometry."""
+    from ..challenge import apply_distortion, jpeg_roundtrip
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if rng.random() < cfg.crop_prob:
+        img, boxes = _crop(img, boxes, rng, cfg)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+        w = img.shape[1]
+        boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1) if len(boxes) else boxes
+    img = np.ascontiguousarray(img)
+    if rng.random() < cfg.color_prob:
+        img = _hsv_jitter(img, rng)
+    if rng.random() < cfg.distort_prob:
+        kind = ("CS", "CC", "JPEG", "GNC", "GB")[int(rng.integers(0, 5))]
+        img = apply_distortion(img, kind, int(rng.integers(1, 4)), rng)
+    if rng.random() < cfg.jpeg_prob:
+        img = jpeg_roundtrip(img, int(rng.integers(50, 91)))
+    return np.ascontiguousarray(img), boxes.astype(np.float32)
+
+
+class ConeTrainSet(torch.utils.data.Dataset):
+    """(uint8 CHW tensor, FCOS target) pairs, augmented deterministically from (seed, epoch, index)."""
+
+    def __init__(self, samples: Sequence[Sample], cfg: DetTrainConfig, images: Sequence[np.ndarray] | None = None):
+        self.samples, self.cfg, self.images = list(samples), cfg, images
+        self.epoch = 0
+        self.order: list[int] = list(range(len(self.samples)))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        j = self.order[i]
+        s = self.samples[j]
+        img = self.images[j] if self.images is not None else None
+        if img is None:
+            img = s.load()
+        boxes = yolo_to_xyxy(s.boxes, img.shape[1], img.shape[0]).astype(np.float32) if s.boxes else np.zeros((0, 4), np.float32)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, j])
+        img, boxes = augment_detection(img, boxes, rng, self.cfg)
+        x = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        return x, {"boxes": torch.from_numpy(boxes).reshape(-1, 4), "labels": torch.zeros(len(boxes), dtype=torch.int64)}
+
+
+def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+def fit_evidence(model: ConeDetector, val: DetEval, count_threshold: float, views: int, seed: int = 0,
+                 batch_size: int = 16, amp: bool = False, progress: Progress | None = None) -> dict:
+    """Fit the tier's logistic evidence scorer and its MCC-optimal exit threshold on val evidence."""
+    from ..calibration import best_threshold, fold
+    from ..challenge import challenge_views
+    from ..metrics import auroc, summarize
+    from .tier import EvidenceConfig, LogisticScorer, evidence_features
+
+    ev_cfg = EvidenceConfig(count_threshold=count_threshold)
+    feats = [evidence_features(val.dets, ev_cfg)]
+    ys = [np.array([s.label for s in val.samples])]
+    if views > 0:
+        vimgs, vy = [], []
+        for s, im in zip(val.samples, val.images):
+            for v in challenge_views(im, seed=seed, key=s.key, n=views):
+                vimgs.append(v)
+                vy.append(s.label)
+        dets = []
+        for i in range(0, len(vimgs), batch_size):
+            dets += model.detect(vimgs[i : i + batch_size], batch_size=batch_size, amp=amp)
+            if progress:
+                progress("val challenge evidence", min(len(vimgs), i + batch_size), len(vimgs))
+        feats.append(evidence_features(dets, ev_cfg))
+        ys.append(np.array(vy))
+    x, y = np.concatenate(feats), np.concatenate(ys)
+    scorer = LogisticScorer().fit(x, y)
+    p = scorer.prob(x)
+    thr = best_threshold(p, y)
+    n_clean = len(val.samples)
+    rep = {"n_clean": n_clean, "n_views": int(len(y) - n_clean), "threshold": thr,
+           "auroc_max_score_clean": auroc(y[:n_clean], x[:n_clean, 0]),
+           "clean": summarize(y[:n_clean], fold(p[:n_clean], thr)).as_dict()}
+    if views > 0:
+        rep["challenge"] = summarize(y[n_clean:], fold(p[n_clean:], thr)).as_dict()
+    return {"evidence": ev_cfg, "scorer": scorer, "threshold": thr, "report": rep}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _val_map(model: ConeDetector, samples: Sequence[Sample], images: Sequence[np.ndarray], amp: bool, batch_size: int = 16) -> dict:
+    from .evaluate import gt_boxes
+
+    dets = model.detect(list(images), batch_size=batch_size, amp=amp)
+    gts = [gt_boxes(s, im.shape) for s, im in zip(samples, images)]
+    return coco_map(gts, dets, [im.shape[:2] for im in images])
+
+
+def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | None = None,
+                   log: Callable[[str], None] = print) -> DetTrainResult:
+    from ..bundle import Bundle
+    from ..cascade import Cascade, ExitPoint, FinalRule, LastTierFusion
+    from .model import detector_summary
+    from .tier import DetectorTier
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = pick_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+
+    full = open_dataset(cfg.data)
+    train_ds, val_ds = full.split("train"), full.split("val").subset(cfg.max_eval, cfg.seed)
+    pos = [s for s in train_ds.samples if s.boxes]
+    if cfg.max_train:
+        pos = pos[: cfg.max_train]
+    neg = [s for s in train_ds.samples if s.label == 0 and not s.boxes]
+    if not pos:
+        raise ValueError(f"{full.name}: the train split has no boxed images to train a detector on")
+    log(f"data: {full.name}  train: {len(pos)} boxed images ({sum(len(s.boxes) for s in pos)} boxes), "
+        f"{len(neg)} negatives (~{int(cfg.neg_ratio * len(pos))} drawn per epoch)  device {device}  recipe {cfg.recipe}")
+
+    samples = pos + neg
+    # boxed images decoded once (~250 KB each at StreetWork's 224 px short side); negatives on use
+    images: list[np.ndarray | None] = [s.load() for s in pos] + [None] * len(neg)
+    val_boxed = [s for s in val_ds.samples if s.boxes]
+    val_boxed_imgs = [s.load() for s in val_boxed]
+
+    dcfg = cfg.detector_config()
+    model = ConeDetector(dcfg, pretrained=True).to(device)
+    model.set_sizes(cfg.train_sizes, cfg.max_size)
+    ema = copy.deepcopy(model).eval()
+    ema.set_sizes(cfg.min_size, cfg.max_size)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    summ = detector_summary(model)
+    log(f"detector: FCOS on {cfg.backbone}, strides {summ['strides']}, {summ['params'] / 1e6:.2f} M params "
+        f"({summ['trainable'] / 1e6:.2f} M trainable), {ema.gflops():.2f} GFLOPs at {cfg.min_size} px (381x224 frame)")
+
+    body_params = [p for p in model.fcos.backbone.body.parameters() if p.requires_grad]
+    body_ids = {id(p) for p in body_params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in body_ids]
+
+    def groups(ps, mult):
+        return [{"params": [p for p in ps if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_mult": mult},
+                {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, "lr_mult": mult}]
+
+    opt = torch.optim.AdamW(groups(body_params, cfg.backbone_lr_mult) + groups(rest, 1.0), lr=cfg.lr)
+
+    dset = ConeTrainSet(samples, cfg, images)
+    n_neg = min(len(neg), int(round(cfg.neg_ratio * len(pos))))
+    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    steps_per_epoch = max(1, (len(pos) + n_neg) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    eval_start = min(cfg.epochs - 1, int(cfg.eval_from * cfg.epochs))
+    rng = np.random.default_rng(cfg.seed)
+    history: list[dict] = []
+    best: dict | None = None
+    step = 0
+    for epoch in range(cfg.epochs):
+        neg_idx = (len(pos) + rng.choice(len(neg), size=n_neg, replace=False)).tolist() if n_neg else []
+        dset.order = list(range(len(pos))) + neg_idx
+        dset.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            dset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers, collate_fn=_collate,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch), pin_memory=device.type == "cuda",
+        )
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        t_epoch = time.perf_counter()
+        for xs, ts in loader:
+            if step >= total:
+                break
+            f = _lr_factor(step, total, cfg.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * g["lr_mult"] * f
+            xs = [x.to(device, non_blocking=True).float().div_(255.0) for x in xs]
+            ts = [{k: v.to(device) for k, v in t.items()} for t in ts]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                losses = model(xs, ts)
+            loss = sum(v.float() for v in losses.values())
+            if not torch.isfinite(loss):
+                log(f"  step {step}: non-finite loss {float(loss)}; batch skipped")
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+                    if pe.dtype.is_floating_point:
+                        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+                    else:
+                        pe.copy_(pm)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            n_batches += 1
+            step += 1
+            if progress:
+                progress(f"detector epoch {epoch + 1}/{cfg.epochs}", step, total)
+        rec: dict = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - t_epoch, 1),
+                     **{k: v / max(1, n_batches) for k, v in sums.items()}}
+        last = epoch == cfg.epochs - 1 or step >= total
+        if epoch >= eval_start or last:
+            m = _val_map(ema, val_boxed, val_boxed_imgs, amp)
+            rec.update({f"val_{k}": v for k, v in m.items()})
+            key = (m["map50"], m["map"])
+            if best is None or key > best["key"]:
+                best = {"key": key, "epoch": epoch + 1, "state": copy.deepcopy(ema.state_dict())}
+        history.append(rec)
+        log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if step >= total:
+            break
+    assert best is not None
+    ema.load_state_dict(best["state"])
+    ema.set_sizes(cfg.min_size, cfg.max_size)
+    train_seconds = time.perf_counter() - t_start
+    log(f"selected epoch {best['epoch']} (val mAP@0.5 {best['key'][0]:.4f}, mAP@0.5:0.95 {best['key'][1]:.4f}); "
+        f"trained in {train_seconds / 60:.1f} min")
+
+    # operating point, evidence scorer and exit threshold: val only
+    val_ev = run_split(ema, val_ds, amp=amp, progress=progress, desc="detect val")
+    op = operating_point(val_ev.gts(val_ev.boxed()), [val_ev.dets[i] for i in val_ev.boxed()])
+    fit = fit_evidence(ema, val_ev, op["threshold"], cfg.evidence_views, seed=0, amp=amp, progress=progress)
+    log(f"count threshold {op['threshold']:.3f} (val box F1 {op['f1']:.3f}); evidence scorer val clean AUROC "
+        f"{fit['report']['clean']['auroc']:.4f}, exit threshold {fit['threshold']:.3f}")
+
+    metrics: dict = {"val": evaluate_detector(ema, val_ev, op["threshold"]), "operating_point_val": op,
+                     "evidence_fit_val": fit["report"]}
+    if cfg.evaluate_test:
+        test_ds = full.split("test").subset(cfg.max_eval, cfg.seed)
+        test_ev = run_split(ema, test_ds, amp=amp, progress=progress, desc="detect test")
+        metrics["test"] = evaluate_detector(ema, test_ev, op["threshold"])
+        speed_imgs = [test_ev.images[i] for i in test_ev.boxed()][: cfg.speed_images]
+    else:
+        speed_imgs = val_boxed_imgs[: cfg.speed_images]
+    metrics["speed"] = {"device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                        "n_images": len(speed_imgs), "min_size": cfg.min_size,
+                        **measure_speed(ema, speed_imgs, amp=amp)}
+    for split in ("val", "test"):
+        if split in metrics:
+            r = metrics[split]
+            log(f"{split}: mAP@0.5 {r['map50']:.4f}  mAP@0.5:0.95 {r['map']:.4f}  on {r['n_images_with_boxes']} images / "
+                f"{r['n_boxes']} boxes; negatives with a detection >= {op['threshold']:.2f}: "
+                f"{r['negatives']['images_with_fp']:.3f} ({r['negatives']['fp_per_image']:.3f} per image)")
+    log("speed: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["speed"].items() if k.startswith("ms_")) + f" on {device}")
+
+    ema = ema.float().cpu()
+    name = f"cones-{cfg.backbone}@{cfg.min_size}"
+    tier = DetectorTier(name, ema, fit["evidence"], fit["scorer"], gflops=ema.gflops(), device=torch.device("cpu"))
+    cascade = Cascade([tier], [ExitPoint(LastTierFusion(), fit["threshold"], FinalRule())])
+    seconds = time.perf_counter() - t_start
+    meta = {
+        "kind": "detector",
+        "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": "train", "select_split": "val",
+                 "calibrate_on": f"val clean + {cfg.evidence_views} challenge views (seed 0)",
+                 "n_train_boxed": len(pos), "n_train_negatives": len(neg)},
+        "metrics": metrics,
+        "train": {**asdict(cfg), "selected_epoch": best["epoch"], "seconds": seconds, "train_seconds": train_seconds,
+                  "device": str(device), "history": history},
+    }
+    Bundle(cascade, meta).save(out)
+    (out / "detection_metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
+    return DetTrainResult(out=out, history=history, metrics=metrics, seconds=seconds)
+
+
+def _jsonable(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)

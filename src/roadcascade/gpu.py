@@ -1,0 +1,1013 @@
+"""The GPU fast path: JPEG bytes in host memory -> calibrated, folded probabilities, in batches.
+
+The same answers as :meth:`Cascade.predict` (same exits, fusion, fold and rules; bad input still gives
+:class:`~roadcascade.images.BadImage`), computed like this::
+
+    bytes ─┬─ header walk (pure Python, ~µs): a plain baseline 3-component JPEG inside the decode limits,
+           │  no EXIF/XMP orientation, one scan, an EOI after it?            ── no ──> CPU decoder
+           │                                                                            (images.decode_bytes:
+           └─ yes: batched nvJPEG on the GPU  (torchvision.io.decode_jpeg(list, device="cuda"), the   exact CPU
+              H100's hardware JPEG engines; optionally a share on CPU threads with libjpeg-turbo)    semantics)
+                 │ a batch the GPU decoder refuses is decoded again on the CPU path
+                 v
+           resize on the GPU, bit-exact with PIL's bilinear+antialias (PIL's own fixed-point filter
+           coefficients, applied as two float64 matrix products, PIL's intermediate rounding)
+                 v
+           compiled model (torch.compile, dynamic batch; uint8 -> normalise -> bf16 channels_last inside
+           the graph; BatchNorm folded into the convolutions in fp32 first), replayed as CUDA graphs of
+           fixed batch sizes (2, 4, ..., 256; a batch is cut into 256-chunks, the rest padded up)
+                 v
+           logits (float32) -> host; calibration, fusion, fold and deferral rules in float64 NumPy,
+           exactly the functions Cascade.run_stage uses; later tiers run once on the undecided images
+
+Overlap: decoding (its own CUDA stream and worker thread; nvJPEG runs on the hardware decoder while the
+SMs run the model) of batch i+1.. overlaps the model of batch i (:meth:`GpuCascade.predict_stream`).
+
+Where the result can differ from the CPU path (measured numbers in docs/GPU.md):
+
+- nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: decoded pixels differ by a few levels,
+  mostly near colour edges (images the header walk sends to the CPU decoder are bit-exact);
+- bf16 weights and activations (the CPU path runs fp32);
+- a corrupt entropy-coded segment that nvJPEG decodes without error decodes to other garbage than
+  libjpeg's; truncated files (no EOI after the scan) go to the CPU decoder and raise ``truncated``.
+
+Pure pieces (header walk, PIL-exact resize, BatchNorm folding, the cascade loop on arrays) run on the
+CPU too; ``GpuCascade(..., device="cpu")`` is the same runtime without CUDA (used by the CPU tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import struct
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibration import fold
+from .cascade import Cascade, ClassifierTier, FinalRule, ConfidenceRule, ImageState, Prediction, Rule, Trace
+from .images import BadImage, DecodeLimits, decode_any, decode_bytes
+
+__all__ = [
+    "GpuConfig",
+    "GpuCascade",
+    "BatchResult",
+    "jpeg_gpu_info",
+    "pil_bilinear_weights",
+    "resize_exact",
+    "horizontal_first",
+    "fold_batchnorm",
+    "bucket_for",
+    "gpu_available",
+    "maybe_gpu_cascade",
+]
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch.frombuffer(bytes): read only
+
+Payload = bytes | bytearray | memoryview | np.ndarray
+
+
+def gpu_available() -> bool:
+    """CUDA present and torchvision's GPU JPEG decoder importable."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means no GPU decoder
+        return False
+    return True
+
+
+# ============================================================================ configuration
+
+
+@dataclass
+class GpuConfig:
+    """Knobs of the fast path (defaults are the measured best on one H100, see docs/GPU.md)."""
+
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 (weights and activations; BN folded in fp32 first)
+    compile: bool = True  # torch.compile (inductor), dynamic batch dimension
+    compile_later_tiers: bool = True  # also compile tiers after the first (they see fewer images)
+    graphs: bool = True  # CUDA graphs for the fixed batch sizes below
+    graph_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
+    chunk: int = 256  # larger batches run as chunks of this size (one graph replay each)
+    fold_bn: bool = True  # fold BatchNorm into the preceding convolution (checked numerically)
+    decode: str = "auto"  # auto | gpu | cpu
+    gpu_decode_min: int = 4  # auto: batches with fewer GPU-decodable JPEGs than this decode on CPU threads
+    cpu_share: float = 0.0  # fraction of the GPU-decodable JPEGs decoded on CPU threads instead (hybrid)
+    cpu_threads: int = 8  # CPU decoder threads
+    decode_workers: int = 2  # threads preparing batches (parse, decode, resize) ahead of the model
+    prefetch: int = 3  # batches decoded ahead in predict_stream
+    cudnn_benchmark: bool = True
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be bf16, fp16 or fp32, not {self.dtype!r}")
+        if self.decode not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"decode must be auto, gpu or cpu, not {self.decode!r}")
+        if not 0.0 <= self.cpu_share <= 1.0:
+            raise ValueError(f"cpu_share must be in [0, 1], got {self.cpu_share}")
+        sizes = tuple(sorted({int(s) for s in self.graph_sizes}))
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"graph_sizes must be positive, got {self.graph_sizes}")
+        self.graph_sizes = sizes
+        if self.chunk < 1:
+            raise ValueError("chunk must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+
+# ============================================================================ JPEG header walk
+
+_SOF_SEQUENTIAL = frozenset({0xC0, 0xC1})  # baseline / extended sequential, Huffman: what nvJPEG's engine takes
+_SOF_OTHER = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_MAX_GPU_SEGMENTS = 256  # far above an encoder's ~10; the CPU path has its own (higher) cap
+
+
+def _exif_orientation_is_one(seg: bytes) -> bool:
+    """Whether an APP1 Exif payload (after ``Exif\\0\\0``) has no orientation or orientation 1.
+
+    Anything unreadable returns False (the CPU decoder then decides, as PIL does)."""
+    try:
+        if len(seg) < 8:
+            return False
+        bo = seg[:2]
+        if bo == b"II":
+            e = "<"
+        elif bo == b"MM":
+            e = ">"
+        else:
+            return False
+        (ifd,) = struct.unpack_from(e + "I", seg, 4)
+        if ifd + 2 > len(seg):
+            return False
+        (count,) = struct.unpack_from(e + "H", seg, ifd)
+        for i in range(count):
+            off = ifd + 2 + 12 * i
+            if off + 12 > len(seg):
+                return False
+            tag, typ = struct.unpack_from(e + "HH", seg, off)
+            if tag == 0x0112:
+                if typ != 3:
+                    return False
+                (value,) = struct.unpack_from(e + "H", seg, off + 8)
+                return value == 1
+        return True
+    except struct.error:
+        return False
+
+
+def jpeg_gpu_info(data: bytes, limits: DecodeLimits | None = None) -> tuple[int, int] | None:
+    """``(height, width)`` when ``data`` is a JPEG the GPU decoder may take, else ``None``.
+
+    Taken: a baseline/extended-sequential Huffman JPEG, 8-bit, 3 components (not Adobe/RGB-coded), one
+    scan followed by an EOI marker, no EXIF or XMP orientation other than 1, inside ``limits``. Anything
+    else (PNG, progressive, grayscale, CMYK, rotated, truncated, oversized, odd) returns ``None`` and is
+    decoded by :func:`roadcascade.images.decode_bytes`, which gives the CPU path's pixels or BadImage.
+    """
+    limits = limits or _LIMITS
+    n = len(data)
+    if n < 4 or n > limits.max_bytes or data[:3] != b"\xff\xd8\xff" or "JPEG" not in limits.formats:
+        return None
+    pos, segments, hw = 2, 0, None
+    while True:
+        if pos + 4 > n or data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7 or marker == 0xD9:
+            return None  # no stand-alone marker belongs in a header
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2 or pos + 2 + length > n:
+            return None
+        segments += 1
+        if segments > _MAX_GPU_SEGMENTS:
+            return None
+        body = pos + 4
+        if marker in _SOF_SEQUENTIAL:
+            if length < 17 or data[body] != 8 or data[body + 5] != 3:
+                return None
+            height = (data[body + 1] << 8) | data[body + 2]
+            width = (data[body + 3] << 8) | data[body + 4]
+            ids = (data[body + 6], data[body + 9], data[body + 12])
+            if ids == (82, 71, 66) or hw is not None:  # 'R','G','B' component ids: libjpeg reads RGB
+                return None
+            hw = (height, width)
+        elif marker in _SOF_OTHER:
+            return None
+        elif marker == 0xE1:
+            seg = data[body:pos + 2 + length]
+            if seg[:6] == b"Exif\x00\x00":
+                if not _exif_orientation_is_one(seg[6:]):
+                    return None
+            elif b"Orientation" in seg:  # XMP tiff:Orientation: Pillow honours it
+                return None
+        elif marker == 0xEE and data[body:body + 5] == b"Adobe":
+            return None
+        elif marker == 0xDA:  # start of scan: header over
+            break
+        pos += 2 + length
+    if hw is None:
+        return None
+    height, width = hw
+    if (width < limits.min_side or height < limits.min_side or width * height > limits.max_pixels
+            or max(width, height) > limits.max_side):
+        return None
+    if data.find(b"\xff\xda", pos + 2) >= 0:  # more than one scan
+        return None
+    if data.rfind(b"\xff\xd9") <= pos:  # no EOI after the scan: truncated
+        return None
+    return hw
+
+
+_LIMITS = DecodeLimits()
+
+# ============================================================================ PIL-exact resize
+
+_PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c, 8 bits per channel
+
+
+def pil_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) integer fixed-point weights of Pillow's BILINEAR resample (antialiased).
+
+    ``out = clip8((sum_k w[o, k] * in[k] + 2**21) >> 22)``, the same coefficients, support and rounding
+    as ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` in Pillow's Resample.c.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    ss = 1.0 / filterscale
+    w = np.zeros((out_size, in_size), dtype=np.float64)
+    one = float(1 << _PRECISION_BITS)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        ks = []
+        for x in range(xmax):
+            t = abs((x + xmin - center + 0.5) * ss)
+            ks.append(1.0 - t if t < 1.0 else 0.0)
+        ww = sum(ks)
+        for x, k in enumerate(ks):
+            if ww != 0.0:
+                k = k / ww
+            w[xx, xmin + x] = float(int(-0.5 + k * one)) if k < 0 else float(int(0.5 + k * one))
+    return w
+
+
+_WEIGHTS: dict[tuple[int, int, str], torch.Tensor] = {}
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def _weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    key = (in_size, out_size, str(device))
+    w = _WEIGHTS.get(key)
+    if w is None:
+        with _WEIGHTS_LOCK:
+            w = _WEIGHTS.get(key)
+            if w is None:
+                w = torch.from_numpy(pil_bilinear_weights(in_size, out_size)).to(device)
+                _WEIGHTS[key] = w
+    return w
+
+
+def _round8(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8 on exact float64 fixed-point sums."""
+    return acc.add_(float(1 << (_PRECISION_BITS - 1))).mul_(2.0 ** -_PRECISION_BITS).floor_().clamp_(0.0, 255.0)
+
+
+_ORDER: dict[tuple[int, int, int, int], bool] = {}
+_ORDER_MAX = 8192
+
+
+def _passes(y: torch.Tensor, out_h: int, out_w: int, horizontal_first: bool) -> torch.Tensor:
+    h, w = y.shape[-2:]
+    for horizontal in ((True, False) if horizontal_first else (False, True)):
+        if horizontal and w != out_w:
+            y = _round8(torch.matmul(y, _weights(w, out_w, y.device).t()))
+        elif not horizontal and h != out_h:
+            y = _round8(torch.matmul(_weights(h, out_h, y.device), y))
+    return y
+
+
+def horizontal_first(h: int, w: int, out_h: int, out_w: int, device: torch.device | str = "cpu") -> bool:
+    """Which pass the installed Pillow runs first when both sides change.
+
+    Pillow up to 12 always runs the horizontal pass first; other builds choose per size. Found once per
+    size by resizing a random probe image with PIL and comparing with both orders (cached)."""
+    key = (h, w, out_h, out_w)
+    hit = _ORDER.get(key)
+    if hit is not None:
+        return hit
+    from PIL import Image
+
+    rng = np.random.default_rng((h * 7919 + w) * 104729 + out_h * 31 + out_w)
+    probe = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ref = torch.from_numpy(np.asarray(Image.fromarray(probe).resize((out_w, out_h), Image.BILINEAR)).copy())
+    x = torch.from_numpy(probe).permute(2, 0, 1)[None].to(device=device, dtype=torch.float64)
+    hf = _passes(x, out_h, out_w, True)[0].permute(1, 2, 0).to("cpu", torch.uint8)
+    first = bool(torch.equal(hf, ref))
+    if not first:
+        vf = _passes(x, out_h, out_w, False)[0].permute(1, 2, 0).to("cpu", torch.uint8)
+        first = not torch.equal(vf, ref)  # neither matches: keep Pillow's classic order
+    if len(_ORDER) >= _ORDER_MAX:
+        _ORDER.clear()
+    _ORDER[key] = first
+    return first
+
+
+def resize_exact(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """(n, C, H, W) uint8 -> (n, C, out_h, out_w) uint8, bit-exact with ``PIL.Image.resize(BILINEAR)``.
+
+    Two separable passes, each rounded to uint8 as Pillow does, each only when that side changes, in
+    the order the installed Pillow uses (:func:`horizontal_first`). float64 sums of integer products
+    are exact, so so is the rounding.
+    """
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"resize_exact expects (n, C, H, W) uint8, got {tuple(x.shape)} {x.dtype}")
+    n, c, h, w = x.shape
+    if (h, w) == (out_h, out_w):
+        return x
+    first = True if (h == out_h or w == out_w) else horizontal_first(h, w, out_h, out_w, x.device)
+    return _passes(x.to(torch.float64), out_h, out_w, first).to(torch.uint8)
+
+
+def resize_images(images: Sequence[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """List of (3, H, W) uint8 tensors (any sizes, any strides) -> (n, 3, size, size) uint8, PIL-exact.
+
+    Images of one size are stacked and resized together (one pair of matrix products per size)."""
+    n = len(images)
+    if n == 0:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
+    shapes = [tuple(t.shape[1:]) for t in images]
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return resize_exact(torch.stack(list(images)), size, size)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(s, []).append(i)
+    for idx in groups.values():
+        block = resize_exact(torch.stack([images[i] for i in idx]), size, size)
+        if len(idx) == 1:
+            out[idx[0]].copy_(block[0])
+        else:
+            out.index_copy_(0, torch.tensor(idx, device=device), block)
+    return out
+
+
+# ============================================================================ model preparation
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    with torch.no_grad():
+        w = conv.weight.detach().double()
+        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
+        new_b = (bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
+        conv.weight.copy_((w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_b.to(conv.weight.dtype), requires_grad=False)
+        else:
+            conv.bias.copy_(new_b.to(conv.bias.dtype))
+
+
+def _bn_tail(bn: nn.Module) -> nn.Module:
+    """What remains of a BatchNorm after folding: timm's BatchNormAct2d keeps its drop and activation."""
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    parts = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d (timm's BatchNormAct2d too) into the Conv2d registered right
+    before it in the same parent (how timm's EfficientNet/MobileNet blocks are laid out), in float64.
+
+    Returns the number of folded pairs. The caller checks the folded model against the original
+    (registration order is not data flow in every architecture)."""
+    folded = 0
+    for parent in list(model.modules()):
+        prev: nn.Module | None = None
+        for name, mod in list(parent._modules.items()):
+            if (isinstance(mod, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and mod.running_mean is not None
+                    and mod.affine and prev.out_channels == mod.num_features and not mod.training):
+                _fold_pair(prev, mod)
+                parent._modules[name] = _bn_tail(mod)
+                folded += 1
+                prev = None
+                continue
+            prev = mod
+    return folded
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
+    """The smallest graph size >= n, or None when n is larger than all."""
+    for s in sizes:
+        if s >= n:
+            return s
+    return None
+
+
+class _ClassifierEngine:
+    """One ClassifierTier on the device: uint8 (n, 3, S, S) -> float32 logits (n,)."""
+
+    def __init__(self, tier: ClassifierTier, device: torch.device, cfg: GpuConfig, compile_: bool,
+                 log: Callable[[str], None]):
+        self.tier, self.device, self.cfg, self.size = tier, device, cfg, tier.input_size
+        self.log = log
+        cuda = device.type == "cuda"
+        dtype = cfg.torch_dtype if cuda else torch.float32
+        src = copy.deepcopy(tier.model).to(device=device, dtype=torch.float32).eval()
+        model = copy.deepcopy(src)
+        self.folded = 0
+        if cfg.fold_bn:
+            self.folded = fold_batchnorm(model)
+            if self.folded and not self._same(src, model):
+                log(f"{tier.name}: BatchNorm folding changed the outputs; running unfolded")
+                model, self.folded = copy.deepcopy(src), 0
+        del src
+        self.model = model.to(dtype=dtype).to(memory_format=torch.channels_last).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.dtype = dtype
+        self.mean = (torch.tensor(tier.mean, dtype=torch.float32, device=device) * 255.0).view(1, 3, 1, 1)
+        self.std = (torch.tensor(tier.std, dtype=torch.float32, device=device) * 255.0).view(1, 3, 1, 1)
+        self.fn: Callable[[torch.Tensor], torch.Tensor] = self._forward
+        self.compiled = False
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.compile_s = 0.0
+        self.capture_s = 0.0
+        self._want_compile = compile_ and cuda
+
+    def _same(self, a: nn.Module, b: nn.Module) -> bool:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.rand((2, 3, self.size, self.size), generator=g).to(self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            ya, yb = a(x).double(), b(x).double()
+        err = float((ya - yb).abs().max()) / max(1.0, float(ya.abs().max()))
+        return err < 1e-3
+
+    def _forward(self, x_u8: torch.Tensor) -> torch.Tensor:
+        x = (x_u8.to(torch.float32) - self.mean) / self.std  # the CPU path's normalise, in fp32
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().reshape(-1)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Compile (dynamic batch) and capture the CUDA graphs; no-op on CPU."""
+        if self.device.type != "cuda":
+            return
+        torch.backends.cudnn.benchmark = self.cfg.cudnn_benchmark
+        S = self.size
+        big = max(self.cfg.graph_sizes) if self.cfg.graphs else self.cfg.chunk
+        g = torch.Generator(device="cpu").manual_seed(1)
+        sample = torch.randint(0, 256, (big, 3, S, S), generator=g, dtype=torch.uint8).to(self.device)
+        with torch.inference_mode():
+            if self._want_compile:
+                t0 = time.perf_counter()
+                try:
+                    fn = torch.compile(self._forward, dynamic=None)
+                    x = sample.clone()
+                    torch._dynamo.mark_dynamic(x, 0)
+                    ref = self._forward(sample[:8])
+                    fn(x)
+                    got = fn(sample[:8].clone())
+                    torch.cuda.synchronize()
+                    if not torch.allclose(got, ref, atol=0.05, rtol=0.05):
+                        raise RuntimeError(f"compiled logits differ from eager: {float((got - ref).abs().max()):.4f}")
+                    self.fn, self.compiled = fn, True
+                except Exception as e:  # noqa: BLE001 - any compile problem: run eager (graphs still apply)
+                    self.log(f"{self.tier.name}: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); eager")
+                    self.fn, self.compiled = self._forward, False
+                self.compile_s = time.perf_counter() - t0
+            if self.cfg.graphs:
+                t0 = time.perf_counter()
+                self._capture(sample)
+                self.capture_s = time.perf_counter() - t0
+
+    def _capture(self, sample: torch.Tensor) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        for b in sorted(self.cfg.graph_sizes, reverse=True):
+            static_in = sample[:b].clone() if b <= len(sample) else sample[:1].repeat(b, 1, 1, 1)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                static_out = self.fn(static_in)
+            self.graphs[b] = (graph, static_in, static_out)
+        torch.cuda.synchronize(self.device)
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) uint8 on the device -> (n,) float32 on the device (current stream)."""
+        n = len(x)
+        out = torch.empty(n, dtype=torch.float32, device=self.device)
+        step = self.cfg.chunk if not self.graphs else max(self.cfg.graph_sizes)
+        for start in range(0, n, step):
+            part = x[start:start + step]
+            m = len(part)
+            b = bucket_for(m, self.cfg.graph_sizes) if self.graphs else None
+            if b is not None and b in self.graphs:
+                graph, static_in, static_out = self.graphs[b]
+                static_in[:m].copy_(part)
+                graph.replay()
+                out[start:start + m].copy_(static_out[:m])
+            else:
+                out[start:start + m].copy_(self.fn(part.contiguous()))
+        return out
+
+
+# ============================================================================ results
+
+
+@dataclass
+class BatchResult:
+    """One batch's answers as arrays (rows in input order; NaN / -1 where the input was bad)."""
+
+    probability: np.ndarray  # (n,) calibrated and folded (decide with > 0.5), clipped to [0, 1]
+    calibrated: np.ndarray  # (n,) before the fold
+    exit: np.ndarray  # (n,) exit index, -1 for bad input
+    logits: np.ndarray  # (n, K) per-tier raw logits (NaN where the tier did not run)
+    probs: np.ndarray  # (n, K) per-tier calibrated probabilities
+    gflops: np.ndarray  # (n, K) per-tier cost spent
+    errors: dict[int, BadImage]
+    tier_ms: list[float]  # wall time of each tier's batch (host, including the device work)
+    decode_ms: float = 0.0  # parse + decode + resize of the batch (in a worker when streamed)
+    total_ms: float = 0.0  # from bytes to these arrays (this batch alone, when run by predict_batch)
+    n_gpu_decoded: int = 0
+    n_cpu_decoded: int = 0
+    tier_names: list[str] = field(default_factory=list)
+    rule_names: list[str] = field(default_factory=list)  # per exit: the rule that decides there
+    features: list[dict[int, np.ndarray]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.probability)
+
+    @property
+    def label(self) -> np.ndarray:
+        return (self.probability > 0.5).astype(np.int64)
+
+    def predictions(self) -> list[Prediction | BadImage]:
+        """Cascade.predict's objects (with traces) for good rows, the BadImage for bad ones."""
+        out: list[Prediction | BadImage] = []
+        for i in range(len(self)):
+            if i in self.errors:
+                out.append(self.errors[i])
+                continue
+            k = int(self.exit[i])
+            tr = Trace()
+            for t in range(k + 1):
+                name = self.tier_names[t]
+                tr.tiers.append(name)
+                tr.probs[name] = float(self.probs[i, t])
+                tr.ms[name] = float(self.tier_ms[t])
+                tr.gflops[name] = float(self.gflops[i, t])
+            tr.exit, tr.rule = k, self.rule_names[k]
+            p = float(self.probability[i])
+            out.append(Prediction(probability=p, label=int(p > 0.5), trace=tr, calibrated=float(self.calibrated[i])))
+        return out
+
+
+@dataclass
+class _Decoded:
+    n: int
+    images: list[torch.Tensor | None]  # (3, H, W) uint8 on the device
+    host: dict[int, np.ndarray]  # HxWx3 arrays of CPU-decoded rows (reused by CPU-only tiers)
+    errors: dict[int, BadImage]
+    good: np.ndarray  # row indices of decoded images, in order
+    x0: torch.Tensor | None  # first tier's input (len(good), 3, S, S) uint8
+    event: Any = None
+    decode_ms: float = 0.0
+    n_gpu: int = 0
+    n_cpu: int = 0
+
+
+class _Pinned:
+    """Two pinned staging buffers, alternated, for host -> device copies of CPU-decoded images."""
+
+    def __init__(self) -> None:
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.events: list[Any] = [None, None]
+        self.i = 0
+
+    def upload(self, arrays: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        total = sum(int(a.numel()) for a in arrays)
+        i, self.i = self.i, self.i ^ 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        buf = self.bufs[i]
+        if buf is None or buf.numel() < total:
+            buf = torch.empty(max(total, 1 << 22) * 5 // 4, dtype=torch.uint8, pin_memory=True)
+            self.bufs[i] = buf
+        offs, off = [], 0
+        for a in arrays:
+            m = int(a.numel())
+            buf[off:off + m].view(a.shape).copy_(a)
+            offs.append(off)
+            off += m
+        dev = buf[:total].to(device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.events[i] = ev
+        return [dev[o:o + int(a.numel())].view(a.shape) for o, a in zip(offs, arrays)]
+
+
+# ============================================================================ the runtime
+
+
+def _stop_mask(rule: Rule, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray, feats: list) -> np.ndarray:
+    try:
+        from .rules import stop_mask
+    except ImportError:  # pragma: no cover - rules.py absent: the base rules only
+        stop_mask = None
+    if stop_mask is not None:
+        return stop_mask(rule, folded, logits, probs, feats)
+    if isinstance(rule, FinalRule):
+        return np.ones(len(folded), dtype=bool)
+    if isinstance(rule, ConfidenceRule):
+        return np.abs(folded - 0.5) >= rule.tau
+    states = [ImageState(image=np.zeros((1, 1, 3), np.uint8), logits=list(logits[i]), probs=list(probs[i]),
+                         features=[None if f is None else f[i] for f in feats]) for i in range(len(folded))]
+    return np.asarray(rule.stop(folded, states), dtype=bool)
+
+
+class GpuCascade:
+    """A Cascade on the fast path. ``predict_batch(payloads)`` for one batch (lowest latency),
+    ``predict_stream(batches)`` to overlap decoding with the model (highest throughput), ``predict`` for
+    Cascade.predict-compatible objects.
+
+    Payloads are encoded image bytes (anything :func:`decode_bytes` takes) or HxWx3 uint8 arrays.
+    Tiers other than :class:`ClassifierTier` (test-time scaling, detectors) run through their own
+    ``run``/``run_states`` on the decoded images, on their own device, as in Cascade.run_stage.
+    """
+
+    def __init__(self, cascade: Cascade, device: str | torch.device | None = None, config: GpuConfig | None = None,
+                 log: Callable[[str], None] | None = None, warmup: bool = True):
+        self.cascade = cascade
+        self.cfg = config or GpuConfig()
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        self.log = log or (lambda m: None)
+        if not self.cuda:  # the CPU runtime: same loop, fp32, no compile, no graphs
+            self.cfg = _replace(self.cfg, compile=False, graphs=False, decode="cpu", fold_bn=False)
+        self.engines: list[_ClassifierEngine | None] = []
+        for k, tier in enumerate(cascade.tiers):
+            if type(tier) is ClassifierTier:
+                comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
+                self.engines.append(_ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
+            else:
+                self.engines.append(None)
+        self.rule_names = [("final" if k == cascade.n_stages - 1 else e.rule.kind) for k, e in enumerate(cascade.exits)]
+        self._local = threading.local()
+        self._cpu_pool = ThreadPoolExecutor(max(1, self.cfg.cpu_threads), thread_name_prefix="rc-gpu-cpudec")
+        self._workers = ThreadPoolExecutor(max(1, self.cfg.decode_workers), thread_name_prefix="rc-gpu-prep")
+        self.s_comp = torch.cuda.Stream(self.device) if self.cuda else None
+        self.warmup_s = 0.0
+        if warmup:
+            self.warmup()
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str | torch.device | None = None,
+                    config: GpuConfig | None = None, log: Callable[[str], None] | None = None) -> "GpuCascade":
+        from .bundle import Bundle
+
+        b = Bundle.load(path, device=torch.device("cpu"))
+        return cls(b.cascade, device=device, config=config, log=log)
+
+    def warmup(self) -> float:
+        """Compile and capture every engine, warm the decoders; returns the seconds it took."""
+        t0 = time.perf_counter()
+        for eng in self.engines:
+            if eng is not None:
+                eng.warmup()
+        if self.cuda:
+            from .images import encode_jpeg
+
+            rng = np.random.default_rng(0)
+            jp = encode_jpeg(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), 75)
+            self.predict_batch([jp] * max(8, self.cfg.gpu_decode_min))
+            self.predict_batch([jp])
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s
+
+    def close(self) -> None:
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return self.cascade.tier_names
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _state(self):
+        st = self._local
+        if not hasattr(st, "pinned"):
+            st.pinned = _Pinned() if self.cuda else None
+            st.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        return st
+
+    def _cpu_exact(self, rows: Sequence[int], payloads: Sequence[Payload]) -> list[np.ndarray | BadImage]:
+        out: list[np.ndarray | BadImage] = []
+        for i in rows:
+            p = payloads[i]
+            try:
+                if isinstance(p, (bytes, bytearray, memoryview)):
+                    out.append(decode_bytes(bytes(p), self.cfg.limits))
+                else:
+                    out.append(decode_any(p, self.cfg.limits))
+            except BadImage as e:
+                out.append(e)
+        return out
+
+    @staticmethod
+    def _cpu_jpeg(rows: Sequence[int], payloads: Sequence[Payload]) -> list[torch.Tensor | None]:
+        """libjpeg-turbo through torchvision (bit-exact with PIL's decoder for plain JPEGs); None on failure."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[torch.Tensor | None] = []
+        for i in rows:
+            try:
+                out.append(decode_jpeg(torch.frombuffer(payloads[i], dtype=torch.uint8), mode=ImageReadMode.RGB))
+            except Exception:  # noqa: BLE001 - the exact CPU path decides
+                out.append(None)
+        return out
+
+    def _map_cpu(self, fn, rows: list[int], payloads: Sequence[Payload], inline: bool) -> list[Future] | list:
+        """Split rows over the CPU decoder threads; returns futures (or results when inline)."""
+        if not rows:
+            return []
+        if inline:
+            return [fn(rows, payloads)]
+        k = max(1, min(self.cfg.cpu_threads, math.ceil(len(rows) / 8)))
+        step = math.ceil(len(rows) / k)
+        return [self._cpu_pool.submit(fn, rows[j:j + step], payloads) for j in range(0, len(rows), step)]
+
+    def _decode(self, payloads: Sequence[Payload], inline: bool = False) -> _Decoded:
+        """Parse, route, decode and make the first tier's input. Runs in a worker (or the caller)."""
+        t0 = time.perf_counter()
+        n = len(payloads)
+        st = self._state()
+        eligible: list[int] = []  # plain JPEGs: GPU decoder, or libjpeg-turbo on CPU threads
+        exact_rows: list[int] = []  # everything else: images.decode_bytes / decode_any (the CPU path)
+        for i, p in enumerate(payloads):
+            if self.cuda and isinstance(p, (bytes, bytearray, memoryview)) and jpeg_gpu_info(p, self.cfg.limits):
+                eligible.append(i)
+            else:
+                exact_rows.append(i)
+        if self.cfg.decode == "cpu" or (self.cfg.decode == "auto" and len(eligible) < self.cfg.gpu_decode_min):
+            gpu_rows, fast_rows = [], eligible
+        else:
+            n_fast = int(round(self.cfg.cpu_share * len(eligible)))
+            gpu_rows, fast_rows = eligible[:len(eligible) - n_fast], eligible[len(eligible) - n_fast:]
+        small = inline and len(exact_rows) + len(fast_rows) <= 2
+        fut_exact = self._map_cpu(self._cpu_exact, exact_rows, payloads, small)
+        fut_fast = self._map_cpu(self._cpu_jpeg, fast_rows, payloads, small)
+
+        images: list[torch.Tensor | None] = [None] * n
+        host: dict[int, np.ndarray] = {}
+        errors: dict[int, BadImage] = {}
+        ctx = torch.cuda.stream(st.stream) if self.cuda else nullcontext()
+        with ctx:
+            if gpu_rows:
+                from torchvision.io import ImageReadMode, decode_jpeg
+
+                try:
+                    dec = decode_jpeg([torch.frombuffer(payloads[i], dtype=torch.uint8) for i in gpu_rows],
+                                      mode=ImageReadMode.RGB, device=self.device)
+                    for i, t in zip(gpu_rows, dec):
+                        images[i] = t
+                except Exception:  # noqa: BLE001 - a batch nvJPEG refuses goes to the exact CPU decoder
+                    fut_exact = list(fut_exact) + self._map_cpu(self._cpu_exact, gpu_rows, payloads, inline)
+                    exact_rows = exact_rows + gpu_rows
+                    gpu_rows = []
+            exact = [r for f in fut_exact for r in (f.result() if isinstance(f, Future) else f)]
+            fastd = [r for f in fut_fast for r in (f.result() if isinstance(f, Future) else f)]
+            retry = [i for i, t in zip(fast_rows, fastd) if t is None]
+            if retry:  # libjpeg-turbo refused it: the exact path gives pixels or the BadImage
+                exact += self._cpu_exact(retry, payloads)
+                exact_rows = exact_rows + retry
+            up_rows: list[int] = []
+            up: list[torch.Tensor] = []
+            for i, r in zip(exact_rows, exact):
+                if isinstance(r, BadImage):
+                    errors[i] = r
+                else:
+                    host[i] = r
+                    up_rows.append(i)
+                    up.append(torch.from_numpy(r))  # H, W, 3
+            for i, t in zip(fast_rows, fastd):
+                if t is not None:
+                    up_rows.append(i)
+                    up.append(t)  # 3, H, W
+            if up:
+                dev = st.pinned.upload(up, self.device) if self.cuda else up
+                for i, t in zip(up_rows, dev):
+                    images[i] = t.permute(2, 0, 1) if i in host else t
+            good = np.array([i for i in range(n) if images[i] is not None], dtype=np.int64)
+            x0 = self._prep([images[i] for i in good], 0)
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(st.stream)
+        return _Decoded(n=n, images=images, host=host, errors=errors, good=good, x0=x0, event=event,
+                        decode_ms=(time.perf_counter() - t0) * 1e3, n_gpu=len(gpu_rows),
+                        n_cpu=len(exact_rows) + len(fast_rows) - len(retry))
+
+    def _input_size(self, k: int) -> int | None:
+        eng = self.engines[k]
+        return eng.size if eng is not None else None
+
+    def _prep(self, imgs: Sequence[torch.Tensor], k: int) -> torch.Tensor | None:
+        size = self._input_size(k)
+        if size is None or not imgs:
+            return None
+        return resize_images(imgs, size, self.device)
+
+    # -- the cascade loop ---------------------------------------------------------------------
+
+    def _compute(self, dec: _Decoded) -> BatchResult:
+        n, K = dec.n, self.cascade.n_stages
+        L = np.full((n, K), np.nan)
+        P = np.full((n, K), np.nan)
+        G = np.full((n, K), np.nan)
+        prob = np.full(n, np.nan)
+        cal = np.full(n, np.nan)
+        ex = np.full(n, -1, dtype=np.int64)
+        feats: list[dict[int, np.ndarray]] = [dict() for _ in range(K)]
+        tier_ms = [0.0] * K
+        active = dec.good
+        x_cur, x_rows, x_size = dec.x0, dec.good, self._input_size(0)
+        ctx = torch.cuda.stream(self.s_comp) if self.cuda else nullcontext()
+        with ctx, torch.inference_mode():
+            if dec.event is not None:
+                self.s_comp.wait_event(dec.event)
+            for k, tier in enumerate(self.cascade.tiers):
+                if len(active) == 0:
+                    break
+                t0 = time.perf_counter()
+                eng = self.engines[k]
+                if eng is not None:
+                    if x_cur is not None and x_size == eng.size:
+                        if len(x_rows) != len(active):
+                            pos = np.searchsorted(x_rows, active)
+                            x_cur = x_cur.index_select(0, torch.from_numpy(pos).to(self.device))
+                    else:
+                        x_cur = self._prep([dec.images[i] for i in active], k)
+                    x_rows, x_size = active, eng.size
+                    z = eng.logits(x_cur).cpu().numpy().astype(np.float64)
+                    L[active, k] = z
+                    P[active, k] = tier.calibrator.calibrated(z)
+                    G[active, k] = tier.gflops
+                else:
+                    out = self._run_other(k, tier, dec, active, L, P, feats)
+                    L[active, k] = np.asarray(out.logits, dtype=np.float64)
+                    P[active, k] = np.asarray(out.prob, dtype=np.float64)
+                    G[active, k] = tier.gflops if out.gflops is None else np.asarray(out.gflops, dtype=np.float64)
+                    if out.features is not None:
+                        for j, i in enumerate(active):
+                            feats[k][int(i)] = np.asarray(out.features[j])
+                ext = self.cascade.exits[k]
+                fused = ext.fusion.prob(L[active, :k + 1], P[active, :k + 1])
+                folded = fold(fused, ext.threshold)
+                last = k == K - 1
+                if last:
+                    stop = np.ones(len(active), dtype=bool)
+                else:
+                    flist = []
+                    for t in range(k + 1):
+                        if all(int(i) in feats[t] for i in active):
+                            flist.append(np.stack([np.asarray(feats[t][int(i)], dtype=np.float64).reshape(-1)
+                                                   for i in active]))
+                        else:
+                            flist.append(None)
+                    stop = _stop_mask(ext.rule, folded, L[active, :k + 1], P[active, :k + 1], flist)
+                prob[active] = folded
+                cal[active] = fused
+                ex[active[stop]] = k
+                active = active[~stop]
+                tier_ms[k] = (time.perf_counter() - t0) * 1e3
+        return BatchResult(probability=np.clip(prob, 0.0, 1.0), calibrated=cal, exit=ex, logits=L, probs=P, gflops=G,
+                           errors=dec.errors, tier_ms=tier_ms, decode_ms=dec.decode_ms, n_gpu_decoded=dec.n_gpu,
+                           n_cpu_decoded=dec.n_cpu, tier_names=self.tier_names, rule_names=self.rule_names,
+                           features=feats)
+
+    def _run_other(self, k: int, tier, dec: _Decoded, active: np.ndarray, L, P, feats):
+        """A tier without a GPU engine: its own run/run_states on HxWx3 uint8 arrays, as run_stage does."""
+        states = []
+        for i in active:
+            i = int(i)
+            img = dec.host.get(i)
+            if img is None:
+                img = dec.images[i].permute(1, 2, 0).contiguous().cpu().numpy()
+                dec.host[i] = img
+            s = ImageState(image=img, logits=[float(v) for v in L[i, :k]], probs=[float(v) for v in P[i, :k]],
+                           features=[feats[t].get(i) for t in range(k)])
+            s.trace.tiers = list(self.tier_names[:k])
+            s.trace.probs = {self.tier_names[t]: float(P[i, t]) for t in range(k)}
+            states.append(s)
+        run_states = getattr(tier, "run_states", None)
+        return run_states(states) if callable(run_states) else tier.run([s.image for s in states])
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def predict_batch(self, payloads: Sequence[Payload]) -> BatchResult:
+        """One batch end to end in the calling thread (decoding on the CPU threads / GPU decoder)."""
+        t0 = time.perf_counter()
+        res = self._compute(self._decode(payloads, inline=True))
+        res.total_ms = (time.perf_counter() - t0) * 1e3
+        return res
+
+    def predict_stream(self, batches: Iterable[Sequence[Payload]], prefetch: int | None = None) -> Iterator[BatchResult]:
+        """Results of each batch in order; up to ``prefetch`` later batches decode while one computes."""
+        depth = max(1, prefetch or self.cfg.prefetch)
+        it = iter(batches)
+        pending: deque[Future] = deque()
+
+        def submit() -> bool:
+            b = next(it, None)
+            if b is None:
+                return False
+            pending.append(self._workers.submit(self._decode, b))
+            return True
+
+        for _ in range(depth):
+            if not submit():
+                break
+        while pending:
+            dec = pending.popleft().result()
+            submit()
+            yield self._compute(dec)
+
+    def predict(self, payloads: Sequence[Payload]) -> list[Prediction | BadImage]:
+        """Cascade.predict's answers (Prediction with trace) per payload; BadImage where it is bad."""
+        return self.predict_batch(payloads).predictions()
+
+    def predict_proba(self, payloads: Sequence[Payload]) -> np.ndarray:
+        """Folded probabilities (NaN where the input was bad)."""
+        return self.predict_batch(payloads).probability
+
+    def memory(self) -> dict[str, float]:
+        if not self.cuda:
+            return {}
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"allocated_mib": torch.cuda.memory_allocated(self.device) / 2**20,
+                "reserved_mib": torch.cuda.memory_reserved(self.device) / 2**20,
+                "peak_allocated_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
+                "device_used_mib": (total - free) / 2**20}
+
+
+def _replace(cfg: GpuConfig, **kw) -> GpuConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def maybe_gpu_cascade(cascade: Cascade, enabled: str = "auto", config: GpuConfig | None = None,
+                      log: Callable[[str], None] | None = None) -> GpuCascade | None:
+    """A GpuCascade when CUDA and the GPU decoder are there (``enabled``: auto | on | off), else None.
+
+    The hook for ``eval`` and ``serve``: ``gc = maybe_gpu_cascade(bundle.cascade)``; if not None, feed it
+    the request bytes (``gc.predict(payloads)``) instead of decoding and calling ``cascade.predict``.
+    The instance is cached on the cascade object."""
+    import os
+
+    enabled = os.environ.get("ROADCASCADE_GPU", enabled)
+    if enabled in ("off", "0", "false") or (enabled == "auto" and not gpu_available()):
+        return None
+    gc = getattr(cascade, "_gpu_cascade", None)
+    if gc is None:
+        gc = GpuCascade(cascade, config=config, log=log)
+        cascade._gpu_cascade = gc  # type: ignore[attr-defined]
+    return gc

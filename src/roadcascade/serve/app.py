@@ -1,0 +1,552 @@
+"""The HTTP app: FastAPI endpoints over the multi-stage batcher.
+
+``create_app(bundle, config)`` returns an ASGI app. Models load and warm up in a background thread at
+start-up, so ``/healthz`` answers at once and ``/readyz`` turns 200 only when the batcher is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..cascade import Cascade
+from ..images import BadImage
+from .batcher import MultiStageBatcher
+from .config import ServeConfig
+from .inputs import DEADLINE_HEADER, HttpError, decode_item, image_field, images_field, json_object, media_type, parse_deadline_ms
+from .messages import Outcome
+from .metrics import ServeMetrics
+
+log = logging.getLogger("roadcascade.serve")
+STATIC = Path(__file__).parent / "static"
+ROUTES = {
+    "/v1/predict": "predict", "/v1/predict/batch": "predict_batch", "/streetvision": "streetvision",
+    "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/": "dashboard", "/v1/stats": "stats",
+    "/docs": "docs", "/openapi.json": "docs",
+}
+
+
+# ----------------------------------------------------------------------------------------------- docs models
+class PredictRequest(BaseModel):
+    image: str = Field(..., description="base64 of a JPEG/PNG/WebP/BMP/GIF/TIFF image (a data: URL is accepted)")
+
+
+class BatchRequest(BaseModel):
+    images: list[str] = Field(..., description="base64 images")
+
+
+class TraceModel(BaseModel):
+    tiers: list[str]
+    probs: dict[str, float]
+    rule: str = Field(..., description="the deciding rule: confidence, final, deadline, ...")
+    exit: int
+    ms: dict[str, float] = Field(..., description="per tier: wall time of the batch it ran in")
+    anytime: bool = Field(..., description="answered early from the tiers that had run (deadline)")
+    speculative: bool = False
+    queue_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class PredictResponse(BaseModel):
+    probability: float = Field(..., description="P(roadwork), calibrated and folded: > 0.5 means roadwork")
+    label: int
+    trace: TraceModel
+
+
+class ImageSynapse(BaseModel):
+    image: str = Field(..., description="base64 of a JPEG (PIL quality 75), as a NATIX validator sends it")
+    prediction: float = Field(-1.0, description="filled by the miner with a float in [0, 1]")
+    testnet_label: int = -1
+
+
+class ErrorModel(BaseModel):
+    error: dict[str, Any]
+
+
+def _body_doc(model: type[BaseModel], multipart: bool = True, raw: bool = False) -> dict:
+    content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema()}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
+            "file": {"type": "string", "format": "binary"}}}}
+    if raw:
+        content["image/jpeg"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+ERRORS = {400: {"model": ErrorModel, "description": "bad input (reason in the body)"},
+          413: {"model": ErrorModel, "description": "body, image or pixel count too large"},
+          415: {"model": ErrorModel, "description": "not an image, or an unsupported content type"},
+          503: {"model": ErrorModel, "description": "overloaded, deadline cannot be met, or not ready (see Retry-After)"}}
+
+
+# ----------------------------------------------------------------------------------------------- middleware
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+class ServeMiddleware:
+    """Arrival time, body-size limit before the body is read, metrics for every request, and a JSON
+    500 for an unexpected exception (the server goes on)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["arrived"] = time.monotonic()
+        endpoint = ROUTES.get(scope.get("path", ""), "static" if scope.get("path", "").startswith("/static/") else "other")
+        sent = {"status": 0}
+
+        async def send_(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                sent["status"] = msg["status"]
+            await send(msg)
+
+        async def reply(status: int, reason: str, message: str) -> None:
+            state["reason"] = reason
+            body = _json_bytes({"error": {"reason": reason, "message": message, "status": status}})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            await send_({"type": "http.response.start", "status": status, "headers": headers})
+            await send_({"type": "http.response.body", "body": body})
+
+        try:
+            length = _content_length(scope)
+        except ValueError as e:  # a malformed Content-Length (uvicorn's parsers usually refuse it first)
+            await reply(400, "bad_request", str(e)[:200])
+            self.metrics.request(endpoint, 400, "bad_request", time.perf_counter() - t0)
+            return
+        try:
+            if length is not None and length > self.max_body:
+                if length <= DRAIN_FACTOR * self.max_body:
+                    await _drain(receive, length)
+                await reply(413, "too_large", f"the body has {length:,} bytes; at most {self.max_body:,}")
+                return
+            seen = 0
+
+            async def receive_() -> Message:
+                nonlocal seen
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    seen += len(msg.get("body", b""))
+                    if seen > self.max_body:
+                        raise _BodyTooLarge()
+                return msg
+
+            await self.app(scope, receive_, send_)
+        except _BodyTooLarge:
+            if not sent["status"]:
+                await _drain(receive, DRAIN_FACTOR * self.max_body - seen)
+                await reply(413, "too_large", f"the body is larger than {self.max_body:,} bytes")
+        except Exception as e:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if not sent["status"]:
+                await reply(500, "internal", f"internal error ({type(e).__name__}); the server goes on")
+        finally:
+            status = sent["status"] or 500
+            self.metrics.request(endpoint, status, state.get("reason", ""), time.perf_counter() - t0,
+                                 state.get("n_images", 0))
+
+
+DRAIN_FACTOR = 2  # read and discard up to 2x the body limit before a 413, so that the client can read it
+DRAIN_SECONDS = 2.0
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Discard the rest of a refused body (bounded in bytes and time): a server that closes a connection
+    with unread data makes the kernel reset it, and the client never sees the 413."""
+    end = time.monotonic() + DRAIN_SECONDS
+    got = 0
+    while got <= limit:
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            msg = await asyncio.wait_for(receive(), left)
+        except Exception:  # timeout, or the client went away
+            return
+        if msg["type"] != "http.request":
+            return
+        got += len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return
+
+
+def _content_length(scope: Scope) -> int | None:
+    for k, v in scope.get("headers", []):
+        if k == b"content-length":
+            try:
+                n = int(v)
+            except ValueError:
+                raise ValueError(f"Content-Length is not a number: {v[:40]!r}") from None
+            if n < 0:
+                raise ValueError("Content-Length is negative")
+            return n
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- server state
+class Server:
+    """What the endpoints share: config, metrics, the batcher (once loaded) and the decode threads."""
+
+    def __init__(self, source: Any, config: ServeConfig, device: str | None = None):
+        self.cfg, self.source, self.device = config, source, device
+        self.metrics = ServeMetrics([], window_s=config.stats_window_s)
+        self.batcher: MultiStageBatcher | None = None
+        self.cascade: Cascade | None = None
+        self.bundle_meta: dict = {}
+        self.phase = "loading"  # loading | warming_up | ready | failed | stopped
+        self.error = ""
+        self.warmup_ms: dict = {}
+        self._decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rc-decode")
+        self._loader: threading.Thread | None = None
+        self.loop_lag = 0.0  # seconds: how late the event loop runs what it schedules (EMA)
+        self.pending = 0  # prediction requests between the precheck and their answer (reading, decoding, queued)
+
+    async def watch_loop(self, period: float = 0.05) -> None:
+        """Measure event-loop lag: time an HTTP request waits before (and after) the handler runs, which the
+        deadline logic must leave room for and which says the HTTP layer itself is overloaded."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(period)
+            lag = max(0.0, time.monotonic() - t0 - period)
+            self.loop_lag += 0.3 * (lag - self.loop_lag)  # smoothed: one GC pause does not shed load
+            self.metrics.loop_lag.set(self.loop_lag)
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self, background: bool = True) -> None:
+        if background:
+            self._loader = threading.Thread(target=self._load, name="rc-loader", daemon=True)
+            self._loader.start()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            cascade = self._cascade()
+            self.cascade = cascade
+            self.metrics.set_tiers(cascade.tier_names)
+            b = MultiStageBatcher(cascade, self.cfg, events=self.metrics)
+            self.batcher = b
+            b.start()
+            if self.cfg.warmup:
+                self.phase = "warming_up"
+                t0 = time.perf_counter()
+                self.warmup_ms = {"total": 0.0, "tiers": b.warmup()}
+                self.warmup_ms["total"] = (time.perf_counter() - t0) * 1e3
+            b.ready = True
+            self.phase = "ready"
+            self.metrics.ready.set(1)
+            log.info("ready: %d tier(s) %s", cascade.n_stages, cascade.tier_names)
+        except Exception as e:
+            self.phase, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.exception("could not load the bundle")
+
+    def _cascade(self) -> Cascade:
+        src = self.source
+        if isinstance(src, Cascade):
+            return src
+        from ..bundle import Bundle
+
+        if isinstance(src, Bundle):
+            self.bundle_meta = {"path": str(src.path) if src.path else None}
+            return src.cascade
+        from ..preprocess import pick_device
+
+        b = Bundle.load(src, device=pick_device(self.device))
+        self.bundle_meta = {"path": str(b.path)}
+        return b.cascade
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.phase in ("ready", "failed"):
+                return self.phase == "ready"
+            time.sleep(0.01)
+        return False
+
+    def stop(self) -> None:
+        self.phase = "stopped"
+        self.metrics.ready.set(0)
+        if self._loader is not None:
+            self._loader.join(30)
+        if self.batcher is not None:
+            self.batcher.stop()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    # request helpers --------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and self.batcher is not None and self.batcher.ready
+
+    def precheck(self, request: Request, n: int = 1) -> None:
+        """Refuse before reading the body when the server cannot take the work anyway."""
+        if not self.ready:
+            raise HttpError(503, "not_ready", f"not ready ({self.phase}); poll /readyz", {"Retry-After": "1"})
+        b = self.batcher
+        assert b is not None
+        if not b.has_room(n):
+            raise HttpError(503, "overloaded", f"queue full ({b.inflight} images in flight)",
+                            {"Retry-After": str(b.retry_after())})
+        if self.pending >= self.cfg.max_queue:  # requests still being read or decoded count too
+            raise HttpError(503, "overloaded", f"{self.pending} requests in progress", {"Retry-After": str(b.retry_after())})
+        if self.loop_lag * 1e3 > self.cfg.max_loop_lag_ms:
+            raise HttpError(503, "overloaded_http", f"the HTTP layer is overloaded (event loop {self.loop_lag * 1e3:.0f} ms late)",
+                            {"Retry-After": str(b.retry_after())})
+
+    def deadline(self, request: Request, default_ms: float) -> float:
+        ms = parse_deadline_ms(request.headers.get(DEADLINE_HEADER), default_ms, self.cfg.max_deadline_ms)
+        # the answer still has to get through the event loop: leave it the current lag (at most a quarter)
+        return request.state.arrived + ms / 1e3 - min(self.loop_lag, ms / 4e3)
+
+    async def decode(self, items: Sequence[Any]) -> list[np.ndarray | BadImage]:
+        """Decode in the decode threads; bad items come back as BadImage (never raised from here)."""
+        limits = self.cfg.decode_limits
+
+        def run() -> list[np.ndarray | BadImage]:
+            out: list[np.ndarray | BadImage] = []
+            for it in items:
+                try:
+                    out.append(decode_item(it, limits))
+                except BadImage as e:
+                    out.append(e)
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, run)
+
+    async def infer(self, images: Sequence[np.ndarray], deadline: float) -> list[Outcome]:
+        """Submit images to the batcher (all or none) and wait for their outcomes."""
+        b = self.batcher
+        assert b is not None
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in images]
+
+        def callback(fut: asyncio.Future) -> Callable[[Outcome], None]:
+            def done(o: Outcome) -> None:
+                loop.call_soon_threadsafe(_resolve, fut, o)
+            return done
+
+        adm = b.submit(images, deadline, [callback(f) for f in futs])
+        if not adm.ok:
+            raise HttpError(503, adm.reason, adm.message, {"Retry-After": str(adm.retry_after_s)})
+        timeout = max(0.0, deadline - time.monotonic()) + self.cfg.answer_grace_ms / 1e3
+        await asyncio.wait(futs, timeout=timeout)
+        return [f.result() if f.done() and not f.cancelled() else
+                Outcome(500, reason="stuck", message="no answer from the batcher in time") for f in futs]
+
+    async def read_payload(self, request: Request, kind: str) -> tuple[list[Any], dict | None]:
+        """Items (base64 strings or bytes) and the JSON object, by content type. kind: single | batch | synapse."""
+        ctype = media_type(request.headers.get("content-type"))
+        if ctype == "application/json" or ctype.endswith("+json") or (kind == "synapse" and ctype in ("", "text/plain")):
+            doc = json_object(await request.body())
+            if kind == "batch":
+                return list(images_field(doc, min(self.cfg.max_batch_images, self.cfg.max_queue))), doc
+            return [image_field(doc)], doc
+        if kind == "synapse":
+            raise HttpError(415, "unsupported_media_type", f"POST /streetvision takes application/json, not {ctype or 'no content type'!r}")
+        if ctype == "multipart/form-data":
+            items = await self._multipart(request)
+            if kind == "single" and len(items) != 1:
+                raise HttpError(400, "bad_input", f"expected one image, got {len(items)} (use /v1/predict/batch)")
+            return items, None
+        if kind == "single" and (ctype.startswith("image/") or ctype == "application/octet-stream"):
+            body = await request.body()
+            if not body:
+                raise HttpError(400, "empty", "the request body is empty")
+            return [body], None
+        accepted = "application/json, multipart/form-data" + (", image/* or application/octet-stream" if kind == "single" else "")
+        raise HttpError(415, "unsupported_media_type", f"content type {ctype or 'none'!r} not accepted here; send {accepted}")
+
+    async def _multipart(self, request: Request) -> list[Any]:
+        cap = min(self.cfg.max_batch_images, self.cfg.max_queue)
+        try:
+            form = await request.form(max_files=cap, max_fields=cap + 8, max_part_size=self.cfg.max_body_bytes)
+        except _BodyTooLarge:
+            raise
+        except Exception as e:
+            raise HttpError(400, "bad_multipart", f"could not parse the multipart body ({type(e).__name__}: {str(e)[:120]})") from None
+        items: list[Any] = []
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    items.append(await value.read())
+                elif key in ("image", "images"):
+                    items.append(value)
+        finally:
+            await form.close()
+        if not items:
+            raise HttpError(400, "missing_image", "no image in the multipart body (send a file field, e.g. 'file')")
+        if len(items) > cap:
+            raise HttpError(413, "too_many_images", f"{len(items)} images in one request; at most {cap}")
+        return items
+
+
+def _resolve(fut: asyncio.Future, outcome: Outcome) -> None:
+    if not fut.done():
+        fut.set_result(outcome)
+
+
+def prediction_json(o: Outcome) -> dict:
+    p = o.prediction
+    assert p is not None
+    if not math.isfinite(p.probability):
+        raise HttpError(500, "bad_output", "the cascade produced a non-finite probability")
+    d = p.as_dict()
+    d["trace"].update(speculative=o.speculative, queue_ms=round(o.queue_ms, 3), total_ms=round(o.total_ms, 3))
+    return d
+
+
+def outcome_error(o: Outcome) -> HttpError:
+    headers = {"Retry-After": "1"} if o.status == 503 else None
+    return HttpError(o.status, o.reason, o.message, headers)
+
+
+# ----------------------------------------------------------------------------------------------- the app
+def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | None = None,
+               background_load: bool = True) -> FastAPI:
+    """An ASGI app serving ``bundle`` (a bundle directory, a ``Bundle`` or a ``Cascade``)."""
+    cfg = config or ServeConfig()
+    server = Server(bundle, cfg, device)
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)  # else one warning per malformed multipart body
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start(background=background_load)
+        watcher = asyncio.create_task(server.watch_loop())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            server.stop()
+
+    app = FastAPI(title="roadcascade", version="0.1.0", lifespan=lifespan,
+                  description="Is there roadwork in this street image? An adaptive cascade behind a multi-stage micro-batcher.")
+    app.state.server = server
+    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes)
+
+    @app.exception_handler(HttpError)
+    async def _http_error(request: Request, e: HttpError) -> JSONResponse:
+        request.state.reason = e.reason
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    async def one_image(request: Request, kind: str, default_ms: float) -> tuple[Outcome, dict | None]:
+        server.precheck(request)
+        server.pending += 1
+        try:
+            deadline = server.deadline(request, default_ms)
+            items, doc = await server.read_payload(request, kind)
+            (img,) = await server.decode(items)
+            if isinstance(img, BadImage):
+                raise HttpError.from_bad_image(img)
+            request.state.n_images = 1
+            (o,) = await server.infer([img], deadline)
+        finally:
+            server.pending -= 1
+        if not o.ok:
+            raise outcome_error(o)
+        return o, doc
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=_body_doc(PredictRequest, raw=True),
+              summary="P(roadwork) of one image, with its trace")
+    async def predict(request: Request) -> Response:
+        o, _ = await one_image(request, "single", cfg.default_deadline_ms)
+        return Response(_json_bytes(prediction_json(o)), media_type="application/json")
+
+    @app.post("/v1/predict/batch", responses=ERRORS, openapi_extra=_body_doc(BatchRequest),
+              summary="Many images in one request; per-image results (a bad image gets its own error entry)")
+    async def predict_batch(request: Request) -> Response:
+        server.precheck(request)
+        server.pending += 1
+        try:
+            return await _predict_batch(request)
+        finally:
+            server.pending -= 1
+
+    async def _predict_batch(request: Request) -> Response:
+        deadline = server.deadline(request, cfg.default_deadline_ms)
+        items, _ = await server.read_payload(request, "batch")
+        decoded = await server.decode(items)
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
+        results: list[dict] = [{}] * len(decoded)
+        for i, d in enumerate(decoded):
+            if isinstance(d, BadImage):
+                server.metrics.image_error("predict_batch", d.reason)
+                results[i] = HttpError.from_bad_image(d).body()
+        if good:
+            outcomes = await server.infer([decoded[i] for i in good], deadline)  # type: ignore[misc]
+            for i, o in zip(good, outcomes):
+                results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
+        request.state.n_images = sum(1 for r in results if "probability" in r)
+        return Response(_json_bytes({"results": results}), media_type="application/json")
+
+    @app.post("/streetvision", response_model=ImageSynapse, responses=ERRORS, openapi_extra=_body_doc(ImageSynapse, multipart=False),
+              summary="NATIX StreetVision miner endpoint: the ImageSynapse back with prediction in [0, 1]")
+    async def streetvision(request: Request) -> Response:
+        o, doc = await one_image(request, "synapse", cfg.streetvision_deadline_ms)
+        assert doc is not None
+        p = float(min(1.0, max(0.0, prediction_json(o)["probability"])))
+        return Response(_json_bytes({**doc, "prediction": p}), media_type="application/json")
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> JSONResponse:
+        if server.phase == "failed":
+            return JSONResponse({"status": "failed", "error": server.error}, status_code=503)
+        return JSONResponse({"status": "ok", "phase": server.phase})
+
+    @app.get("/readyz", summary="Readiness: models loaded and warmed up")
+    async def readyz(request: Request) -> JSONResponse:
+        if not server.ready:
+            request.state.reason = "not_ready"
+            return JSONResponse({"ready": False, "phase": server.phase, "error": server.error}, status_code=503,
+                                headers={"Retry-After": "1"})
+        c = server.cascade
+        assert c is not None
+        return JSONResponse({"ready": True, "tiers": c.tier_names, "warmup_ms": server.warmup_ms, "bundle": server.bundle_meta})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/stats", summary="The dashboard's live numbers (JSON)")
+    async def stats() -> JSONResponse:
+        b = server.batcher
+        live = {"ready": server.ready, "phase": server.phase, "inflight": b.inflight if b else 0, "loop_lag_ms": server.loop_lag * 1e3,
+                "pending": server.pending, "max_queue": cfg.max_queue, "max_batch": cfg.max_batch, "speculate_mode": cfg.speculate,
+                "deadline_ms": cfg.default_deadline_ms}
+        if b is not None:
+            live["tiers"] = b.cascade.tier_names
+            live["latency_model_ms"] = {t: {str(n): round(ms, 3) for n, ms in sorted(b.latency.measured(k).items())}
+                                        for k, t in enumerate(b.cascade.tier_names)}
+        return JSONResponse(server.metrics.stats(live))
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

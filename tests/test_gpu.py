@@ -1,0 +1,430 @@
+"""The GPU fast path (roadcascade.gpu).
+
+Everywhere: the pure pieces (JPEG header routing, PIL-exact resize, BatchNorm folding) and the whole
+runtime on the CPU (``GpuCascade(device="cpu")``), which must give Cascade.predict's answers exactly.
+
+On a CUDA machine only (skipped on CPU CI, with the reason): the GPU path against the CPU path on the
+same JPEGs, within the tolerances stated in docs/GPU.md:
+
+- resize on the GPU: bit-exact with PIL;
+- decoded pixels (nvJPEG vs libjpeg-turbo): mean |diff| <= PIXEL_MEAN_TOL levels over an image set;
+- probabilities (nvJPEG + bf16 vs PIL + fp32): mean |dp| <= DP_MEAN_TOL, max |dp| <= DP_MAX_TOL,
+  decisions (p > 0.5) identical on >= AGREE_TOL of the images.
+
+Set ROADCASCADE_GPU_BUNDLE (a stage-1 bundle; default runs/gpu/qs when present, else a randomly
+initialised Lite0) and ROADCASCADE_GPU_IMAGES (a folder of JPEGs; default StreetWork, else synthetic).
+ROADCASCADE_GPU_TEST_COMPILE=1 also compiles (slower; the bench measures the compiled path).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from roadcascade.calibration import TemperatureCalibrator
+from roadcascade.cascade import Cascade, ClassifierTier, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
+from roadcascade.gpu import (
+    GpuCascade,
+    GpuConfig,
+    bucket_for,
+    fold_batchnorm,
+    gpu_available,
+    jpeg_gpu_info,
+    pil_bilinear_weights,
+    resize_exact,
+    resize_images,
+)
+from roadcascade.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
+
+# tolerances of the CPU/GPU match (docs/GPU.md gives the measured values)
+PIXEL_MEAN_TOL = 1.5
+DP_MEAN_TOL = 0.01
+DP_MAX_TOL = 0.15
+AGREE_TOL = 0.98
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(
+    not gpu_available(),
+    reason="needs CUDA and torchvision's nvJPEG decoder: the GPU fast path's CPU/GPU match runs on the GPU machine; "
+    "CPU CI skips it (the CPU runtime is tested above)",
+)
+
+
+def _smooth(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A natural-ish image (gradients + blobs + noise): JPEG-friendly, not constant."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.zeros((h, w, 3))
+    for c in range(3):
+        a, b, ph = rng.uniform(0.02, 0.15, 2).tolist() + [rng.uniform(0, 6)]
+        img[..., c] = 128 + 90 * np.sin(a * x + ph) * np.cos(b * y)
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg(rgb: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- header routing
+
+
+def test_plain_jpeg_is_gpu_decodable():
+    rgb = _smooth(np.random.default_rng(0), 48, 64)
+    assert jpeg_gpu_info(encode_jpeg(rgb, 75)) == (48, 64)
+    assert jpeg_gpu_info(_jpeg(rgb, quality=90, subsampling=0)) == (48, 64)  # 4:4:4
+
+
+@pytest.mark.parametrize("case", ["progressive", "gray", "cmyk", "exif6", "xmp", "truncated", "png", "text",
+                                  "limits", "empty"])
+def test_other_inputs_go_to_the_cpu_decoder(case):
+    rgb = _smooth(np.random.default_rng(1), 40, 56)
+    limits = None
+    if case == "progressive":
+        data = _jpeg(rgb, quality=75, progressive=True)
+    elif case == "gray":
+        data = _jpeg(rgb[..., 0])
+    elif case == "cmyk":
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert("CMYK").save(buf, format="JPEG")
+        data = buf.getvalue()
+    elif case == "exif6":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        data = _jpeg(rgb, exif=exif.tobytes())
+        assert decode_bytes(data).shape == (56, 40, 3)  # the CPU path rotates it
+    elif case == "xmp":
+        xmp = b'http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+        base = encode_jpeg(rgb, 75)
+        data = base[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + base[2:]
+    elif case == "truncated":
+        data = encode_jpeg(rgb, 75)
+        data = data[: len(data) * 2 // 3]
+        with pytest.raises(BadImage) as e:
+            decode_bytes(data)
+        assert e.value.reason == "truncated"
+    elif case == "png":
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        data = buf.getvalue()
+    elif case == "text":
+        data = b"hello, this is not an image"
+    elif case == "limits":
+        data = encode_jpeg(rgb, 75)
+        limits = DecodeLimits(max_pixels=100)
+    else:
+        data = b""
+    assert jpeg_gpu_info(data, limits) is None
+
+
+def test_exif_orientation_one_stays_on_gpu():
+    rgb = _smooth(np.random.default_rng(2), 40, 56)
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    assert jpeg_gpu_info(_jpeg(rgb, exif=exif.tobytes())) == (40, 56)
+
+
+def test_bucket_for():
+    assert bucket_for(1, (2, 4, 8)) == 2
+    assert bucket_for(4, (2, 4, 8)) == 4
+    assert bucket_for(5, (2, 4, 8)) == 8
+    assert bucket_for(9, (2, 4, 8)) is None
+
+
+# ----------------------------------------------------------------------------- PIL-exact resize
+
+_RESIZES = [((224, 381), 224), ((224, 224), 260), ((37, 53), 224), ((500, 300), 224), ((224, 299), 128),
+            ((1, 7), 5), ((300, 224), 224)]
+
+
+def _pil_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+
+
+@pytest.mark.parametrize("shape,size", _RESIZES)
+def test_resize_is_bit_exact_with_pil(shape, size):
+    rng = np.random.default_rng(sum(shape) + size)
+    for rgb in (rng.integers(0, 256, (*shape, 3), dtype=np.uint8), _smooth(rng, *shape)):
+        got = resize_exact(torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous(), size, size)[0]
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), _pil_resize(rgb, size))
+
+
+def test_weights_rows_sum_to_one():
+    for a, b in ((381, 224), (224, 260), (5, 3)):
+        w = pil_bilinear_weights(a, b)
+        assert w.shape == (b, a)
+        assert np.all(np.abs(w.sum(1) - 2**22) <= a)  # fixed point, rounded per tap
+
+
+def test_resize_images_mixed_sizes():
+    rng = np.random.default_rng(3)
+    imgs = [_smooth(rng, h, w) for h, w in ((30, 40), (50, 20), (30, 40), (24, 24))]
+    got = resize_images([torch.from_numpy(a).permute(2, 0, 1) for a in imgs], 24, torch.device("cpu"))
+    for g, a in zip(got, imgs):
+        np.testing.assert_array_equal(g.permute(1, 2, 0).numpy(), _pil_resize(a, 24))
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def test_fold_batchnorm_lite0_same_outputs():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1, pretrained=False).eval()
+    _randomise_bn(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_batchnorm(model)
+        got = model(x)
+    assert folded == n_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the runtime on the CPU
+
+
+class _Tiny(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 1)
+        _randomise_bn(self, seed)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3))) * 4.0
+
+
+def _tier(name: str, size: int, seed: int, t: float, thr: float) -> ClassifierTier:
+    return ClassifierTier(name, "tiny", _Tiny(seed).eval(), size, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3),
+                          TemperatureCalibrator.from_dict({"temperature": t, "threshold": thr}), gflops=0.01 * size,
+                          device=torch.device("cpu"))
+
+
+def _tiny_cascade() -> Cascade:
+    from roadcascade.fusion import WeightedVoteFusion
+
+    t0, t1 = _tier("a@32", 32, 0, 0.8, 0.45), _tier("b@40", 40, 1, 1.2, 0.55)
+    return Cascade([t0, t1], [ExitPoint(LastTierFusion(), 0.45, ConfidenceRule(0.15)),
+                              ExitPoint(WeightedVoteFusion([0.4, 0.6]), 0.5, FinalRule())])
+
+
+def _payloads(rng: np.random.Generator) -> tuple[list[bytes], list[int]]:
+    good = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 32), (48, 64), (64, 48), (32, 32), (50, 70), (40, 40))]
+    png = io.BytesIO()
+    Image.fromarray(_smooth(rng, 36, 36)).save(png, format="PNG")
+    bad = [b"not an image", good[1][: len(good[1]) // 2]]
+    payloads = [good[0], bad[0], good[1], png.getvalue(), good[2], good[3], bad[1], good[4], good[5]]
+    return payloads, [1, 6]
+
+
+def test_cpu_runtime_matches_cascade_predict():
+    casc = _tiny_cascade()
+    payloads, bad_rows = _payloads(np.random.default_rng(4))
+    gc = GpuCascade(casc, device="cpu")
+    try:
+        got = gc.predict(payloads)
+        res = gc.predict_batch(payloads)
+    finally:
+        gc.close()
+    good_rows = [i for i in range(len(payloads)) if i not in bad_rows]
+    ref = casc.predict([decode_bytes(payloads[i]) for i in good_rows])
+    for i in bad_rows:
+        assert isinstance(got[i], BadImage)
+        with pytest.raises(BadImage) as e:
+            decode_bytes(payloads[i])
+        assert got[i].reason == e.value.reason
+        assert np.isnan(res.probability[i]) and res.exit[i] == -1
+    exits = set()
+    for i, r in zip(good_rows, ref):
+        g = got[i]
+        assert isinstance(g, type(r))
+        assert g.probability == pytest.approx(r.probability, abs=1e-6)
+        assert g.calibrated == pytest.approx(r.calibrated, abs=1e-6)
+        assert g.label == r.label
+        assert g.trace.tiers == r.trace.tiers and g.trace.exit == r.trace.exit and g.trace.rule == r.trace.rule
+        for name, p in r.trace.probs.items():
+            assert g.trace.probs[name] == pytest.approx(p, abs=1e-6)
+        assert g.trace.gflops == pytest.approx(r.trace.gflops)
+        exits.add(r.trace.exit)
+    assert exits == {0, 1}, "the test cascade should use both exits"
+
+
+def test_cpu_runtime_stream_equals_batch():
+    casc = _tiny_cascade()
+    payloads, _ = _payloads(np.random.default_rng(5))
+    gc = GpuCascade(casc, device="cpu", config=GpuConfig(decode_workers=2, prefetch=2))
+    try:
+        whole = gc.predict_batch(payloads)
+        parts = list(gc.predict_stream([payloads[:4], payloads[4:7], payloads[7:]]))
+    finally:
+        gc.close()
+    p = np.concatenate([r.probability for r in parts])
+    np.testing.assert_allclose(p, whole.probability, atol=1e-6, equal_nan=True)
+    assert sorted(i + o for o, r in zip((0, 4, 7), parts) for i in r.errors) == sorted(whole.errors)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        GpuConfig(dtype="fp8")
+    with pytest.raises(ValueError):
+        GpuConfig(decode="nvjpeg")
+    with pytest.raises(ValueError):
+        GpuConfig(cpu_share=2.0)
+    assert GpuConfig(graph_sizes=(8, 2, 8)).graph_sizes == (2, 8)
+
+
+# ----------------------------------------------------------------------------- GPU machine only
+
+
+def _gpu_bundle():
+    from roadcascade.bundle import Bundle
+
+    path = os.environ.get("ROADCASCADE_GPU_BUNDLE") or (ROOT / "runs/gpu/qs")
+    if Path(path, "bundle.json").exists():
+        return Bundle.load(path, device=torch.device("cuda")).cascade
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1, pretrained=False).eval()
+    _randomise_bn(model)
+    tier = ClassifierTier("lite0@224", "lite0", model, 224, (0.5,) * 3, (0.5,) * 3,
+                          TemperatureCalibrator.from_dict({"temperature": 1.0, "threshold": 0.5}), 0.77,
+                          device=torch.device("cuda"))
+    return Cascade([tier], [ExitPoint(LastTierFusion(), 0.5, FinalRule())])
+
+
+def _gpu_payloads(n: int = 160) -> list[bytes]:
+    folder = os.environ.get("ROADCASCADE_GPU_IMAGES")
+    if folder and Path(folder).is_dir():
+        files = sorted(Path(folder).iterdir())[:n]
+        return [f.read_bytes() for f in files]
+    rng = np.random.default_rng(6)
+    return [encode_jpeg(_smooth(rng, 224, 224), 75) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def gpu_setup():
+    if not gpu_available():
+        pytest.skip("needs CUDA")
+    casc = _gpu_bundle()
+    cfg = GpuConfig(compile=os.environ.get("ROADCASCADE_GPU_TEST_COMPILE") == "1")
+    gc = GpuCascade(casc, device="cuda", config=cfg)
+    yield casc, gc, _gpu_payloads()
+    gc.close()
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,size", _RESIZES)
+def test_gpu_resize_is_bit_exact_with_pil(shape, size):
+    rng = np.random.default_rng(sum(shape))
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().cuda()
+    got = resize_exact(x, size, size)[0].permute(1, 2, 0).cpu().numpy()
+    np.testing.assert_array_equal(got, _pil_resize(rgb, size))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_decoded_pixels_close_to_pil(gpu_setup):
+    _, gc, payloads = gpu_setup
+    old = gc.cfg.decode
+    gc.cfg.decode = "gpu"
+    try:
+        dec = gc._decode(payloads, inline=True)
+    finally:
+        gc.cfg.decode = old
+    assert dec.n_gpu > 0
+    mads, worst = [], 0
+    for i, p in enumerate(payloads):
+        a = dec.images[i].permute(1, 2, 0).cpu().numpy().astype(np.int16)
+        r = decode_bytes(p).astype(np.int16)
+        assert a.shape == r.shape
+        mads.append(np.abs(a - r).mean())
+        worst = max(worst, int(np.abs(a - r).max()))
+    print(f"\nnvJPEG vs PIL pixels: mean |diff| {np.mean(mads):.3f}, worst image mean {max(mads):.3f}, max {worst}")
+    assert np.mean(mads) <= PIXEL_MEAN_TOL
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_cpu_threads_decode_is_exact(gpu_setup):
+    _, gc, payloads = gpu_setup
+    old = gc.cfg.decode
+    gc.cfg.decode = "cpu"
+    try:
+        dec = gc._decode(payloads[:32], inline=True)
+    finally:
+        gc.cfg.decode = old
+    for i, p in enumerate(payloads[:32]):
+        np.testing.assert_array_equal(dec.images[i].permute(1, 2, 0).cpu().numpy(), decode_bytes(p))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_matches_cpu_path(gpu_setup):
+    casc, gc, payloads = gpu_setup
+    ref = np.array([p.probability for i in range(0, len(payloads), 64)
+                    for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
+    got = gc.predict_proba(payloads)
+    d = np.abs(ref - got)
+    agree = np.mean((ref > 0.5) == (got > 0.5))
+    print(f"\nGPU vs CPU path: mean |dp| {d.mean():.5f}, p99 {np.percentile(d, 99):.5f}, max {d.max():.5f}, "
+          f"decision agreement {agree:.4f} on {len(d)}")
+    assert np.isfinite(got).all()
+    assert d.mean() <= DP_MEAN_TOL and d.max() <= DP_MAX_TOL and agree >= AGREE_TOL
+    # CPU-decoded (exact pixels) on the GPU model: only bf16 differs
+    old = gc.cfg.decode
+    gc.cfg.decode = "cpu"
+    try:
+        got_cpu = gc.predict_proba(payloads)
+    finally:
+        gc.cfg.decode = old
+    print(f"CPU-decoded + bf16 GPU model: mean |dp| {np.abs(ref - got_cpu).mean():.5f}, max {np.abs(ref - got_cpu).max():.5f}")
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_bad_input_and_batch_sizes(gpu_setup):
+    _, gc, payloads = gpu_setup
+    good = payloads[:20]
+    corrupt = bytearray(good[3])
+    mid = len(corrupt) // 2
+    corrupt[mid:mid + 64] = bytes(range(64))
+    truncated = good[5][: len(good[5]) // 2]
+    batch = good[:8] + [b"junk bytes", truncated, bytes(corrupt)] + good[8:]
+    res = gc.predict_batch(batch)
+    assert isinstance(res.errors.get(8), BadImage) and res.errors[8].reason == "not_image"
+    assert isinstance(res.errors.get(9), BadImage) and res.errors[9].reason == "truncated"
+    assert 10 in res.errors or np.isfinite(res.probability[10])  # garbage in: an answer or a BadImage, no crash
+    alone = gc.predict_batch(good).probability
+    got = np.concatenate([res.probability[:8], res.probability[11:]])
+    np.testing.assert_allclose(got, alone, atol=2e-3)
+    # every batch size (graph buckets, chunking, the padded remainder) gives the same answers
+    for b in (1, 3, 8, 17):
+        part = np.concatenate([gc.predict_batch(good[i:i + b]).probability for i in range(0, len(good), b)])
+        np.testing.assert_allclose(part, alone, atol=2e-3)
+    streamed = np.concatenate([r.probability for r in gc.predict_stream([good[:7], good[7:]])])
+    np.testing.assert_allclose(streamed, alone, atol=2e-3)
