@@ -44,10 +44,11 @@ from roadcascade.gpu import (
 from roadcascade.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
 
 # tolerances of the CPU/GPU match (docs/GPU.md gives the measured values)
-PIXEL_MEAN_TOL = 1.5
-DP_MEAN_TOL = 0.01
-DP_MAX_TOL = 0.15
-AGREE_TOL = 0.98
+PIXEL_MEAN_TOL = 1.0  # measured 0.21 (224 q75) / 0.43 (native) on the H100
+DP_MEAN_TOL = 0.005  # measured 0.0016-0.0020
+DP_MAX_TOL = 0.1  # measured 0.035-0.039
+AGREE_TOL = 0.98  # measured 1.0
+BUCKET_TOL = 5e-3  # bf16: another batch size (graph bucket, cuDNN algorithm) moves p by up to this
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(
@@ -130,6 +131,27 @@ def test_exif_orientation_one_stays_on_gpu():
     exif = Image.Exif()
     exif[0x0112] = 1
     assert jpeg_gpu_info(_jpeg(rgb, exif=exif.tobytes())) == (40, 56)
+
+
+def test_decode_into_staging_matches_pil():
+    from roadcascade.gpu import _decode_into
+
+    rng = np.random.default_rng(7)
+    payloads = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 48), (40, 40), (17, 23))]
+    payloads.append(payloads[0][:-40])  # no EOI: libjpeg may pad it; the router never sends such a file here
+    dims = {i: decode_bytes(payloads[i]).shape[:2] for i in range(3)}
+    dims[3] = dims[0]
+    offsets, off = {}, 0
+    for i in range(4):
+        offsets[i] = off
+        off += dims[i][0] * dims[i][1] * 3
+    out = np.zeros(off, np.uint8)
+    failed = _decode_into([0, 1, 2], payloads, dims, offsets, out)
+    assert failed == []
+    for i in range(3):
+        h, w = dims[i]
+        np.testing.assert_array_equal(out[offsets[i]:offsets[i] + h * w * 3].reshape(h, w, 3), decode_bytes(payloads[i]))
+    assert _decode_into([0], [b"junk"], {0: (4, 4)}, {0: 0}, np.zeros(48, np.uint8)) == [0]
 
 
 def test_bucket_for():
@@ -329,7 +351,8 @@ def gpu_setup():
     if not gpu_available():
         pytest.skip("needs CUDA")
     casc = _gpu_bundle()
-    cfg = GpuConfig(compile=os.environ.get("ROADCASCADE_GPU_TEST_COMPILE") == "1")
+    cfg = GpuConfig(compile=os.environ.get("ROADCASCADE_GPU_TEST_COMPILE") == "1", graph_sizes=(2, 8, 32),
+                    cudnn_benchmark=False)
     gc = GpuCascade(casc, device="cuda", config=cfg)
     yield casc, gc, _gpu_payloads()
     gc.close()
@@ -421,10 +444,10 @@ def test_gpu_bad_input_and_batch_sizes(gpu_setup):
     assert 10 in res.errors or np.isfinite(res.probability[10])  # garbage in: an answer or a BadImage, no crash
     alone = gc.predict_batch(good).probability
     got = np.concatenate([res.probability[:8], res.probability[11:]])
-    np.testing.assert_allclose(got, alone, atol=2e-3)
+    np.testing.assert_allclose(got, alone, atol=BUCKET_TOL)
     # every batch size (graph buckets, chunking, the padded remainder) gives the same answers
     for b in (1, 3, 8, 17):
         part = np.concatenate([gc.predict_batch(good[i:i + b]).probability for i in range(0, len(good), b)])
-        np.testing.assert_allclose(part, alone, atol=2e-3)
+        np.testing.assert_allclose(part, alone, atol=BUCKET_TOL)
     streamed = np.concatenate([r.probability for r in gc.predict_stream([good[:7], good[7:]])])
-    np.testing.assert_allclose(streamed, alone, atol=2e-3)
+    np.testing.assert_allclose(streamed, alone, atol=BUCKET_TOL)

@@ -72,27 +72,47 @@ def train(
     data: Optional[str] = typer.Option(None, help="dataset: StreetWork manifest dir, image folder or parquet (default $ROADCASCADE_DATA or ../shared/data/streetwork)"),
     input_size: Optional[int] = typer.Option(None, help="training resolution (default: the model's)"),
     eval_size: Optional[int] = typer.Option(None, help="inference resolution stored in the bundle (default: the model's)"),
-    epochs: int = typer.Option(8, min=1),
-    batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(6e-4, min=0.0),
+    epochs: Optional[int] = typer.Option(None, min=1, help="epochs (default 8 for classify; the detector recipe's for detect)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default 32 for classify)"),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="peak learning rate (default 6e-4 for classify)"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     max_train: Optional[int] = typer.Option(None, help="train on a stratified subset of this many images"),
     max_val: Optional[int] = typer.Option(None, help="select/calibrate on a subset of this many val images"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimiser steps"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
-    task: str = typer.Option("classify", help="classify (the stage-1 classifier)"),
+    task: str = typer.Option("classify", help="classify (the stage-1 roadwork classifier) | detect (the traffic-cone detector; see `train-detector --help` for all its options)"),
 ) -> None:
-    """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle."""
+    """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
     from .train import TrainConfig, train as run_train
 
+    if task == "detect":
+        from .detect.train import make_config, train_detector
+
+        try:
+            dcfg = make_config("gpu" if pick_device_name(device) == "cuda" else "cpu", data=data, backbone=model, epochs=epochs,
+                               batch_size=batch_size, lr=lr, seed=seed, max_train=max_train, max_steps=max_steps, threads=threads,
+                               **({"device": device} if device != "auto" else {}))
+        except ValueError as e:
+            _fail(str(e))
+        with progress_bar() as cb:
+            res = train_detector(dcfg, out, progress=cb, log=console.print)
+        console.print(f"detector bundle written to [bold]{out}[/bold] in {res.seconds:.0f} s")
+        return
     if task != "classify":
-        _fail(f"--task {task!r} is not available in this build (known: classify)")
-    cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed, device=device, data=data, max_train=max_train, max_val=max_val, max_steps=max_steps, threads=threads)
+        _fail(f"--task must be classify or detect, not {task!r}")
+    cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8, batch_size=batch_size or 32,
+                      lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data, max_train=max_train,
+                      max_val=max_val, max_steps=max_steps, threads=threads)
     with progress_bar() as cb:
         res = run_train(cfg, out, progress=cb, log=console.print)
     console.print(f"bundle written to [bold]{out}[/bold] in {res.seconds:.0f} s")
+
+
+def pick_device_name(device: str) -> str:
+    from .preprocess import pick_device
+
+    return pick_device(device).type
 
 
 def _print_summary(rows: list[tuple[str, dict]]) -> None:
@@ -187,7 +207,7 @@ def quickstart(
     data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
     retrain: bool = typer.Option(False, help="train even if a bundle is cached"),
     epochs: int = typer.Option(6, min=1, help="training epochs"),
-    input_size: int = typer.Option(192, help="training resolution (inference runs at the model's 224)"),
+    input_size: int = typer.Option(160, help="training resolution (inference runs at the model's 224)"),
     device: str = typer.Option("auto"),
     cascade: bool = typer.Option(True, "--cascade/--stage1-only", help="build a cascade from the stage-1 model (default)"),
     budget: str = typer.Option("35%", help="cascade compute budget (see `roadcascade build`)"),

@@ -227,7 +227,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
               data: str | None, n_images: int, second_tier: Path | None, cascade_bundle: Path | None, tau: float | None,
               defer: float,
               ref_images: int, seconds: float, compile_: bool, graphs: bool, sweep: bool, device: str,
-              cpu_share: float, decode: str, command: str) -> dict[str, Any]:
+              cpu_share: float | None, decode: str, command: str) -> dict[str, Any]:
     import torch
 
     from .bundle import Bundle
@@ -281,7 +281,9 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
     save()
 
     # (b) the fast path, stage-1
-    cfg = GpuConfig(compile=compile_, graphs=graphs, cpu_share=cpu_share, decode=decode)
+    cfg = GpuConfig(compile=compile_, graphs=graphs, decode=decode)
+    if cpu_share is not None:
+        cfg.cpu_share = cpu_share
     result["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "limits"}
     s1 = Bundle.load(bundle, device=torch.device("cpu"))
     t0 = time.perf_counter()
@@ -304,6 +306,25 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             result["match"][f"pixels_{name}"] = _pixel_match(gc1, pool, 64, torch)
         _log(f"    match {name}: {result['match'][f'stage1_{name}']}")
     save()
+    # sweep first: the decode routing (run-time switches, no recompile); the best share is used below
+    if sweep and cuda:
+        pool = pools["q75"]
+        base = (gc1.cfg.decode, gc1.cfg.cpu_share)
+        scores = {}
+        for share in (0.0, 0.5, 0.75, 1.0):
+            gc1.cfg.decode, gc1.cfg.cpu_share = "auto", share
+            key = f"cpu_share={share}"
+            res = {b: _measure(gc1, pool, b, min(seconds, 0.5), torch) for b in (256, 1024)}
+            result["sweep"][key] = {b: {"img_s": r["img_s"], "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"],
+                                        "gpu_decoded_frac": r["gpu_decoded_frac"]} for b, r in res.items()}
+            scores[share] = np.mean([r["img_s"] for r in res.values()])
+            _log(f"sweep {key}: {result['sweep'][key]}")
+        gc1.cfg.decode = base[0]
+        gc1.cfg.cpu_share = base[1] if cpu_share is not None else max(scores, key=scores.get)
+        result["config"]["cpu_share"] = gc1.cfg.cpu_share
+        result["sweep"]["chosen_cpu_share"] = gc1.cfg.cpu_share
+        _log(f"sweep: cpu_share {gc1.cfg.cpu_share} for the measurements below")
+        save()
     for name, pool in pools.items():
         rows = {}
         for b in batch_sizes:
@@ -319,6 +340,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         bb = max(cfg.graph_sizes)
         pool = pools["q75"]
         dec = gc1._decode(pool[:bb], inline=True)
+        torch.cuda.synchronize()
         x = dec.x0
         with torch.inference_mode():
             for _ in range(3):
@@ -331,8 +353,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             torch.cuda.synchronize()
         result["micro"]["model_only_img_s"] = reps * bb / (time.perf_counter() - t0)
         for mode in ("gpu", "cpu"):
-            old = gc1.cfg.decode
-            gc1.cfg.decode = mode
+            old = (gc1.cfg.decode, gc1.cfg.cpu_share)
+            gc1.cfg.decode, gc1.cfg.cpu_share = mode, 0.0
             try:
                 gc1._decode(pool[:bb], inline=True)
                 t0 = time.perf_counter()
@@ -341,26 +363,10 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
                     torch.cuda.synchronize()
                 result["micro"][f"decode_only_{mode}_img_s"] = 5 * bb / (time.perf_counter() - t0)
             finally:
-                gc1.cfg.decode = old
+                gc1.cfg.decode, gc1.cfg.cpu_share = old
         _log(f"micro: {result['micro']}")
         save()
 
-    # sweep: decode routing at run time (no recompile)
-    if sweep and cuda:
-        pool = pools["q75"]
-        base = (gc1.cfg.decode, gc1.cfg.cpu_share)
-        variants = [("gpu", 0.0), ("gpu", 0.25), ("gpu", 0.5), ("cpu", 0.0)]
-        for mode, share in variants:
-            gc1.cfg.decode, gc1.cfg.cpu_share = mode, share
-            key = f"decode={mode},cpu_share={share}"
-            res = {}
-            for b in sorted({1, 8, 256, 1024} & set(batch_sizes) | {256}):
-                res[b] = _measure(gc1, pool, b, min(seconds, 0.6), torch)
-            result["sweep"][key] = {b: {"img_s": r["img_s"], "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"]}
-                                    for b, r in res.items()}
-            _log(f"sweep {key}: {result['sweep'][key]}")
-        gc1.cfg.decode, gc1.cfg.cpu_share = base
-        save()
     gc1.close()
     del gc1
     if cuda:
@@ -379,7 +385,9 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
     if casc is not None:
         result["cascade"]["tiers"] = casc.tier_names
         t0 = time.perf_counter()
-        gc2 = GpuCascade(casc, device=dev, config=cfg, log=_log)
+        import dataclasses
+
+        gc2 = GpuCascade(casc, device=dev, config=dataclasses.replace(cfg, cpu_share=result["config"]["cpu_share"]), log=_log)
         result["cascade"]["warmup_s"] = time.perf_counter() - t0
         _log(f"(c) cascade {casc.tier_names} warm-up {result['cascade']['warmup_s']:.1f} s")
         # reference answers of the same cascade on the CPU path (fp32 on the device), for the match
@@ -470,7 +478,8 @@ def _bench_command(
     compile: bool = typer.Option(True, "--compile/--no-compile"),
     graphs: bool = typer.Option(True, "--graphs/--no-graphs"),
     sweep: bool = typer.Option(False, "--sweep/--no-sweep", help="also time decode routing variants"),
-    cpu_share: float = typer.Option(0.0, min=0.0, max=1.0, help="share of GPU-decodable JPEGs decoded on CPU threads"),
+    cpu_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="share of plain JPEGs decoded on CPU threads "
+                                              "instead of nvJPEG (default: GpuConfig's; with --sweep: the best measured)"),
     decode: str = typer.Option("auto", help="auto | gpu | cpu"),
     device: str = typer.Option("auto", help="auto | cuda | cpu (cpu: a smoke test of the same code)"),
 ) -> None:

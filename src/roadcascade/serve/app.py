@@ -227,6 +227,7 @@ class Server:
         self._loader: threading.Thread | None = None
         self.loop_lag = 0.0  # seconds: how late the event loop runs what it schedules (EMA)
         self.pending = 0  # prediction requests between the precheck and their answer (reading, decoding, queued)
+        self._stopping = False
 
     async def watch_loop(self, period: float = 0.05) -> None:
         """Measure event-loop lag: time an HTTP request waits before (and after) the handler runs, which the
@@ -257,8 +258,10 @@ class Server:
             if self.cfg.warmup:
                 self.phase = "warming_up"
                 t0 = time.perf_counter()
-                self.warmup_ms = {"total": 0.0, "tiers": b.warmup()}
+                self.warmup_ms = {"total": 0.0, "tiers": b.warmup(should_stop=lambda: self._stopping)}
                 self.warmup_ms["total"] = (time.perf_counter() - t0) * 1e3
+            if self._stopping:
+                return
             b.ready = True
             self.phase = "ready"
             self.metrics.ready.set(1)
@@ -291,12 +294,13 @@ class Server:
         return False
 
     def stop(self) -> None:
-        self.phase = "stopped"
+        self._stopping = True
         self.metrics.ready.set(0)
         if self._loader is not None:
             self._loader.join(30)
         if self.batcher is not None:
             self.batcher.stop()
+        self.phase = "stopped"
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     # request helpers --------------------------------------------------------------------------

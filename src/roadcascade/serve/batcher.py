@@ -59,6 +59,9 @@ def _clone(s: ImageState) -> ImageState:
                       trace=copy.deepcopy(s.trace), done=s.done, probability=s.probability, calibrated=s.calibrated)
 
 
+EXPLORE_EVERY = 20  # auto speculation: one batch in this many is speculated anyway, to keep measuring it
+
+
 def _torch_threads() -> int:
     try:
         import torch
@@ -91,6 +94,7 @@ class MultiStageBatcher:
         self.defer_rate = [0.5] * n  # EMA of the share of images each tier defers
         self.policy = SpeculationPolicy(self.cfg.speculate, self.cfg.spec_on_depth, self.cfg.spec_off_depth)
         self.threads = _torch_threads()  # intra-op threads of a tier running alone; overlapped runs split them
+        self._explore = [0] * n
         self._lock = threading.Lock()
         self._inflight = 0
         self._in_hand = [0] * n
@@ -116,8 +120,10 @@ class MultiStageBatcher:
             t.start()
             self._workers.append(t)
 
-    def warmup(self, rounds: int | None = None, size: int = 224, seed: int = 0) -> dict[str, dict[int, float]]:
-        """Run every tier at a few batch sizes; the first round is discarded, the rest seed the latency model."""
+    def warmup(self, rounds: int | None = None, size: int = 224, seed: int = 0,
+               should_stop: Callable[[], bool] = lambda: False) -> dict[str, dict[int, float]]:
+        """Run every tier at a few batch sizes; the first round is discarded, the rest seed the latency model.
+        ``should_stop`` is asked between runs (a server stopping during warm-up does not wait for it)."""
         rounds = rounds or self.cfg.warmup_rounds
         rng = np.random.default_rng(seed)
         mb = self.cfg.max_batch
@@ -127,6 +133,8 @@ class MultiStageBatcher:
         for r in range(rounds + 1):
             for k, tier in enumerate(self.cascade.tiers):
                 for n in sizes:
+                    if should_stop():
+                        return {}
                     t0 = time.perf_counter()
                     tier.run(images[:n])
                     if r > 0:
@@ -134,6 +142,8 @@ class MultiStageBatcher:
         if self.cfg.speculate != "off":  # time each pair of stages overlapped, as speculation runs them
             for r in range(rounds + 1):
                 for k in range(self.n_stages - 1):
+                    if should_stop():
+                        return {}
                     self._time_overlap(k, images[:1], record=r > 0)
         return {t.name: self.latency.measured(k) for k, t in enumerate(self.cascade.tiers)}
 
@@ -169,7 +179,12 @@ class MultiStageBatcher:
             return False
         seq, spec = expected_ms(self.defer_rate[k], self.latency.predict(k, n), self.latency.predict(k + 1, n),
                                 self.latency_overlap.predict(k, n), self.latency_overlap.predict(k + 1, n))
-        return spec < seq
+        if spec < seq:
+            return True
+        # explore: every EXPLORE_EVERY-th batch it would not speculate on, it does, so that the overlapped
+        # times stay measured (they change with load, batch size and what else runs on the machine)
+        self._explore[k] += 1
+        return self._explore[k] % EXPLORE_EVERY == 0
 
     def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop: admit nothing new, let the admitted images finish for up to ``timeout`` seconds,

@@ -134,7 +134,7 @@ def offline_throughput(bundle: Path, images: list[tuple[bytes, int]], threads: i
             "exit_rates": rep["exit_rates"]}
 
 
-def resolution_cascade(bundle: Path, out: Path, small: int = 128, tau: float = 0.3) -> Path:
+def resolution_cascade(bundle: Path, out: Path, small: int = 128, tau: float = 0.45) -> Path:
     """A two-tier cascade from a one-tier bundle: its model at ``small`` px first, at full size second.
     Only for measuring speculation (the small tier is not recalibrated)."""
     from ..bundle import Bundle
@@ -148,6 +148,12 @@ def resolution_cascade(bundle: Path, out: Path, small: int = 128, tau: float = 0
     ex = b.cascade.exits[0]
     c = Cascade([lo, t], [ExitPoint(LastTierFusion(), ex.threshold, ConfidenceRule(tau)), ExitPoint(ex.fusion, ex.threshold, FinalRule())])
     return Bundle(c, {"note": f"resolution cascade derived from {bundle} for the speculation benchmark"}).save(out)
+
+
+def _tier_names(bundle: Path) -> list[str]:
+    import json
+
+    return [t["name"] for t in json.loads((Path(bundle) / "bundle.json").read_text())["tiers"]]
 
 
 def _slim(rep: dict) -> dict:
@@ -263,8 +269,10 @@ def run_benchmark(bundle: Path, *, duration: float = 20.0, concurrency: int = 48
             d = {k: metric_sum(m1, "roadcascade_speculation_total", event=k) - metric_sum(m0, "roadcascade_speculation_total", event=k)
                  for k in ("started", "used", "wasted")}
             n_img = metric_sum(m1, "roadcascade_images_total") - metric_sum(m0, "roadcascade_images_total")
+            exits = {k: metric_sum(m1, "roadcascade_exits_total", tier=k) - metric_sum(m0, "roadcascade_exits_total", tier=k)
+                     for k in _tier_names(spec_bundle)}
             key = f"{'low' if conc == 1 else 'high'}_load_{mode}"
-            spec[key] = {**_slim(rep), "speculation": d, "images": n_img,
+            spec[key] = {**_slim(rep), "speculation": d, "images": n_img, "exits": exits,
                          "speculated_fraction": d["started"] / n_img if n_img else 0.0}
             lat = rep["latency_ms"].get("200", {})
             log(f"      {key}: {rep['ok_rps']:.1f} req/s, p50 {lat.get('p50', float('nan')):.1f} ms, "
@@ -289,7 +297,8 @@ def _summary(r: dict) -> dict:
                      "same_answer_after": f["answers_same_after"], "alive": f["server_alive"]}
     if "speculation" in r:
         s["speculation"] = {k: {"ok_rps": v["ok_rps"], "p50_ms": v["latency_ms"].get("200", {}).get("p50"),
-                                "p95_ms": v["latency_ms"].get("200", {}).get("p95"), "speculated_fraction": v["speculated_fraction"]}
+                                "p95_ms": v["latency_ms"].get("200", {}).get("p95"), "speculated_fraction": v["speculated_fraction"],
+                                "speculation": v["speculation"], "exits": v["exits"]}
                             for k, v in r["speculation"].items()}
     return s
 

@@ -150,10 +150,17 @@ def bench_serve(
 ) -> None:
     """The serving benchmark in one run: offline batched throughput vs saturated server throughput, 2x overload
     (status counts, memory, p99 vs deadline), speculation on/off at low load, and a fuzz run."""
+    import signal
+
     from .benchmark import run_benchmark
 
     if not (bundle / "bundle.json").exists():
         _fail(f"no bundle at {bundle}")
+
+    def interrupted(signum, frame):  # SIGTERM: unwind, so that the server subprocesses are stopped too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     rep = run_benchmark(bundle, duration=duration, concurrency=concurrency, overload_s=overload_s, fuzz=fuzz,
                         speculation=speculation, offline_images=offline_images, threads=threads,
                         serve_args=serve_args.split(), synthetic=synthetic, log=console.print)
