@@ -223,3 +223,24 @@ def test_cone_verify_rule_arrays_match_states():
     np.testing.assert_array_equal(rule.stop(folded, states), rule.stop_arrays(folded, None, probs, feats))
     # no detector features yet (the rule placed before the detector ran): only confidence decides
     np.testing.assert_array_equal(rule.stop_arrays(folded, None, probs, [None, None]), np.abs(folded - 0.5) >= 0.1)
+
+
+def test_detections_do_not_depend_on_batch_company():
+    """Images are batched only with same-size images: padding never changes an image's detections."""
+    import torch
+
+    from roadcascade.detect.model import ConeDetector, DetectorConfig
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(backbone="test_tiny", fpn_channels=64, head_convs=1, min_size=64, max_size=128, score_thresh=0.0,
+                         detections_per_img=20)
+    m = ConeDetector(cfg, pretrained=False).eval()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)
+    alone = m.detect([a])[0]
+    mixed = m.detect([b, a, b], batch_size=3)
+    assert [d.image_size for d in mixed] == [(90, 60), (48, 80), (90, 60)]
+    np.testing.assert_allclose(mixed[1].scores, alone.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed[1].boxes, alone.boxes, rtol=1e-4, atol=1e-3)
+    assert len(alone) > 0 and (alone.boxes[:, 2] <= 80 + 1e-3).all() and (alone.boxes[:, 3] <= 48 + 1e-3).all()

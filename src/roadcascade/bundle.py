@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from .cascade import Cascade
-from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402  (registers their tier/rule/fusion kinds)
+# Every module that registers tier, rule or fusion kinds, so that any bundle loads wherever it is read.
+from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402
+from .detect import tier as _detector_tier, yolox as _coco_tier  # noqa: F401,E402
 
 FORMAT = "roadcascade.bundle/1"
 

@@ -236,17 +236,21 @@ def quickstart(
             console.print(f"using cached bundle {sdir} (pass --retrain to train again)")
         if cascade:
             quickstart_cascade(sdir, bdir, data=data, device=device, budget=budget, progress=cb, log=console.print)
-        b = Bundle.load(bdir, device=pick_device(device))
         ds = open_dataset(data, "test")
         reps = []
-        for views in ("clean", "challenge"):
-            rep = evaluate(b, ds, views, "test", progress=cb)
-            (out / f"eval-test-{views}.json").write_text(json.dumps(public(rep), indent=2))
-            reps.append((f"test / {views}", rep))
+        # the deployed bundle (the cascade, or stage 1 with --stage1-only), then the stage-1 model on its own
+        runs = [(bdir, "", "")] + ([(sdir, "-stage1", "stage-1 ")] if cascade else [])
+        for path, suffix, label in runs:
+            b = Bundle.load(path, device=pick_device(device))
+            for views in ("clean", "challenge"):
+                rep = evaluate(b, ds, views, "test", progress=cb)
+                (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
+                reps.append((f"{label}test / {views}", rep))
     html = write_html(reps, out / "report.html",
                       title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
-    console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json\nreport {html}")
+    console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
+                  + (f" (stage 1 alone: {out}/eval-test-*-stage1.json)" if cascade else "") + f"\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
 
 

@@ -65,12 +65,21 @@ def _group_metrics(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict:
 def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None) -> dict:
     """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits."""
     cascade = bundle.cascade
+    from .gpu import maybe_gpu_cascade  # the GPU fast path when CUDA is present (ROADCASCADE_GPU=0 turns it off)
+
+    gc = maybe_gpu_cascade(cascade)
     probs, calib, lat, exits, rules, gfl = [], [], [], [], [], []
     busy = 0.0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         t0 = time.perf_counter()
-        preds = cascade.predict([decode_bytes(it.payload) for it in chunk])
+        if gc is not None:
+            preds = gc.predict([it.payload for it in chunk])
+            bad = next((p for p in preds if isinstance(p, Exception)), None)
+            if bad is not None:
+                raise bad
+        else:
+            preds = cascade.predict([decode_bytes(it.payload) for it in chunk])
         dt = (time.perf_counter() - t0) * 1e3
         busy += dt
         lat += [dt] * len(chunk)

@@ -94,7 +94,8 @@ def gpu_available() -> bool:
 
 @dataclass
 class GpuConfig:
-    """Knobs of the fast path (defaults are the measured best on one H100, see docs/GPU.md)."""
+    """Knobs of the fast path. docs/GPU.md says which defaults were measured on the H100 (decode routing,
+    cpu_share, gpu_decode_min) and which were not swept (workers, prefetch, threads, graph sizes)."""
 
     dtype: str = "bf16"  # bf16 | fp16 | fp32 (weights and activations; BN folded in fp32 first)
     compile: bool = True  # torch.compile (inductor), dynamic batch dimension

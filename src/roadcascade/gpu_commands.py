@@ -20,7 +20,6 @@ fast path with the whole cascade:
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys

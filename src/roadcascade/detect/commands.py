@@ -8,6 +8,7 @@ Importing this module also registers the ``detector`` and ``coco_context`` tier 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,46 @@ def train_detector_cmd(
         res = train_detector(cfg, out, progress=cb, log=console.print)
     console.print(f"detector bundle written to [bold]{out}[/bold] in {res.seconds / 60:.1f} min "
                   f"(metrics: {out / 'detection_metrics.json'})")
+
+
+def calibrate_detector_cmd(
+    bundle: Path = typer.Option(..., help="detector bundle to recalibrate in place (or see --out)"),
+    out: Optional[Path] = typer.Option(None, help="write the recalibrated bundle here instead"),
+    data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
+    device: str = typer.Option("auto"),
+    threads: Optional[int] = typer.Option(1, help="torch CPU threads"),
+    evidence_views: Optional[int] = typer.Option(None, help="challenge views per val image for the evidence scorer"),
+    max_eval: Optional[int] = typer.Option(None, help="stratified subset of val/test (smoke runs)"),
+    test: bool = typer.Option(True, "--test/--no-test", help="report test detection metrics (never used to select)"),
+) -> None:
+    """Redo the val-fitted parts of a detector bundle (count threshold, evidence scorer, exit threshold) and
+    its val/test detection metrics with the current code, keeping the trained weights."""
+    import torch
+
+    from ..bundle import Bundle
+    from ..data import open_dataset
+    from ..preprocess import pick_device
+    from .tier import DetectorTier
+    from .train import config_from_meta, finalize_detector
+
+    console = _console()
+    if threads:
+        torch.set_num_threads(threads)
+    b = Bundle.load(bundle, device=pick_device(device))
+    t = next((x for x in b.cascade.tiers if isinstance(x, DetectorTier)), None)
+    if t is None:
+        console.print(f"[red]error:[/red] {bundle} has no detector tier")
+        raise typer.Exit(2)
+    train_meta = dict(b.meta.get("train", {}))
+    cfg = config_from_meta(train_meta, data=data, evidence_views=evidence_views, max_eval=max_eval, evaluate_test=test,
+                           min_size=t.detector.cfg.min_size, max_size=t.detector.cfg.max_size, backbone=t.detector.cfg.backbone)
+    data_meta = {k: v for k, v in (b.meta.get("data") or {}).items() if k.startswith("n_train")}
+    train_meta["recalibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from ..cli import progress_bar
+
+    with progress_bar() as cb:
+        finalize_detector(t.detector, cfg, open_dataset(data), out or bundle, train_meta, data_meta, progress=cb, log=console.print)
+    console.print(f"recalibrated detector bundle written to [bold]{out or bundle}[/bold]")
 
 
 def eval_detector_cmd(
@@ -232,5 +273,6 @@ def detector_effect_cmd(
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("train-detector")(train_detector_cmd)
     app.command("eval-detector")(eval_detector_cmd)
+    app.command("calibrate-detector")(calibrate_detector_cmd)
     app.command("coco-context")(coco_context_cmd)
     bench_app.command("detector-effect")(detector_effect_cmd)

@@ -201,26 +201,37 @@ class ConeDetector(nn.Module):
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray], batch_size: int = 16, amp: bool = False) -> list[Detections]:
+        """Detections per image, in input order.
+
+        Images are batched only with images of the same height and width: the FCOS transform pads a
+        batch to its largest image, and padding would change an image's detections (and cost) with the
+        company it is batched in. So an image's evidence does not depend on which other images are still
+        undecided in a cascade batch.
+        """
         was_training = self.training
         self.eval()
         dev = self.device
-        out: list[Detections] = []
+        out: list[Detections | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault((int(im.shape[0]), int(im.shape[1])), []).append(i)
         try:
-            for i in range(0, len(images), batch_size):
-                chunk = images[i : i + batch_size]
-                xs = [self.to_tensor(im, dev) for im in chunk]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-                    res = self.fcos(xs)
-                for im, r in zip(chunk, res):
-                    out.append(Detections(
-                        boxes=r["boxes"].float().cpu().numpy().astype(np.float32),
-                        scores=r["scores"].float().cpu().numpy().astype(np.float32),
-                        labels=r["labels"].cpu().numpy().astype(np.int64),
-                        image_size=(int(im.shape[0]), int(im.shape[1])),
-                    ))
+            for idx in groups.values():
+                for j in range(0, len(idx), batch_size):
+                    chunk = idx[j : j + batch_size]
+                    xs = [self.to_tensor(images[i], dev) for i in chunk]
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+                        res = self.fcos(xs)
+                    for i, r in zip(chunk, res):
+                        out[i] = Detections(
+                            boxes=r["boxes"].float().cpu().numpy().astype(np.float32),
+                            scores=r["scores"].float().cpu().numpy().astype(np.float32),
+                            labels=r["labels"].cpu().numpy().astype(np.int64),
+                            image_size=(int(images[i].shape[0]), int(images[i].shape[1])),
+                        )
         finally:
             self.train(was_training)
-        return out
+        return out  # type: ignore[return-value]
 
     def gflops(self, height: int = 224, width: int = 381) -> float:
         """Forward GFLOPs (FlopCounterMode: 2 per multiply-add) for one image of this size, after the

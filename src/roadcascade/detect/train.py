@@ -39,7 +39,8 @@ from .model import ConeDetector, DetectorConfig
 
 Progress = Callable[[str, int, int], None]
 
-__all__ = ["DetTrainConfig", "RECIPES", "augment_detection", "ConeTrainSet", "train_detector", "fit_evidence", "DetTrainResult"]
+__all__ = ["DetTrainConfig", "RECIPES", "make_config", "augment_detection", "ConeTrainSet", "train_detector", "finalize_detector",
+           "config_from_meta", "fit_evidence", "DetTrainResult"]
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DetTrainConfig:
     grad_clip: float = 10.0
     ema_decay: float = 0.99
     neg_ratio: float = 0.3
+    pad_free: bool = True  # one image per forward pass (no batch padding; matches inference)
     # augmentation
     crop_prob: float = 0.5
     crop_min: float = 0.55
@@ -256,10 +258,7 @@ def _val_map(model: ConeDetector, samples: Sequence[Sample], images: Sequence[np
 
 def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | None = None,
                    log: Callable[[str], None] = print) -> DetTrainResult:
-    from ..bundle import Bundle
-    from ..cascade import Cascade, ExitPoint, FinalRule, LastTierFusion
     from .model import detector_summary
-    from .tier import DetectorTier
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -341,16 +340,30 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | No
                 g["lr"] = cfg.lr * g["lr_mult"] * f
             xs = [x.to(device, non_blocking=True).float().div_(255.0) for x in xs]
             ts = [{k: v.to(device) for k, v in t.items()} for t in ts]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = model(xs, ts)
-            loss = sum(v.float() for v in losses.values())
-            if not torch.isfinite(loss):
-                log(f"  step {step}: non-finite loss {float(loss)}; batch skipped")
+            opt.zero_grad(set_to_none=True)
+            # pad_free: one image per forward pass (gradients accumulated), so no image is padded to its
+            # batch-mates' size: training sees what inference sees (detect() batches only same-size images)
+            parts = [([x], [t]) for x, t in zip(xs, ts)] if cfg.pad_free else [(xs, ts)]
+            losses: dict[str, torch.Tensor] = {}
+            loss = torch.zeros((), device=device)
+            bad = False
+            for px, pt in parts:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    li = model(px, pt)
+                w = len(px) / len(xs)
+                part = sum(v.float() for v in li.values()) * w
+                if not torch.isfinite(part):
+                    bad = True
+                    break
+                part.backward()
+                loss = loss + part.detach()
+                for k, v in li.items():
+                    losses[k] = losses.get(k, torch.zeros((), device=device)) + v.detach().float() * w
+            if bad or not losses:
+                log(f"  step {step}: non-finite loss; batch skipped")
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
@@ -388,25 +401,50 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | No
     log(f"selected epoch {best['epoch']} (val mAP@0.5 {best['key'][0]:.4f}, mAP@0.5:0.95 {best['key'][1]:.4f}); "
         f"trained in {train_seconds / 60:.1f} min")
 
-    # operating point, evidence scorer and exit threshold: val only
-    val_ev = run_split(ema, val_ds, amp=amp, progress=progress, desc="detect val")
+    train_meta = {**asdict(cfg), "selected_epoch": best["epoch"], "train_seconds": train_seconds, "device": str(device),
+                  "history": history}
+    data_meta = {"n_train_boxed": len(pos), "n_train_negatives": len(neg)}
+    metrics = finalize_detector(ema, cfg, full, out, train_meta, data_meta, progress=progress, log=log)
+    seconds = time.perf_counter() - t_start
+    return DetTrainResult(out=out, history=history, metrics=metrics, seconds=seconds)
+
+
+def finalize_detector(model: ConeDetector, cfg: DetTrainConfig, full: Dataset, out: str | Path, train_meta: dict,
+                      data_meta: dict | None = None, progress: Progress | None = None,
+                      log: Callable[[str], None] = print) -> dict:
+    """From a trained detector to a bundle: the count threshold (val box F1), the evidence scorer and exit
+    threshold (val evidence), detection metrics on val (and test, reported only), speed; writes the
+    bundle (one detector tier) and ``detection_metrics.json``. Used after training and by
+    ``calibrate-detector`` (the same steps on an existing bundle's detector)."""
+    from ..bundle import Bundle
+    from ..cascade import Cascade, ExitPoint, FinalRule, LastTierFusion
+    from .tier import DetectorTier
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = model.device
+    amp = cfg.amp and device.type == "cuda"
+    model.set_sizes(cfg.min_size, cfg.max_size)
+    val_ds = full.split("val").subset(cfg.max_eval, cfg.seed)
+    val_ev = run_split(model, val_ds, amp=amp, progress=progress, desc="detect val")
     op = operating_point(val_ev.gts(val_ev.boxed()), [val_ev.dets[i] for i in val_ev.boxed()])
-    fit = fit_evidence(ema, val_ev, op["threshold"], cfg.evidence_views, seed=0, amp=amp, progress=progress)
+    fit = fit_evidence(model, val_ev, op["threshold"], cfg.evidence_views, seed=0, amp=amp, progress=progress)
     log(f"count threshold {op['threshold']:.3f} (val box F1 {op['f1']:.3f}); evidence scorer val clean AUROC "
         f"{fit['report']['clean']['auroc']:.4f}, exit threshold {fit['threshold']:.3f}")
 
-    metrics: dict = {"val": evaluate_detector(ema, val_ev, op["threshold"]), "operating_point_val": op,
+    metrics: dict = {"val": evaluate_detector(model, val_ev, op["threshold"]), "operating_point_val": op,
                      "evidence_fit_val": fit["report"]}
     if cfg.evaluate_test:
         test_ds = full.split("test").subset(cfg.max_eval, cfg.seed)
-        test_ev = run_split(ema, test_ds, amp=amp, progress=progress, desc="detect test")
-        metrics["test"] = evaluate_detector(ema, test_ev, op["threshold"])
+        test_ev = run_split(model, test_ds, amp=amp, progress=progress, desc="detect test")
+        metrics["test"] = evaluate_detector(model, test_ev, op["threshold"])
         speed_imgs = [test_ev.images[i] for i in test_ev.boxed()][: cfg.speed_images]
     else:
-        speed_imgs = val_boxed_imgs[: cfg.speed_images]
+        speed_imgs = [val_ev.images[i] for i in val_ev.boxed()][: cfg.speed_images]
     metrics["speed"] = {"device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
                         "n_images": len(speed_imgs), "min_size": cfg.min_size,
-                        **measure_speed(ema, speed_imgs, amp=amp)}
+                        **measure_speed(model, speed_imgs, amp=amp)}
     for split in ("val", "test"):
         if split in metrics:
             r = metrics[split]
@@ -415,23 +453,30 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | No
                 f"{r['negatives']['images_with_fp']:.3f} ({r['negatives']['fp_per_image']:.3f} per image)")
     log("speed: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["speed"].items() if k.startswith("ms_")) + f" on {device}")
 
-    ema = ema.float().cpu()
+    cpu_model = copy.deepcopy(model).float().cpu()
     name = f"cones-{cfg.backbone}@{cfg.min_size}"
-    tier = DetectorTier(name, ema, fit["evidence"], fit["scorer"], gflops=ema.gflops(), device=torch.device("cpu"))
+    tier = DetectorTier(name, cpu_model, fit["evidence"], fit["scorer"], gflops=cpu_model.gflops(), device=torch.device("cpu"))
     cascade = Cascade([tier], [ExitPoint(LastTierFusion(), fit["threshold"], FinalRule())])
-    seconds = time.perf_counter() - t_start
     meta = {
         "kind": "detector",
         "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": "train", "select_split": "val",
-                 "calibrate_on": f"val clean + {cfg.evidence_views} challenge views (seed 0)",
-                 "n_train_boxed": len(pos), "n_train_negatives": len(neg)},
+                 "calibrate_on": f"val clean + {cfg.evidence_views} challenge views (seed 0)", **(data_meta or {})},
         "metrics": metrics,
-        "train": {**asdict(cfg), "selected_epoch": best["epoch"], "seconds": seconds, "train_seconds": train_seconds,
-                  "device": str(device), "history": history},
+        "train": {**train_meta, "finalize_seconds": time.perf_counter() - t0},
     }
     Bundle(cascade, meta).save(out)
     (out / "detection_metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
-    return DetTrainResult(out=out, history=history, metrics=metrics, seconds=seconds)
+    return metrics
+
+
+def config_from_meta(train_meta: dict, **overrides) -> DetTrainConfig:
+    """The DetTrainConfig a bundle was trained with (its ``train`` metadata), with overrides."""
+    names = {f.name for f in fields(DetTrainConfig)}
+    kw = {k: v for k, v in train_meta.items() if k in names}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if "train_sizes" in kw:
+        kw["train_sizes"] = tuple(kw["train_sizes"])
+    return DetTrainConfig(**kw)
 
 
 def _jsonable(o):
