@@ -316,6 +316,23 @@ def test_config_validation():
     with pytest.raises(ValueError):
         GpuConfig(cpu_share=2.0)
     assert GpuConfig(graph_sizes=(8, 2, 8)).graph_sizes == (2, 8)
+    with pytest.raises(ValueError, match="gpu_decoder"):
+        GpuConfig(gpu_decoder="pil")
+    with pytest.raises(ValueError, match="nvimg_hw_share"):
+        GpuConfig(nvimg_hw_share=1.5)
+    with pytest.raises(ValueError, match="gil_switch_ms"):
+        GpuConfig(gil_switch_ms=0.0)
+
+
+def test_nvimgcodec_missing_is_a_clear_error(monkeypatch):
+    import sys
+
+    from roadcascade.gpu import NvImgCodecDecoder, nvimgcodec_available
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails as if not installed
+    assert not nvimgcodec_available()
+    with pytest.raises(RuntimeError, match=r"pip install 'roadcascade\[nvimgcodec\]'"):
+        NvImgCodecDecoder(torch.device("cuda", 0))
 
 
 # ----------------------------------------------------------------------------- GPU machine only
@@ -371,24 +388,37 @@ def test_gpu_resize_is_bit_exact_with_pil(shape, size):
 
 @needs_cuda
 @pytest.mark.gpu
+def _decoders(gc) -> dict:
+    """The GPU decoders to check: nvImageCodec (when installed) and torchvision's nvJPEG op."""
+    out = {"torchvision": None}
+    if gc.nvdec is not None:
+        out["nvimgcodec"] = gc.nvdec
+    return out
+
+
+@needs_cuda
+@pytest.mark.gpu
 def test_gpu_decoded_pixels_close_to_pil(gpu_setup):
     _, gc, payloads = gpu_setup
-    old = gc.cfg.decode
-    gc.cfg.decode = "gpu"
-    try:
-        dec = gc._decode(payloads, inline=True)
-    finally:
-        gc.cfg.decode = old
-    assert dec.n_gpu > 0
-    mads, worst = [], 0
-    for i, p in enumerate(payloads):
-        a = dec.images[i].permute(1, 2, 0).cpu().numpy().astype(np.int16)
-        r = decode_bytes(p).astype(np.int16)
-        assert a.shape == r.shape
-        mads.append(np.abs(a - r).mean())
-        worst = max(worst, int(np.abs(a - r).max()))
-    print(f"\nnvJPEG vs PIL pixels: mean |diff| {np.mean(mads):.3f}, worst image mean {max(mads):.3f}, max {worst}")
-    assert np.mean(mads) <= PIXEL_MEAN_TOL
+    old = gc.cfg.decode, gc.nvdec
+    for name, nvd in _decoders(gc).items():
+        gc.cfg.decode, gc.nvdec = "gpu", nvd
+        try:
+            dec = gc._decode(payloads, inline=True)
+        finally:
+            gc.cfg.decode, gc.nvdec = old
+        assert dec.n_gpu > 0
+        mads, worst, exact = [], 0, 0
+        for i, p in enumerate(payloads):
+            a = dec.images[i].permute(1, 2, 0).cpu().numpy().astype(np.int16)
+            r = decode_bytes(p).astype(np.int16)
+            assert a.shape == r.shape
+            mads.append(np.abs(a - r).mean())
+            worst = max(worst, int(np.abs(a - r).max()))
+            exact += bool((a == r).all())
+        print(f"\n{name} vs PIL pixels: mean |diff| {np.mean(mads):.3f}, worst image mean {max(mads):.3f}, max {worst}, "
+              f"identical images {exact}/{len(payloads)}")
+        assert np.mean(mads) <= PIXEL_MEAN_TOL
 
 
 @needs_cuda
@@ -411,13 +441,19 @@ def test_gpu_matches_cpu_path(gpu_setup):
     casc, gc, payloads = gpu_setup
     ref = np.array([p.probability for i in range(0, len(payloads), 64)
                     for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
-    got = gc.predict_proba(payloads)
-    d = np.abs(ref - got)
-    agree = np.mean((ref > 0.5) == (got > 0.5))
-    print(f"\nGPU vs CPU path: mean |dp| {d.mean():.5f}, p99 {np.percentile(d, 99):.5f}, max {d.max():.5f}, "
-          f"decision agreement {agree:.4f} on {len(d)}")
-    assert np.isfinite(got).all()
-    assert d.mean() <= DP_MEAN_TOL and d.max() <= DP_MAX_TOL and agree >= AGREE_TOL
+    keep = gc.nvdec
+    for name, nvd in _decoders(gc).items():
+        gc.nvdec = nvd
+        try:
+            got = gc.predict_proba(payloads)
+        finally:
+            gc.nvdec = keep
+        d = np.abs(ref - got)
+        agree = np.mean((ref > 0.5) == (got > 0.5))
+        print(f"\nGPU ({name}) vs CPU path: mean |dp| {d.mean():.5f}, p99 {np.percentile(d, 99):.5f}, max {d.max():.5f}, "
+              f"decision agreement {agree:.4f} on {len(d)}")
+        assert np.isfinite(got).all()
+        assert d.mean() <= DP_MEAN_TOL and d.max() <= DP_MAX_TOL and agree >= AGREE_TOL
     # CPU-decoded (exact pixels) on the GPU model: only bf16 differs
     old = gc.cfg.decode
     gc.cfg.decode = "cpu"
@@ -451,3 +487,35 @@ def test_gpu_bad_input_and_batch_sizes(gpu_setup):
         np.testing.assert_allclose(part, alone, atol=BUCKET_TOL)
     streamed = np.concatenate([r.probability for r in gc.predict_stream([good[:7], good[7:]])])
     np.testing.assert_allclose(streamed, alone, atol=BUCKET_TOL)
+
+
+def test_bench_gpu_command_runs_on_cpu(tmp_path):
+    """`roadcascade bench gpu --device cpu`: the whole benchmark (reference, fast stage-1, fast cascade,
+    match, table) on the CPU runtime with a tiny bundle; the CPU runtime must match the reference exactly."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from roadcascade.cli import app
+    from roadcascade.serve.testing import tiny_bundle
+
+    bundle = tiny_bundle(tmp_path / "b")
+    rng = np.random.default_rng(2)
+    for name, shapes in (("q75", [(224, 224)] * 6), ("native", [(180, 240), (224, 300), (200, 200), (240, 180)])):
+        (tmp_path / name).mkdir()
+        for i, (h, w) in enumerate(shapes):
+            (tmp_path / name / f"{i}.jpg").write_bytes(_jpeg(_smooth(rng, h, w), quality=75))
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "gpu", "--bundle", str(bundle), "--cascade-bundle", str(bundle),
+                                   "--images", str(tmp_path / "q75"), "--native", str(tmp_path / "native"),
+                                   "--batch-sizes", "1,4", "--seconds", "0.05", "--ref-images", "3", "--device", "cpu",
+                                   "--no-compile", "--no-graphs", "--latency-reps", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert "(a) reference" in res.output and "(c) fast cascade" in res.output
+    for part in ("stage1", "cascade"):
+        for s in ("q75", "native"):
+            assert set(r[part][s]) == {"1", "4"} and all(row["img_s"] > 0 for row in r[part][s].values())
+    for k, m in r["match"].items():
+        assert m["decision_agreement"] == 1.0 and m["max_abs_dp"] < 1e-6, (k, m)
+    assert r["reference"]["q75"]["img_s"] > 0

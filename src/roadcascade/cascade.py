@@ -84,6 +84,7 @@ class ImageState:
     done: bool = False
     probability: float = float("nan")  # folded probability at the last exit reached
     calibrated: float = float("nan")  # the same before the fold (for calibration metrics)
+    error: Exception | None = None  # a BadImage found inside a batch (the GPU path decodes there): a 4xx answer
 
     @property
     def stage(self) -> int:

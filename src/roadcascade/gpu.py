@@ -71,6 +71,8 @@ __all__ = [
     "bucket_for",
     "gpu_available",
     "maybe_gpu_cascade",
+    "NvImgCodecDecoder",
+    "nvimgcodec_available",
 ]
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch.frombuffer(bytes): read only
@@ -105,6 +107,13 @@ class GpuConfig:
     chunk: int = 256  # larger batches run as chunks of this size (one graph replay each)
     fold_bn: bool = True  # fold BatchNorm into the preceding convolution (checked numerically)
     decode: str = "auto"  # auto | gpu | cpu
+    gpu_decoder: str = "auto"  # auto | nvimgcodec | torchvision: the library decoding the GPU rows (auto: nvImageCodec
+    #                            when it is installed and starts, else torchvision's nvJPEG op; docs/GPU.md)
+    nvimg_hw_share: float = 0.7  # nvImageCodec: share of a batch for the hardware JPEG engines; the rest goes to its
+    #                              libjpeg-turbo threads (0.7: 24.0k img/s against 19.9k all-hardware, decode alone, H100)
+    nvimg_threads: int = 0  # nvImageCodec's CPU threads (0: CPUs - 1)
+    gil_switch_ms: float | None = None  # if set, sys.setswitchinterval (process-wide): how soon a thread returning
+    #                                     from the decoder gets the GIL back from a thread running Python
     gpu_decode_min: int = 1  # auto: batches with fewer plain JPEGs than this decode on CPU threads (nvJPEG was
     #                          faster at batch 1 too on the H100: p50 0.90-1.23 ms against 1.55 ms, docs/GPU.md)
     cpu_share: float = 0.0  # share of the plain JPEGs decoded on CPU threads instead of nvJPEG (0 measured best:
@@ -120,6 +129,12 @@ class GpuConfig:
             raise ValueError(f"dtype must be bf16, fp16 or fp32, not {self.dtype!r}")
         if self.decode not in ("auto", "gpu", "cpu"):
             raise ValueError(f"decode must be auto, gpu or cpu, not {self.decode!r}")
+        if self.gpu_decoder not in ("auto", "nvimgcodec", "torchvision"):
+            raise ValueError(f"gpu_decoder must be auto, nvimgcodec or torchvision, not {self.gpu_decoder!r}")
+        if not 0.0 <= self.nvimg_hw_share <= 1.0:
+            raise ValueError(f"nvimg_hw_share must be in [0, 1], got {self.nvimg_hw_share}")
+        if self.gil_switch_ms is not None and not 0.0 < self.gil_switch_ms <= 100.0:
+            raise ValueError(f"gil_switch_ms must be in (0, 100], got {self.gil_switch_ms}")
         if not 0.0 <= self.cpu_share <= 1.0:
             raise ValueError(f"cpu_share must be in [0, 1], got {self.cpu_share}")
         sizes = tuple(sorted({int(s) for s in self.graph_sizes}))
@@ -697,6 +712,71 @@ def _decode_into(rows: Sequence[int], payloads: Sequence[Payload], dims: dict[in
     return failed
 
 
+def nvimgcodec_available() -> bool:
+    """Whether nvImageCodec's Python package (``nvidia-nvimgcodec-cu13``) can be imported."""
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or its libraries do not load
+        return False
+    return True
+
+
+class NvImgCodecDecoder:
+    """Batched JPEG decoding with nvImageCodec (optional: ``pip install 'roadcascade[nvimgcodec]'``).
+
+    A batch is split inside the library between the GPU's hardware JPEG engines (``hw_share`` of it) and
+    libjpeg-turbo on its own CPU threads; the Python GIL is released while it decodes, so a decode worker
+    in nvImageCodec does not stop the thread running the model. Output: planar RGB (3, H, W) uint8 tensors
+    on the device (zero-copy views of nvImageCodec's buffers), ready in order on ``stream``; ``None`` for an
+    image it could not decode (the caller sends those to the CPU path). On the H100 its pixels were
+    identical to PIL's (libjpeg-turbo) for the benchmark images (docs/GPU.md). One decoder serves all
+    threads (calls are serialised: two concurrent decoders were slower than one, measured)."""
+
+    def __init__(self, device: torch.device, hw_share: float = 0.7, threads: int = 0):
+        try:
+            from nvidia import nvimgcodec as nv
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError("nvImageCodec is not installed: pip install 'roadcascade[nvimgcodec]' "
+                               f"(nvidia-nvimgcodec-cu13 and nvidia-nvjpeg), or use gpu_decoder='torchvision' ({e})") from e
+        import os
+
+        K = nv.BackendKind
+        backends = [nv.Backend(K.HW_GPU_ONLY, load_hint=hw_share), nv.Backend(K.CPU_ONLY)] if hw_share > 0 \
+            else [nv.Backend(K.CPU_ONLY)]
+        threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        self.device = device
+        self._dec = nv.Decoder(device_id=device.index or 0, max_num_cpu_threads=threads, backends=backends)
+        self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
+                                       sample_format=nv.SampleFormat.P_RGB)
+        self._lock = threading.Lock()
+        self.version = getattr(nv, "__version__", "?")
+
+    def close(self) -> None:
+        """Release the decoder and its CPU threads (an idle decoder left alive slowed other decoders down)."""
+        with self._lock:
+            dec, self._dec = self._dec, None
+        if dec is not None:
+            try:
+                dec.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+    def decode(self, datas: Sequence[bytes], stream: Any) -> list[torch.Tensor | None]:
+        with self._lock:
+            if self._dec is None:
+                raise RuntimeError("the nvImageCodec decoder was closed")
+            imgs = self._dec.decode([d if isinstance(d, bytes) else bytes(d) for d in datas], params=self._params,
+                                    cuda_stream=stream.cuda_stream)
+        out: list[torch.Tensor | None] = []
+        for im in imgs:
+            if im is None:
+                out.append(None)
+                continue
+            t = torch.as_tensor(im, device=self.device)
+            out.append(t if t.dim() == 3 and t.shape[0] == 3 and t.dtype == torch.uint8 else None)
+        return out
+
+
 # ============================================================================ the runtime
 
 
@@ -750,6 +830,22 @@ class GpuCascade:
         self._cpu_pool = ThreadPoolExecutor(max(1, self.cfg.cpu_threads), thread_name_prefix="rc-gpu-cpudec")
         self._workers = ThreadPoolExecutor(max(1, self.cfg.decode_workers), thread_name_prefix="rc-gpu-prep")
         self.s_comp = torch.cuda.Stream(self.device) if self.cuda else None
+        self.nvdec: NvImgCodecDecoder | None = None
+        self.gpu_decoder = "none"
+        if self.cuda:
+            want = self.cfg.gpu_decoder
+            if want == "nvimgcodec" or (want == "auto" and nvimgcodec_available()):
+                try:
+                    self.nvdec = NvImgCodecDecoder(self.device, self.cfg.nvimg_hw_share, self.cfg.nvimg_threads)
+                except Exception as e:  # noqa: BLE001
+                    if want == "nvimgcodec":
+                        raise
+                    self.log(f"nvImageCodec did not start ({e}); using torchvision's nvJPEG op")
+            self.gpu_decoder = "nvimgcodec" if self.nvdec is not None else "torchvision"
+            if self.cfg.gil_switch_ms is not None:
+                import sys
+
+                sys.setswitchinterval(self.cfg.gil_switch_ms / 1e3)
         self.warmup_s = 0.0
         if warmup:
             self.warmup()
@@ -779,6 +875,8 @@ class GpuCascade:
         return self.warmup_s
 
     def close(self) -> None:
+        if self.nvdec is not None:
+            self.nvdec.close()
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         self._workers.shutdown(wait=False, cancel_futures=True)
 
@@ -862,7 +960,23 @@ class GpuCascade:
                                  for j in range(0, len(fast_rows), step)]
                 fast_total = off
             fut_exact = self._map_cpu(self._cpu_exact, exact_rows, payloads, inline and len(exact_rows) <= 2)
-            if gpu_rows:
+            if gpu_rows and self.nvdec is not None:
+                try:
+                    dec = self.nvdec.decode([payloads[i] for i in gpu_rows], st.stream)
+                except Exception:  # noqa: BLE001 - the library failed on the batch: the exact CPU path
+                    dec = [None] * len(gpu_rows)
+                refused = []
+                for i, t in zip(gpu_rows, dec):
+                    if t is None or tuple(t.shape[1:]) != dims[i]:
+                        refused.append(i)
+                    else:
+                        images[i] = t
+                if refused:  # images nvImageCodec could not decode go to the exact CPU decoder
+                    fut_exact = list(fut_exact) + self._map_cpu(self._cpu_exact, refused, payloads, inline)
+                    exact_rows = exact_rows + refused
+                    gone = set(refused)
+                    gpu_rows = [i for i in gpu_rows if i not in gone]
+            elif gpu_rows:
                 from torchvision.io import ImageReadMode, decode_jpeg
 
                 try:

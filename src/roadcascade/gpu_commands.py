@@ -89,9 +89,12 @@ def _batches(pool: list[bytes], b: int, start: int = 0):
         i = (i + b) % n
 
 
+LATENCY_REPS: int | None = None  # --latency-reps: batches timed one at a time per row (default 5-300 by batch size)
+
+
 def _measure(gc, pool: list[bytes], b: int, seconds: float, torch) -> dict[str, Any]:
     """Latency (one batch at a time) and throughput (streamed) of a GpuCascade at batch size b."""
-    reps = max(5, min(300, 4096 // b))
+    reps = LATENCY_REPS or max(5, min(300, 4096 // b))
     gen = _batches(pool, b)
     for _ in range(3):  # warm this size (cudnn benchmark, allocator)
         gc.predict_batch(next(gen))
@@ -226,7 +229,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
               data: str | None, n_images: int, second_tier: Path | None, cascade_bundle: Path | None, tau: float | None,
               defer: float,
               ref_images: int, seconds: float, compile_: bool, graphs: bool, sweep: bool, device: str,
-              cpu_share: float | None, decode: str, command: str) -> dict[str, Any]:
+              cpu_share: float | None, decode: str, command: str, gpu_decoder: str = "auto") -> dict[str, Any]:
     import torch
 
     from .bundle import Bundle
@@ -280,7 +283,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
     save()
 
     # (b) the fast path, stage-1
-    cfg = GpuConfig(compile=compile_, graphs=graphs, decode=decode)
+    cfg = GpuConfig(compile=compile_, graphs=graphs, decode=decode, gpu_decoder=gpu_decoder)
     if cpu_share is not None:
         cfg.cpu_share = cpu_share
     result["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "limits"}
@@ -305,25 +308,63 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             result["match"][f"pixels_{name}"] = _pixel_match(gc1, pool, 64, torch)
         _log(f"    match {name}: {result['match'][f'stage1_{name}']}")
     save()
-    # sweep first: the decode routing (run-time switches, no recompile); the best share is used below
+    # sweep first: decoder and routing (run-time switches, no recompile); the best is used below. Each
+    # nvImageCodec variant runs with only its own decoder alive (idle decoders left open slowed the others).
     if sweep and cuda:
+        import sys
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .gpu import NvImgCodecDecoder, nvimgcodec_available
+
         pool = pools["q75"]
-        base = (gc1.cfg.decode, gc1.cfg.cpu_share)
+        base_switch, base_workers = sys.getswitchinterval(), gc1.cfg.decode_workers
+        if gc1.nvdec is not None:
+            gc1.nvdec.close()
+            gc1.nvdec = None
+        hw0 = gc1.cfg.nvimg_hw_share
+        # decoder, nvimg hw share, cpu share, GIL switch ms, decode workers
+        variants: list[tuple[str, float, float, float | None, int]] = [
+            ("torchvision", 0.0, 0.0, None, 2), ("torchvision", 0.0, 0.0, 0.5, 2), ("torchvision", 0.0, 0.0, None, 1),
+            ("torchvision", 0.0, 0.0, None, 3), ("torchvision", 0.0, 0.5, None, 2)]
+        if nvimgcodec_available():
+            variants += [("nvimgcodec", hw0, 0.0, None, 2), ("nvimgcodec", hw0, 0.0, 0.5, 2), ("nvimgcodec", hw0, 0.0, None, 1),
+                         ("nvimgcodec", 1.0, 0.0, None, 2), ("nvimgcodec", 0.5, 0.0, None, 2)]
         scores = {}
-        for share in (0.0, 0.5, 0.75, 1.0):
-            gc1.cfg.decode, gc1.cfg.cpu_share = "auto", share
-            key = f"cpu_share={share}"
+
+        def use(dec_name: str, hw: float, share: float, sw: float | None, workers: int) -> None:
+            if gc1.nvdec is not None:
+                gc1.nvdec.close()
+                gc1.nvdec = None
+            if dec_name == "nvimgcodec":
+                gc1.nvdec = NvImgCodecDecoder(dev, hw, gc1.cfg.nvimg_threads)
+            gc1.gpu_decoder = dec_name
+            gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.decode_workers = "auto", share, workers
+            gc1.cfg.nvimg_hw_share = hw if dec_name == "nvimgcodec" else hw0
+            gc1.cfg.gil_switch_ms = sw
+            sys.setswitchinterval(base_switch if sw is None else sw / 1e3)
+            gc1._workers.shutdown(wait=True)
+            gc1._workers = ThreadPoolExecutor(workers, thread_name_prefix="rc-gpu-prep")
+
+        for v in variants:
+            dec_name, hw, share, sw, workers = v
+            use(*v)
+            key = f"{dec_name}" + (f" hw_share={hw}" if dec_name == "nvimgcodec" else "") + \
+                  (f" cpu_share={share}" if share else "") + (f" gil_switch={sw}ms" if sw else "") + f" workers={workers}"
             res = {b: _measure(gc1, pool, b, min(seconds, 0.5), torch) for b in (256, 1024)}
             result["sweep"][key] = {b: {"img_s": r["img_s"], "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"],
                                         "gpu_decoded_frac": r["gpu_decoded_frac"]} for b, r in res.items()}
-            scores[share] = np.mean([r["img_s"] for r in res.values()])
+            scores[v] = np.mean([r["img_s"] for r in res.values()])
             _log(f"sweep {key}: {result['sweep'][key]}")
-        gc1.cfg.decode = base[0]
-        gc1.cfg.cpu_share = base[1] if cpu_share is not None else max(scores, key=scores.get)
-        result["config"]["cpu_share"] = gc1.cfg.cpu_share
-        result["sweep"]["chosen_cpu_share"] = gc1.cfg.cpu_share
-        _log(f"sweep: cpu_share {gc1.cfg.cpu_share} for the measurements below")
+        best = max(scores, key=scores.get)
+        use(*best)
+        if cpu_share is not None:
+            gc1.cfg.cpu_share = cpu_share
+        result["sweep"]["chosen"] = {"gpu_decoder": best[0], "nvimg_hw_share": gc1.cfg.nvimg_hw_share,
+                                     "cpu_share": gc1.cfg.cpu_share, "gil_switch_ms": best[3], "decode_workers": best[4]}
+        result["config"].update(result["sweep"]["chosen"])
+        _log(f"sweep: chose {result['sweep']['chosen']} for the measurements below")
         save()
+    result["config"]["gpu_decoder"] = gc1.gpu_decoder
     for name, pool in pools.items():
         rows = {}
         for b in batch_sizes:
@@ -351,18 +392,29 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
                 eng.logits(x)
             torch.cuda.synchronize()
         result["micro"]["model_only_img_s"] = reps * bb / (time.perf_counter() - t0)
-        for mode in ("gpu", "cpu"):
+        from .gpu import NvImgCodecDecoder, nvimgcodec_available
+
+        keep = gc1.nvdec
+        modes = ["gpu_torchvision", "cpu"] + (["gpu_nvimgcodec"] if nvimgcodec_available() else [])
+        for key in modes:
             old = (gc1.cfg.decode, gc1.cfg.cpu_share)
-            gc1.cfg.decode, gc1.cfg.cpu_share = mode, 0.0
+            gc1.cfg.decode, gc1.cfg.cpu_share = ("cpu" if key == "cpu" else "gpu"), 0.0
+            if key == "gpu_nvimgcodec":
+                gc1.nvdec = keep if keep is not None else NvImgCodecDecoder(dev, gc1.cfg.nvimg_hw_share, gc1.cfg.nvimg_threads)
+            else:
+                gc1.nvdec = None
             try:
                 gc1._decode(pool[:bb], inline=True)
                 t0 = time.perf_counter()
                 for k in range(5):
-                    d = gc1._decode(pool[(k * bb) % len(pool):][:bb] or pool[:bb], inline=True)
+                    gc1._decode(pool[(k * bb) % len(pool):][:bb] or pool[:bb], inline=True)
                     torch.cuda.synchronize()
-                result["micro"][f"decode_only_{mode}_img_s"] = 5 * bb / (time.perf_counter() - t0)
+                result["micro"][f"decode_only_{key}_img_s"] = 5 * bb / (time.perf_counter() - t0)
             finally:
+                if gc1.nvdec is not None and gc1.nvdec is not keep:
+                    gc1.nvdec.close()
                 gc1.cfg.decode, gc1.cfg.cpu_share = old
+                gc1.nvdec = keep
         _log(f"micro: {result['micro']}")
         save()
 
@@ -386,7 +438,11 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         t0 = time.perf_counter()
         import dataclasses
 
-        gc2 = GpuCascade(casc, device=dev, config=dataclasses.replace(cfg, cpu_share=result["config"]["cpu_share"]), log=_log)
+        c2 = dataclasses.replace(cfg, cpu_share=result["config"]["cpu_share"], gpu_decoder=result["config"]["gpu_decoder"] if cuda else "auto",
+                                 nvimg_hw_share=result["config"].get("nvimg_hw_share", cfg.nvimg_hw_share),
+                                 gil_switch_ms=result["config"].get("gil_switch_ms"),
+                                 decode_workers=result["config"].get("decode_workers", cfg.decode_workers))
+        gc2 = GpuCascade(casc, device=dev, config=c2, log=_log)
         result["cascade"]["warmup_s"] = time.perf_counter() - t0
         _log(f"(c) cascade {casc.tier_names} warm-up {result['cascade']['warmup_s']:.1f} s")
         # reference answers of the same cascade on the CPU path (fp32 on the device), for the match
@@ -427,7 +483,12 @@ def _public(obj):
 
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"device: {res['info']['device']}  torch {res['info']['torch']}  torchvision {res['info'].get('torchvision')}",
-             f"command: {res['info']['command']}"]
+             f"command: {res['info']['command']}",
+             f"GPU JPEG decoder: {res.get('config', {}).get('gpu_decoder')}  config: "
+             + json.dumps({k: res.get("config", {}).get(k) for k in ("nvimg_hw_share", "cpu_share", "gil_switch_ms")})]
+    for k, v in (res.get("sweep") or {}).items():
+        if k != "chosen":
+            lines.append(f"sweep {k}: " + "  ".join(f"B={b} {r['img_s']:.0f} img/s" for b, r in v.items()))
     hdr = f"{'set':<7}{'path':<22}{'batch':>6}{'img/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x ref':>8}{'peak MiB':>10}"
     for name in SETS:
         ref = res["reference"].get(name)
@@ -476,20 +537,26 @@ def _bench_command(
     seconds: float = typer.Option(1.0, min=0.05, help="streamed throughput: seconds per batch size"),
     compile: bool = typer.Option(True, "--compile/--no-compile"),
     graphs: bool = typer.Option(True, "--graphs/--no-graphs"),
-    sweep: bool = typer.Option(False, "--sweep/--no-sweep", help="also time decode routing variants"),
+    sweep: bool = typer.Option(False, "--sweep/--no-sweep", help="also time decoder and routing variants (the best is used for the table)"),
     cpu_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="share of plain JPEGs decoded on CPU threads "
                                               "instead of nvJPEG (default: GpuConfig's; with --sweep: the best measured)"),
     decode: str = typer.Option("auto", help="auto | gpu | cpu"),
+    gpu_decoder: str = typer.Option("auto", help="auto | nvimgcodec | torchvision: the GPU JPEG decoder (auto: "
+                                    "nvImageCodec when installed); --sweep times both"),
     device: str = typer.Option("auto", help="auto | cuda | cpu (cpu: a smoke test of the same code)"),
+    latency_reps: Optional[int] = typer.Option(None, min=2, help="batches timed one at a time per row "
+                                               "(default: 4096 / batch, between 5 and 300)"),
 ) -> None:
     """GPU fast path vs the reference miner's way: images/s, latency p50/p99, memory, cascade split."""
+    global LATENCY_REPS
+    LATENCY_REPS = latency_reps
     sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
     if sys.argv[0].endswith("gpu_commands.py"):
         cmd = "python -m roadcascade.gpu_commands " + " ".join(sys.argv[1:])
     else:
         cmd = "roadcascade " + " ".join(sys.argv[1:])
     res = run_bench(bundle, sizes, json_out, images, native, data, n_images, second_tier, cascade_bundle, tau, defer,
-                    ref_images, seconds, compile, graphs, sweep, device, cpu_share, decode, cmd)
+                    ref_images, seconds, compile, graphs, sweep, device, cpu_share, decode, cmd, gpu_decoder=gpu_decoder)
     print(format_table(res), flush=True)
 
 

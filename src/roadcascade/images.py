@@ -610,6 +610,11 @@ def decode_base64(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> 
     outside the standard (or, used consistently, the URL-safe) alphabet is an error. The length is
     checked before decoding.
     """
+    return decode_bytes(base64_bytes(text, limits), limits)
+
+
+def base64_bytes(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> bytes:
+    """The encoded image inside base64 text (the checks of :func:`decode_base64`, without decoding the image)."""
     if isinstance(text, str):
         if not text.isascii():
             raise _bad("bad_base64", "base64 text contains non-ASCII characters")
@@ -628,7 +633,7 @@ def decode_base64(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> 
         raise _bad("empty", "base64 text is empty")
     if len(payload) > budget:
         raise _bad("too_large", f"base64 payload is {len(payload):,} characters; the limit is {budget:,}")
-    return decode_bytes(_b64decode_strict(payload), limits)
+    return _b64decode_strict(payload)
 
 
 def _b64decode_strict(payload: bytes) -> bytes:

@@ -30,7 +30,7 @@ from ..cascade import Cascade
 from ..images import BadImage
 from .batcher import MultiStageBatcher
 from .config import ServeConfig
-from .inputs import DEADLINE_HEADER, HttpError, decode_item, image_field, images_field, json_object, media_type, parse_deadline_ms
+from .inputs import DEADLINE_HEADER, HttpError, decode_item, image_field, prepare_item, images_field, json_object, media_type, parse_deadline_ms
 from .messages import Outcome
 from .metrics import ServeMetrics
 
@@ -219,6 +219,7 @@ class Server:
         self.metrics = ServeMetrics([], window_s=config.stats_window_s)
         self.batcher: MultiStageBatcher | None = None
         self.cascade: Cascade | None = None
+        self.gpu: Any = None  # GpuStageCascade when the GPU fast path serves (serve/gpu_stage.py)
         self.bundle_meta: dict = {}
         self.phase = "loading"  # loading | warming_up | ready | failed | stopped
         self.error = ""
@@ -251,8 +252,19 @@ class Server:
         try:
             cascade = self._cascade()
             self.cascade = cascade
-            self.metrics.set_tiers(cascade.tier_names)
-            b = MultiStageBatcher(cascade, self.cfg, events=self.metrics)
+            runner: Any = cascade
+            if self.cfg.gpu == "on" or (self.cfg.gpu == "auto" and self.device not in ("cpu",)):
+                from ..gpu import GpuConfig, maybe_gpu_cascade
+
+                gc = maybe_gpu_cascade(cascade, enabled=self.cfg.gpu, config=GpuConfig(limits=self.cfg.decode_limits),
+                                       log=log.info)
+                if gc is not None:
+                    from .gpu_stage import GpuStageCascade
+
+                    runner = self.gpu = GpuStageCascade(gc)
+                    log.info("GPU fast path on %s (decoder %s): one stage %s", gc.device, gc.gpu_decoder, runner.tier_names)
+            self.metrics.set_tiers(runner.tier_names)
+            b = MultiStageBatcher(runner, self.cfg, events=self.metrics)
             self.batcher = b
             b.start()
             if self.cfg.warmup:
@@ -331,12 +343,13 @@ class Server:
     async def decode(self, items: Sequence[Any]) -> list[np.ndarray | BadImage]:
         """Decode in the decode threads; bad items come back as BadImage (never raised from here)."""
         limits = self.cfg.decode_limits
+        gpu = self.gpu is not None  # plain JPEGs stay bytes: the GPU batch decodes them
 
-        def run() -> list[np.ndarray | BadImage]:
-            out: list[np.ndarray | BadImage] = []
+        def run() -> list[np.ndarray | bytes | BadImage]:
+            out: list[np.ndarray | bytes | BadImage] = []
             for it in items:
                 try:
-                    out.append(decode_item(it, limits))
+                    out.append(prepare_item(it, limits, gpu) if gpu else decode_item(it, limits))
                 except BadImage as e:
                     out.append(e)
             return out
@@ -505,6 +518,8 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
             outcomes = await server.infer([decoded[i] for i in good], deadline)  # type: ignore[misc]
             for i, o in zip(good, outcomes):
                 results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
+                if 400 <= o.status < 500:  # bad input found in the GPU batch
+                    server.metrics.image_error("predict_batch", o.reason)
         request.state.n_images = sum(1 for r in results if "probability" in r)
         return Response(_json_bytes({"results": results}), media_type="application/json")
 
@@ -546,6 +561,9 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
             live["tiers"] = b.cascade.tier_names
             live["latency_model_ms"] = {t: {str(n): round(ms, 3) for n, ms in sorted(b.latency.measured(k).items())}
                                         for k, t in enumerate(b.cascade.tier_names)}
+        if server.gpu is not None:
+            gc = server.gpu.gc
+            live["gpu"] = {"device": str(gc.device), "decoder": gc.gpu_decoder, "tiers": gc.tier_names}
         return JSONResponse(server.metrics.stats(live))
 
     @app.get("/", include_in_schema=False)

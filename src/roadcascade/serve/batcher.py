@@ -367,6 +367,11 @@ class MultiStageBatcher:
     def _route(self, k: int, job: Job) -> None:
         """After tier k ran on the job: answer it, use its speculative result, or queue it for tier k+1."""
         slot = job.spec
+        err = job.state.error
+        if err is not None:  # bad input found inside the batch (GPU path): the client's error, not ours
+            self._finish(job, Outcome(int(getattr(err, "http_status", 422)), reason=str(getattr(err, "reason", "bad_image")),
+                                      message=str(getattr(err, "message", err))))
+            return
         if job.state.done:
             if slot is not None:
                 job.spec = None

@@ -30,6 +30,8 @@ def serve(
     deadline_ms: float = typer.Option(2000.0, min=1.0, help="default deadline (clients shorten it with X-Deadline-Ms)"),
     streetvision_deadline_ms: float = typer.Option(8000.0, min=1.0, help="default deadline of POST /streetvision (validators wait 9 s)"),
     speculate: str = typer.Option("auto", help="auto | on | off: run the next tier speculatively while the queue is short"),
+    gpu: str = typer.Option("auto", help="auto | on | off: the GPU fast path (JPEG bytes decoded on the GPU, whole cascade "
+                            "as one batched stage) when CUDA is there; use --max-batch 64..256 with it"),
     max_body_mb: float = typer.Option(16.0, min=0.01, help="largest request body, MiB (413 past it, before reading it)"),
     decode_threads: int = typer.Option(2, min=1, help="threads decoding images"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch intra-op threads (default: torch's)"),
@@ -48,7 +50,7 @@ def serve(
         _fail(f"no bundle at {bundle} (expected {bundle / 'bundle.json'}); train one with `roadcascade quickstart`")
     try:
         cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, default_deadline_ms=deadline_ms,
-                          streetvision_deadline_ms=streetvision_deadline_ms, speculate=speculate,
+                          streetvision_deadline_ms=streetvision_deadline_ms, speculate=speculate, gpu=gpu,
                           max_body_bytes=int(max_body_mb * 2**20), decode_threads=decode_threads, warmup=warmup)
     except ValueError as e:
         _fail(str(e))

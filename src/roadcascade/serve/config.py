@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..images import DecodeLimits
 
 SPECULATE_MODES = ("auto", "on", "off")
+GPU_MODES = ("auto", "on", "off")
 
 #: Decode limits for images that arrive over HTTP: phone photos (12 MP) pass, bombs do not.
 SERVE_DECODE_LIMITS = DecodeLimits(max_bytes=12 * 2**20, max_pixels=16_000_000, max_side=10_000)
@@ -22,6 +23,9 @@ class ServeConfig:
       with Retry-After instead of letting queues (and memory) grow.
     default_deadline_ms: deadline of a request without an ``X-Deadline-Ms`` header;
       streetvision_deadline_ms the same for ``POST /streetvision`` (validators wait 9 s).
+    gpu: "auto" runs the GPU fast path when CUDA is there (JPEG bytes go to the GPU undecoded, the whole
+      cascade is one batcher stage; raise max_batch to 64-256 there), "on" also without CUDA (the same
+      runtime on the CPU), "off" never.
     speculate: "auto" (speculate while the measured queue depth is short), "on" or "off".
       spec_on_depth / spec_off_depth: the hysteresis band of the smoothed queue depth in images
       (speculation starts at or below ``spec_on_depth`` and stops at or above ``spec_off_depth``).
@@ -38,6 +42,7 @@ class ServeConfig:
     decode_limits: DecodeLimits = field(default=SERVE_DECODE_LIMITS)
     decode_threads: int = 2
     speculate: str = "auto"
+    gpu: str = "auto"  # the GPU fast path (serve/gpu_stage.py): auto (when CUDA is there) | on | off
     spec_on_depth: float = 1.0
     spec_off_depth: float = 4.0
     warmup: bool = True
@@ -64,6 +69,7 @@ class ServeConfig:
         need(self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024 (got {self.max_body_bytes!r}); use --max-body-mb")
         need(self.max_batch_images >= 1, f"max_batch_images must be >= 1 (got {self.max_batch_images!r})")
         need(self.decode_threads >= 1, f"decode_threads must be >= 1 (got {self.decode_threads!r})")
+        need(self.gpu in GPU_MODES, f"gpu must be one of {GPU_MODES} (got {self.gpu!r})")
         need(self.speculate in SPECULATE_MODES, f"speculate must be one of {SPECULATE_MODES} (got {self.speculate!r})")
         need(0 <= self.spec_on_depth <= self.spec_off_depth,
              f"need 0 <= spec_on_depth <= spec_off_depth (got {self.spec_on_depth!r}, {self.spec_off_depth!r})")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..images import BadImage, DecodeLimits, decode_base64, decode_bytes
+from ..images import BadImage, DecodeLimits, base64_bytes, decode_base64, decode_bytes
 
 DEADLINE_HEADER = "x-deadline-ms"
 
@@ -105,3 +105,19 @@ def decode_item(item: Any, limits: DecodeLimits) -> np.ndarray:
     if isinstance(item, str):
         return decode_base64(item, limits)
     raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
+
+
+def prepare_item(item: Any, limits: DecodeLimits, gpu: bool) -> np.ndarray | bytes:
+    """Like :func:`decode_item`; with ``gpu``, a plain JPEG the GPU decoder takes comes back as its bytes
+    (decoded later, in the GPU batch) and everything else is decoded here on the CPU."""
+    if not gpu:
+        return decode_item(item, limits)
+    if isinstance(item, (bytes, bytearray)):
+        data = bytes(item)
+    elif isinstance(item, str):
+        data = base64_bytes(item, limits)
+    else:
+        raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
+    from ..gpu import jpeg_gpu_info
+
+    return data if jpeg_gpu_info(data, limits) is not None else decode_bytes(data, limits)
