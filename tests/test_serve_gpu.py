@@ -69,7 +69,7 @@ def images() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def client(bundle_dir):
-    app = create_app(bundle_dir, ServeConfig(max_batch=8, max_wait_ms=2, warmup_rounds=1, gpu="on"))
+    app = create_app(bundle_dir, ServeConfig(max_batch=8, max_wait_ms=2, warmup_rounds=1, gpu="on"), device="cpu")
     with TestClient(app) as c:
         end = time.monotonic() + 60
         while c.get("/readyz").status_code != 200:

@@ -1175,7 +1175,7 @@ def _replace(cfg: GpuConfig, **kw) -> GpuConfig:
 
 
 def maybe_gpu_cascade(cascade: Cascade, enabled: str = "auto", config: GpuConfig | None = None,
-                      log: Callable[[str], None] | None = None) -> GpuCascade | None:
+                      log: Callable[[str], None] | None = None, device: str | torch.device | None = None) -> GpuCascade | None:
     """A GpuCascade when CUDA and the GPU decoder are there (``enabled``: auto | on | off), else None.
 
     The hook for ``eval`` and ``serve``: ``gc = maybe_gpu_cascade(bundle.cascade)``; if not None, feed it
@@ -1188,6 +1188,6 @@ def maybe_gpu_cascade(cascade: Cascade, enabled: str = "auto", config: GpuConfig
         return None
     gc = getattr(cascade, "_gpu_cascade", None)
     if gc is None:
-        gc = GpuCascade(cascade, config=config, log=log)
+        gc = GpuCascade(cascade, device=device, config=config, log=log)
         cascade._gpu_cascade = gc  # type: ignore[attr-defined]
     return gc

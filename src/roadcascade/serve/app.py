@@ -257,7 +257,7 @@ class Server:
                 from ..gpu import GpuConfig, maybe_gpu_cascade
 
                 gc = maybe_gpu_cascade(cascade, enabled=self.cfg.gpu, config=GpuConfig(limits=self.cfg.decode_limits),
-                                       log=log.info)
+                                       log=log.info, device="cpu" if self.device == "cpu" else None)
                 if gc is not None:
                     from .gpu_stage import GpuStageCascade
 
