@@ -6,8 +6,9 @@ The same answers as :meth:`Cascade.predict` (same exits, fusion, fold and rules;
     bytes ─┬─ header walk (pure Python, ~µs): a plain baseline 3-component JPEG inside the decode limits,
            │  no EXIF/XMP orientation, one scan, an EOI after it?            ── no ──> CPU decoder
            │                                                                            (images.decode_bytes:
-           └─ yes: batched nvJPEG on the GPU  (torchvision.io.decode_jpeg(list, device="cuda"), the   exact CPU
-              H100's hardware JPEG engines; optionally a share on CPU threads with libjpeg-turbo)    semantics)
+           └─ yes: batched nvJPEG on the GPU  (torchvision.io.decode_jpeg(list, device="cuda"), or   exact CPU
+              nvImageCodec when installed: hardware JPEG engines + libjpeg-turbo threads, GIL    semantics)
+              released, pixels identical to PIL's on the H100; optionally a share on CPU threads)
                  │ a batch the GPU decoder refuses is decoded again on the CPU path
                  v
            resize on the GPU, bit-exact with PIL's bilinear+antialias (PIL's own fixed-point filter
@@ -25,8 +26,9 @@ SMs run the model) of batch i+1.. overlaps the model of batch i (:meth:`GpuCasca
 
 Where the result can differ from the CPU path (measured numbers in docs/GPU.md):
 
-- nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: decoded pixels differ by a few levels,
-  mostly near colour edges (images the header walk sends to the CPU decoder are bit-exact);
+- torchvision's nvJPEG IDCT and chroma upsampling are not libjpeg-turbo's: decoded pixels differ by a few
+  levels, mostly near colour edges (nvImageCodec's were identical on the H100; images the header walk
+  sends to the CPU decoder are bit-exact);
 - bf16 weights and activations (the CPU path runs fp32);
 - a corrupt entropy-coded segment that nvJPEG decodes without error decodes to other garbage than
   libjpeg's; truncated files (no EOI after the scan) go to the CPU decoder and raise ``truncated``.
