@@ -962,34 +962,18 @@ class GpuCascade:
                                  for j in range(0, len(fast_rows), step)]
                 fast_total = off
             fut_exact = self._map_cpu(self._cpu_exact, exact_rows, payloads, inline and len(exact_rows) <= 2)
-            if gpu_rows and self.nvdec is not None:
-                try:
-                    dec = self.nvdec.decode([payloads[i] for i in gpu_rows], st.stream)
-                except Exception:  # noqa: BLE001 - the library failed on the batch: the exact CPU path
-                    dec = [None] * len(gpu_rows)
+            if gpu_rows:
                 refused = []
-                for i, t in zip(gpu_rows, dec):
+                for i, t in zip(gpu_rows, self._gpu_decode([payloads[i] for i in gpu_rows], st.stream)):
                     if t is None or tuple(t.shape[1:]) != dims[i]:
                         refused.append(i)
                     else:
                         images[i] = t
-                if refused:  # images nvImageCodec could not decode go to the exact CPU decoder
+                if refused:  # images the GPU decoder could not decode go to the exact CPU decoder
                     fut_exact = list(fut_exact) + self._map_cpu(self._cpu_exact, refused, payloads, inline)
                     exact_rows = exact_rows + refused
                     gone = set(refused)
                     gpu_rows = [i for i in gpu_rows if i not in gone]
-            elif gpu_rows:
-                from torchvision.io import ImageReadMode, decode_jpeg
-
-                try:
-                    dec = decode_jpeg([torch.frombuffer(payloads[i], dtype=torch.uint8) for i in gpu_rows],
-                                      mode=ImageReadMode.RGB, device=self.device)
-                    for i, t in zip(gpu_rows, dec):
-                        images[i] = t
-                except Exception:  # noqa: BLE001 - a batch nvJPEG refuses goes to the exact CPU decoder
-                    fut_exact = list(fut_exact) + self._map_cpu(self._cpu_exact, gpu_rows, payloads, inline)
-                    exact_rows = exact_rows + gpu_rows
-                    gpu_rows = []
             failed: list[int] = []
             if fast_rows:
                 for f in fast_futs:
@@ -1026,6 +1010,19 @@ class GpuCascade:
         return _Decoded(n=n, images=images, host=host, errors=errors, good=good, x0=x0, event=event,
                         decode_ms=(time.perf_counter() - t0) * 1e3, n_gpu=len(gpu_rows),
                         n_cpu=len(exact_rows) + len(fast_rows) - len(failed))
+
+    def _gpu_decode(self, datas: list[Payload], stream: Any) -> list[torch.Tensor | None]:
+        """(3, H, W) uint8 device tensors from the GPU decoder (nvImageCodec or torchvision's nvJPEG op);
+        None where it could not decode (a batch it refuses as a whole: None for every image)."""
+        try:
+            if self.nvdec is not None:
+                return self.nvdec.decode(datas, stream)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            return list(decode_jpeg([torch.frombuffer(d, dtype=torch.uint8) for d in datas], mode=ImageReadMode.RGB,
+                                    device=self.device))
+        except Exception:  # noqa: BLE001 - the exact CPU path decides
+            return [None] * len(datas)
 
     def _input_size(self, k: int) -> int | None:
         eng = self.engines[k]

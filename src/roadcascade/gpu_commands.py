@@ -157,6 +157,16 @@ def _measure(gc, pool: list[bytes], b: int, seconds: float, torch) -> dict[str, 
     }
 
 
+def _measure_rows(gc, pool: list[bytes], batch_sizes: list[int], seconds: float, torch, label: str) -> dict[int, dict]:
+    """One table row per batch size (``_measure``), each logged as it is measured."""
+    rows = {}
+    for b in batch_sizes:
+        r = rows[b] = _measure(gc, pool, b, seconds, torch)
+        _log(f"{label} B={b}: {r['img_s']:.0f} img/s streamed, latency p50 {r['latency_ms']['p50']:.2f} "
+             f"p99 {r['latency_ms']['p99']:.2f} ms, exits {r['exit_rates']}, split {r['split_us_per_img']}")
+    return rows
+
+
 def _reference(cascade, pool: list[bytes], n: int) -> dict[str, Any]:
     """The reference miner's way: PIL decode, one image per fp32 forward pass (Cascade.predict)."""
     from .images import decode_bytes
@@ -366,13 +376,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         save()
     result["config"]["gpu_decoder"] = gc1.gpu_decoder
     for name, pool in pools.items():
-        rows = {}
-        for b in batch_sizes:
-            rows[b] = _measure(gc1, pool, b, seconds, torch)
-            r = rows[b]
-            _log(f"(b) stage-1 {name} B={b}: {r['img_s']:.0f} img/s streamed, latency p50 {r['latency_ms']['p50']:.2f} "
-                 f"p99 {r['latency_ms']['p99']:.2f} ms, split {r['split_us_per_img']}")
-        result["stage1"][name] = rows
+        result["stage1"][name] = _measure_rows(gc1, pool, batch_sizes, seconds, torch, f"(b) stage-1 {name}")
         save()
 
     # micro: model alone and decoding alone at the largest graph size
@@ -458,13 +462,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             _log(f"    match cascade {name}: {result['match'][f'cascade_{name}']}")
         del ref_c
         for name, pool in pools.items():
-            rows = {}
-            for b in batch_sizes:
-                rows[b] = _measure(gc2, pool, b, seconds, torch)
-                r = rows[b]
-                _log(f"(c) cascade {name} B={b}: {r['img_s']:.0f} img/s, p50 {r['latency_ms']['p50']:.2f} "
-                     f"p99 {r['latency_ms']['p99']:.2f} ms, exits {r['exit_rates']}, split {r['split_us_per_img']}")
-            result["cascade"][name] = rows
+            result["cascade"][name] = _measure_rows(gc2, pool, batch_sizes, seconds, torch, f"(c) cascade {name}")
             save()
         gc2.close()
     save()
