@@ -519,3 +519,39 @@ def test_bench_gpu_command_runs_on_cpu(tmp_path):
     for k, m in r["match"].items():
         assert m["decision_agreement"] == 1.0 and m["max_abs_dp"] < 1e-6, (k, m)
     assert r["reference"]["q75"]["img_s"] > 0
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_decode_processes_match_cpu_path(gpu_setup):
+    """Rows decoded by the decode processes (page-locked shared memory, one copy per batch) carry the CPU
+    path's pixels: only bf16 differs from the CPU path; mixed with GPU-decoded rows in one batch."""
+    from roadcascade.procdecode import DecodeProcs
+
+    casc, gc, payloads = gpu_setup
+    ref = np.array([p.probability for i in range(0, len(payloads), 64)
+                    for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
+    old = gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode
+    gc.procs = DecodeProcs(2, [gc.engines[0].size], gc.cfg.limits, pin=True)
+    try:
+        assert gc.procs._slots[0].out is None
+        gc.cfg.proc_min, gc.cfg.decode = 8, "cpu"
+        gc.cfg.proc_share = 0.0
+        cpu_decoded = gc.predict_proba(payloads)  # CPU-decoded rows, same bf16 model
+        gc.cfg.decode = "auto"
+        for share in (0.5, 1.0):
+            gc.cfg.proc_share = share
+            res = gc.predict_batch(payloads)
+            assert res.n_proc_decoded == round(share * len(payloads))
+            assert gc.procs._slots[0].out.pinned_ptr is not None
+            d = np.abs(ref - res.probability)
+            print(f"\ndecode processes (share {share}) vs CPU path: mean |dp| {d.mean():.5f}, max {d.max():.5f}")
+            assert d.mean() <= DP_MEAN_TOL and d.max() <= DP_MAX_TOL
+            if share == 1.0:  # the same pixels as the CPU decoder: the same model answers up to batch effects
+                np.testing.assert_allclose(res.probability, cpu_decoded, atol=BUCKET_TOL)
+        streamed = np.concatenate([r.probability for r in gc.predict_stream(
+            [payloads[i:i + 32] for i in range(0, len(payloads), 32)])])
+        np.testing.assert_allclose(streamed, res.probability, atol=BUCKET_TOL)
+    finally:
+        gc.procs.close()
+        gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode = old

@@ -82,6 +82,15 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")  #
 Payload = bytes | bytearray | memoryview | np.ndarray
 
 
+def auto_procs(cpus: int | None = None) -> int:
+    """Decode processes for ``GpuConfig(procs=-1)``: half the CPUs, at most 12, none below 8 CPUs."""
+    import os
+
+    n = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    n = n or 1
+    return min(12, n // 2) if n >= 8 else 0
+
+
 def gpu_available() -> bool:
     """CUDA present and torchvision's GPU JPEG decoder importable."""
     if not torch.cuda.is_available():
@@ -121,6 +130,13 @@ class GpuConfig:
     cpu_share: float = 0.0  # share of the plain JPEGs decoded on CPU threads instead of nvJPEG (0 measured best:
     #                         torchvision's nvJPEG call holds the GIL, so mixing slows both, docs/GPU.md)
     cpu_threads: int = 12  # CPU decoder threads (OpenCV/libjpeg-turbo, GIL released)
+    procs: int = -1  # decode processes (roadcascade.procdecode): the CPU path's decode + resize in worker
+    #                  processes into shared page-locked memory, no GIL shared with this process. 0: off;
+    #                  -1 (auto): on CUDA with >= 8 CPUs, half the CPUs up to 12; else off (docs/GPU.md)
+    proc_share: float = 0.5  # share of each batch's encoded payloads sent to the decode processes (H100 sweep)
+    proc_min: int = 64  # batches smaller than this skip the processes (latency: batch 1 stays on the GPU decoder)
+    gc_freeze: bool = True  # after warm-up: gc.collect() + gc.freeze(), so the collector does not walk the
+    #                         model and library objects during requests (stalls at batch 1)
     decode_workers: int = 2  # threads preparing batches (parse, decode, resize) ahead of the model
     prefetch: int = 3  # batches decoded ahead in predict_stream
     cudnn_benchmark: bool = True
@@ -139,6 +155,10 @@ class GpuConfig:
             raise ValueError(f"gil_switch_ms must be in (0, 100], got {self.gil_switch_ms}")
         if not 0.0 <= self.cpu_share <= 1.0:
             raise ValueError(f"cpu_share must be in [0, 1], got {self.cpu_share}")
+        if not 0.0 <= self.proc_share <= 1.0:
+            raise ValueError(f"proc_share must be in [0, 1], got {self.proc_share}")
+        if self.procs < -1:
+            raise ValueError(f"procs must be >= 0 (or -1: auto), got {self.procs}")
         sizes = tuple(sorted({int(s) for s in self.graph_sizes}))
         if not sizes or sizes[0] < 1:
             raise ValueError(f"graph_sizes must be positive, got {self.graph_sizes}")
@@ -586,6 +606,7 @@ class BatchResult:
     total_ms: float = 0.0  # from bytes to these arrays (this batch alone, when run by predict_batch)
     n_gpu_decoded: int = 0
     n_cpu_decoded: int = 0
+    n_proc_decoded: int = 0
     tier_names: list[str] = field(default_factory=list)
     rule_names: list[str] = field(default_factory=list)  # per exit: the rule that decides there
     features: list[dict[int, np.ndarray]] = field(default_factory=list)
@@ -630,6 +651,11 @@ class _Decoded:
     decode_ms: float = 0.0
     n_gpu: int = 0
     n_cpu: int = 0
+    payloads: Sequence[Payload] = ()
+    proc_x: dict[int, torch.Tensor] = field(default_factory=dict)  # size -> (n_proc, 3, S, S) from the processes
+    proc_pos: dict[int, int] = field(default_factory=dict)  # row -> its index in proc_x (good rows only)
+    proc_dims: np.ndarray | None = None  # (n_proc, 2) decoded (height, width) of the process rows
+    n_proc: int = 0
 
 
 class _Pinned:
@@ -820,6 +846,8 @@ class GpuCascade:
         self.log = log or (lambda m: None)
         if not self.cuda:  # the CPU runtime: same loop, fp32, no compile, no graphs
             self.cfg = _replace(self.cfg, compile=False, graphs=False, decode="cpu", fold_bn=False)
+        if self.cfg.procs == -1:
+            self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda else 0)
         self.engines: list[_ClassifierEngine | None] = []
         for k, tier in enumerate(cascade.tiers):
             if type(tier) is ClassifierTier:
@@ -848,6 +876,18 @@ class GpuCascade:
                 import sys
 
                 sys.setswitchinterval(self.cfg.gil_switch_ms / 1e3)
+        self.procs = None
+        if self.cfg.procs > 0:
+            from .procdecode import DecodeProcs
+
+            sizes = [e.size for e in self.engines if e is not None][:1]  # the first classifier's input only: later
+            if sizes:                                                   # tiers see a few rows (see _fill_images)
+                try:
+                    self.procs = DecodeProcs(self.cfg.procs, sizes, self.cfg.limits, pin=self.cuda)
+                    self.log(f"{self.cfg.procs} decode processes ({self.procs.start_method}) for size {sizes[0]}")
+                except RuntimeError as e:  # the fast path still works without them, only slower
+                    warnings.warn(f"running without decode processes: {e}", RuntimeWarning, stacklevel=2)
+                    self.log(f"running without decode processes: {e}")
         self.warmup_s = 0.0
         if warmup:
             self.warmup()
@@ -873,12 +913,22 @@ class GpuCascade:
             jp = encode_jpeg(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), 75)
             self.predict_batch([jp] * max(8, self.cfg.gpu_decode_min))
             self.predict_batch([jp])
+            if self.procs is not None:
+                self.predict_batch([jp] * max(8, self.cfg.proc_min))
+            if self.cfg.gc_freeze:
+                import gc
+
+                gc.collect()
+                gc.freeze()
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 
     def close(self) -> None:
         if self.nvdec is not None:
             self.nvdec.close()
+        if self.procs is not None:
+            self.procs.close()
+            self.procs = None
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         self._workers.shutdown(wait=False, cancel_futures=True)
 
@@ -923,9 +973,31 @@ class GpuCascade:
         t0 = time.perf_counter()
         n = len(payloads)
         st = self._state()
+        # a share of the encoded payloads goes to the decode processes first (no per-image work here)
+        proc_rows: list[int] = []
+        job = None
+        rest: Iterable[int] = range(n)
+        if self.procs is not None and n >= self.cfg.proc_min and self.cfg.proc_share > 0:
+            byte_rows = [i for i, p in enumerate(payloads) if isinstance(p, (bytes, bytearray, memoryview))]
+            proc_rows = byte_rows[:int(round(self.cfg.proc_share * len(byte_rows)))]
+            if proc_rows:
+                job = self.procs.submit([payloads[i] for i in proc_rows])
+                taken = set(proc_rows)
+                rest = [i for i in range(n) if i not in taken]
+        try:
+            return self._decode_rest(payloads, inline, t0, st, rest, proc_rows, job)
+        except BaseException:
+            if job is not None:
+                self.procs.abandon(job)
+            raise
+
+    def _decode_rest(self, payloads: Sequence[Payload], inline: bool, t0: float, st, rest: Iterable[int],
+                     proc_rows: list[int], job, first_input: bool = True) -> _Decoded:
+        n = len(payloads)
         dims: dict[int, tuple[int, int]] = {}  # plain JPEGs: nvJPEG, or libjpeg-turbo on the CPU threads
         exact_rows: list[int] = []  # everything else: images.decode_bytes / decode_any (the CPU path)
-        for i, p in enumerate(payloads):
+        for i in rest:
+            p = payloads[i]
             hw = jpeg_gpu_info(p, self.cfg.limits) if self.cuda and isinstance(p, (bytes, bytearray, memoryview)) else None
             if hw is None:
                 exact_rows.append(i)
@@ -1001,15 +1073,29 @@ class GpuCascade:
                 devs = st.pinned.upload(up, self.device) if self.cuda else up
                 for i, t in zip(up_rows, devs):
                     images[i] = t.permute(2, 0, 1)
-            good = np.array([i for i in range(n) if images[i] is not None], dtype=np.int64)
-            x0 = self._prep([images[i] for i in good], 0)
-            event = None
+            proc_x: dict[int, torch.Tensor] = {}
+            proc_pos: dict[int, int] = {}
+            proc_dims = None
+            if job is not None:
+                pb = self.procs.collect(job, self.device, st.stream)
+                proc_x, proc_dims = pb.x, pb.dims
+                for j, i in enumerate(proc_rows):
+                    if j in pb.errors:
+                        errors[i] = pb.errors[j]
+                    else:
+                        proc_pos[i] = j
+            good = np.array([i for i in range(n) if images[i] is not None or i in proc_pos], dtype=np.int64)
+            dec = _Decoded(n=n, images=images, host=host, errors=errors, good=good, x0=None,
+                           n_gpu=len(gpu_rows), n_cpu=len(exact_rows) + len(fast_rows) - len(failed),
+                           payloads=payloads, proc_x=proc_x, proc_pos=proc_pos, proc_dims=proc_dims,
+                           n_proc=len(proc_pos))
+            if first_input:
+                dec.x0 = self._gather(dec, good, 0)
             if self.cuda:
-                event = torch.cuda.Event()
-                event.record(st.stream)
-        return _Decoded(n=n, images=images, host=host, errors=errors, good=good, x0=x0, event=event,
-                        decode_ms=(time.perf_counter() - t0) * 1e3, n_gpu=len(gpu_rows),
-                        n_cpu=len(exact_rows) + len(fast_rows) - len(failed))
+                dec.event = torch.cuda.Event()
+                dec.event.record(st.stream)
+        dec.decode_ms = (time.perf_counter() - t0) * 1e3
+        return dec
 
     def _gpu_decode(self, datas: list[Payload], stream: Any) -> list[torch.Tensor | None]:
         """(3, H, W) uint8 device tensors from the GPU decoder (nvImageCodec or torchvision's nvJPEG op);
@@ -1033,6 +1119,60 @@ class GpuCascade:
         if size is None or not imgs:
             return None
         return resize_images(imgs, size, self.device)
+
+    def _gather(self, dec: _Decoded, rows: np.ndarray, k: int) -> torch.Tensor | None:
+        """Tier k's input (len(rows), 3, S, S) uint8 for the given good rows: rows decoded in this process are
+        resized on the device, rows from the decode processes come resized already."""
+        size = self._input_size(k)
+        if size is None or len(rows) == 0:
+            return None
+        if not dec.proc_pos:
+            return self._prep([dec.images[i] for i in rows], k)
+        xs = dec.proc_x.get(size)
+        if xs is None:  # another size than the processes made: from the decoded images
+            self._fill_images(dec, rows)
+            return self._prep([dec.images[i] for i in rows], k)
+        pp = np.array([dec.proc_pos.get(int(i), -1) for i in rows], dtype=np.int64)
+        in_proc = pp >= 0
+        if in_proc.all():
+            if len(pp) == xs.shape[0] and np.array_equal(pp, np.arange(len(pp))):
+                return xs
+            return xs.index_select(0, torch.from_numpy(pp).to(self.device))
+        out = torch.empty((len(rows), size, size, 3), dtype=torch.uint8, device=self.device).permute(0, 3, 1, 2)
+        mine = np.flatnonzero(~in_proc)
+        out.index_copy_(0, torch.from_numpy(mine).to(self.device), self._prep([dec.images[rows[j]] for j in mine], k))
+        theirs = np.flatnonzero(in_proc)
+        if len(theirs):
+            src = xs.index_select(0, torch.from_numpy(pp[theirs]).to(self.device))
+            out.index_copy_(0, torch.from_numpy(theirs).to(self.device), src)
+        return out
+
+    def _fill_images(self, dec: _Decoded, rows: np.ndarray) -> None:
+        """Decoded images for process rows (the processes return the first tier's input only): an image that
+        was already that size is that input (exact); the others are decoded again here, on this thread's
+        stream, which the current stream then waits for."""
+        redo = []
+        for i in rows:
+            i = int(i)
+            if dec.images[i] is not None:
+                continue
+            j = dec.proc_pos[i]
+            h, w = (int(v) for v in dec.proc_dims[j])
+            got = next((x[j] for s, x in dec.proc_x.items() if (h, w) == (s, s)), None)
+            if got is not None:
+                dec.images[i] = got
+            else:
+                redo.append(i)
+        if not redo:
+            return
+        sub = self._decode_rest([dec.payloads[i] for i in redo], True, time.perf_counter(), self._state(),
+                                range(len(redo)), [], None, first_input=False)
+        if sub.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(sub.event)
+        for j, i in enumerate(redo):
+            if sub.images[j] is None:  # pragma: no cover - the processes decoded it with the same decoder
+                raise RuntimeError(f"row {i} decoded in a process but not here: {sub.errors.get(j)}")
+            dec.images[i] = sub.images[j]
 
     # -- the cascade loop ---------------------------------------------------------------------
 
@@ -1063,7 +1203,7 @@ class GpuCascade:
                             pos = np.searchsorted(x_rows, active)
                             x_cur = x_cur.index_select(0, torch.from_numpy(pos).to(self.device))
                     else:
-                        x_cur = self._prep([dec.images[i] for i in active], k)
+                        x_cur = self._gather(dec, active, k)
                     x_rows, x_size = active, eng.size
                     z = eng.logits(x_cur).cpu().numpy().astype(np.float64)
                     L[active, k] = z
@@ -1099,7 +1239,7 @@ class GpuCascade:
                 tier_ms[k] = (time.perf_counter() - t0) * 1e3
         return BatchResult(probability=np.clip(prob, 0.0, 1.0), calibrated=cal, exit=ex, logits=L, probs=P, gflops=G,
                            errors=dec.errors, tier_ms=tier_ms, decode_ms=dec.decode_ms, n_gpu_decoded=dec.n_gpu,
-                           n_cpu_decoded=dec.n_cpu, tier_names=self.tier_names, rule_names=self.rule_names,
+                           n_cpu_decoded=dec.n_cpu, n_proc_decoded=dec.n_proc, tier_names=self.tier_names, rule_names=self.rule_names,
                            features=feats)
 
     def _run_other(self, k: int, tier, dec: _Decoded, active: np.ndarray, L, P, feats):
@@ -1109,7 +1249,13 @@ class GpuCascade:
             i = int(i)
             img = dec.host.get(i)
             if img is None:
-                img = dec.images[i].permute(1, 2, 0).contiguous().cpu().numpy()
+                if dec.images[i] is not None:
+                    img = dec.images[i].permute(1, 2, 0).contiguous().cpu().numpy()
+                else:  # a row from the decode processes (they return model-sized pixels only): decode it here
+                    got = self._cpu_exact([i], dec.payloads)[0]
+                    if isinstance(got, BadImage):  # pragma: no cover - the processes ran the same decoder
+                        raise got
+                    img = got
                 dec.host[i] = img
             s = ImageState(image=img, logits=[float(v) for v in L[i, :k]], probs=[float(v) for v in P[i, :k]],
                            features=[feats[t].get(i) for t in range(k)])

@@ -117,7 +117,7 @@ def _measure(gc, pool: list[bytes], b: int, seconds: float, torch) -> dict[str, 
 
     n_img = 0
     n_batches = 0
-    split = {"decode_ms": 0.0, "tier_ms": None, "gpu_decoded": 0, "cpu_decoded": 0}
+    split = {"decode_ms": 0.0, "tier_ms": None, "gpu_decoded": 0, "cpu_decoded": 0, "proc_decoded": 0}
     exits = None
     t0 = time.perf_counter()
     stop["t"] = t0 + seconds
@@ -129,6 +129,7 @@ def _measure(gc, pool: list[bytes], b: int, seconds: float, torch) -> dict[str, 
         split["tier_ms"] = list(res.tier_ms) if split["tier_ms"] is None else [a + c for a, c in zip(split["tier_ms"], res.tier_ms)]
         split["gpu_decoded"] += res.n_gpu_decoded
         split["cpu_decoded"] += res.n_cpu_decoded
+        split["proc_decoded"] += res.n_proc_decoded
         e = np.bincount(res.exit[res.exit >= 0], minlength=len(res.tier_ms))
         exits = e if exits is None else exits + e
         if n_batches < min_batches:
@@ -151,7 +152,8 @@ def _measure(gc, pool: list[bytes], b: int, seconds: float, torch) -> dict[str, 
             "tiers": tiers_us,
             "main_other": 1e6 * wall / n_img - sum(tiers_us),  # main thread outside tiers: waits, glue
         },
-        "gpu_decoded_frac": split["gpu_decoded"] / max(1, split["gpu_decoded"] + split["cpu_decoded"]),
+        "gpu_decoded_frac": split["gpu_decoded"] / max(1, split["gpu_decoded"] + split["cpu_decoded"] + split["proc_decoded"]),
+        "proc_decoded_frac": split["proc_decoded"] / max(1, split["gpu_decoded"] + split["cpu_decoded"] + split["proc_decoded"]),
         "exit_rates": (exits / max(1, exits.sum())).tolist() if exits is not None else [],
         "memory": mem,
     }
@@ -203,12 +205,12 @@ def _pixel_match(gc, pool: list[bytes], n: int, torch) -> dict[str, float]:
     """GPU-decoded pixels against PIL's (images.decode_bytes) on the first n payloads."""
     from .images import decode_bytes
 
-    old = gc.cfg.decode
-    gc.cfg.decode = "gpu"
+    old = gc.cfg.decode, gc.cfg.proc_share
+    gc.cfg.decode, gc.cfg.proc_share = "gpu", 0.0
     try:
         dec = gc._decode(pool[:n], inline=True)
     finally:
-        gc.cfg.decode = old
+        gc.cfg.decode, gc.cfg.proc_share = old
     mads, maxs = [], []
     for i in range(min(n, len(pool))):
         t = dec.images[i]
@@ -239,7 +241,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
               data: str | None, n_images: int, second_tier: Path | None, cascade_bundle: Path | None, tau: float | None,
               defer: float,
               ref_images: int, seconds: float, compile_: bool, graphs: bool, sweep: bool, device: str,
-              cpu_share: float | None, decode: str, command: str, gpu_decoder: str = "auto") -> dict[str, Any]:
+              cpu_share: float | None, decode: str, command: str, gpu_decoder: str = "auto",
+              procs: int | None = None, proc_share: float | None = None) -> dict[str, Any]:
     import torch
 
     from .bundle import Bundle
@@ -296,6 +299,10 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
     cfg = GpuConfig(compile=compile_, graphs=graphs, decode=decode, gpu_decoder=gpu_decoder)
     if cpu_share is not None:
         cfg.cpu_share = cpu_share
+    if procs is not None:
+        cfg.procs = procs
+    if proc_share is not None:
+        cfg.proc_share = proc_share
     result["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "limits"}
     s1 = Bundle.load(bundle, device=torch.device("cpu"))
     t0 = time.perf_counter()
@@ -332,23 +339,35 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             gc1.nvdec.close()
             gc1.nvdec = None
         hw0 = gc1.cfg.nvimg_hw_share
-        # decoder, nvimg hw share, cpu share, GIL switch ms, decode workers
-        variants: list[tuple[str, float, float, float | None, int]] = [
-            ("torchvision", 0.0, 0.0, None, 2), ("torchvision", 0.0, 0.0, 0.5, 2), ("torchvision", 0.0, 0.0, None, 1),
-            ("torchvision", 0.0, 0.0, None, 3), ("torchvision", 0.0, 0.5, None, 2)]
+        ncpu = os.cpu_count() or 2
+        # decoder, nvimg hw share, cpu share, GIL switch ms, decode workers, decode processes, their share
+        variants: list[tuple[str, float, float, float | None, int, int, float]] = [
+            ("torchvision", 0.0, 0.0, None, 2, 0, 0.0), ("torchvision", 0.0, 0.0, None, 3, 0, 0.0)]
+        for n_procs in sorted({max(2, ncpu // 2), max(2, ncpu - 4)}):
+            for workers in (2, 3):
+                variants += [("torchvision", 0.0, 0.0, None, workers, n_procs, share) for share in (0.5, 0.6, 0.7)]
         if nvimgcodec_available():
-            variants += [("nvimgcodec", hw0, 0.0, None, 2), ("nvimgcodec", hw0, 0.0, 0.5, 2), ("nvimgcodec", hw0, 0.0, None, 1),
-                         ("nvimgcodec", 1.0, 0.0, None, 2), ("nvimgcodec", 0.5, 0.0, None, 2)]
+            variants += [("nvimgcodec", hw0, 0.0, None, 2, 0, 0.0), ("nvimgcodec", 1.0, 0.0, None, 2, max(2, ncpu // 2), 0.5)]
         scores = {}
 
-        def use(dec_name: str, hw: float, share: float, sw: float | None, workers: int) -> None:
+        def use(dec_name: str, hw: float, share: float, sw: float | None, workers: int, n_procs: int,
+                p_share: float) -> None:
             if gc1.nvdec is not None:
                 gc1.nvdec.close()
                 gc1.nvdec = None
             if dec_name == "nvimgcodec":
                 gc1.nvdec = NvImgCodecDecoder(dev, hw, gc1.cfg.nvimg_threads)
+            if (gc1.procs.workers if gc1.procs is not None else 0) != n_procs:
+                if gc1.procs is not None:
+                    gc1.procs.close()
+                    gc1.procs = None
+                if n_procs:
+                    from .procdecode import DecodeProcs
+
+                    gc1.procs = DecodeProcs(n_procs, [eng.size], gc1.cfg.limits, pin=True)
             gc1.gpu_decoder = dec_name
             gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.decode_workers = "auto", share, workers
+            gc1.cfg.procs, gc1.cfg.proc_share = n_procs, p_share
             gc1.cfg.nvimg_hw_share = hw if dec_name == "nvimgcodec" else hw0
             gc1.cfg.gil_switch_ms = sw
             sys.setswitchinterval(base_switch if sw is None else sw / 1e3)
@@ -356,13 +375,15 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             gc1._workers = ThreadPoolExecutor(workers, thread_name_prefix="rc-gpu-prep")
 
         for v in variants:
-            dec_name, hw, share, sw, workers = v
+            dec_name, hw, share, sw, workers, n_procs, p_share = v
             use(*v)
             key = f"{dec_name}" + (f" hw_share={hw}" if dec_name == "nvimgcodec" else "") + \
-                  (f" cpu_share={share}" if share else "") + (f" gil_switch={sw}ms" if sw else "") + f" workers={workers}"
+                  (f" cpu_share={share}" if share else "") + (f" gil_switch={sw}ms" if sw else "") + \
+                  f" workers={workers}" + (f" procs={n_procs} proc_share={p_share}" if n_procs else "")
             res = {b: _measure(gc1, pool, b, min(seconds, 0.5), torch) for b in (256, 1024)}
             result["sweep"][key] = {b: {"img_s": r["img_s"], "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"],
-                                        "gpu_decoded_frac": r["gpu_decoded_frac"]} for b, r in res.items()}
+                                        "gpu_decoded_frac": r["gpu_decoded_frac"], "proc_frac": r["proc_decoded_frac"]}
+                                    for b, r in res.items()}
             scores[v] = np.mean([r["img_s"] for r in res.values()])
             _log(f"sweep {key}: {result['sweep'][key]}")
         best = max(scores, key=scores.get)
@@ -370,7 +391,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         if cpu_share is not None:
             gc1.cfg.cpu_share = cpu_share
         result["sweep"]["chosen"] = {"gpu_decoder": best[0], "nvimg_hw_share": gc1.cfg.nvimg_hw_share,
-                                     "cpu_share": gc1.cfg.cpu_share, "gil_switch_ms": best[3], "decode_workers": best[4]}
+                                     "cpu_share": gc1.cfg.cpu_share, "gil_switch_ms": best[3], "decode_workers": best[4],
+                                     "procs": best[5], "proc_share": best[6]}
         result["config"].update(result["sweep"]["chosen"])
         _log(f"sweep: chose {result['sweep']['chosen']} for the measurements below")
         save()
@@ -399,10 +421,12 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         from .gpu import NvImgCodecDecoder, nvimgcodec_available
 
         keep = gc1.nvdec
-        modes = ["gpu_torchvision", "cpu"] + (["gpu_nvimgcodec"] if nvimgcodec_available() else [])
+        modes = ["gpu_torchvision", "cpu"] + (["gpu_nvimgcodec"] if nvimgcodec_available() else []) + \
+            ([f"procs{gc1.procs.workers}"] if gc1.procs is not None else [])
         for key in modes:
-            old = (gc1.cfg.decode, gc1.cfg.cpu_share)
+            old = (gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.proc_share)
             gc1.cfg.decode, gc1.cfg.cpu_share = ("cpu" if key == "cpu" else "gpu"), 0.0
+            gc1.cfg.proc_share = 1.0 if key.startswith("procs") else 0.0
             if key == "gpu_nvimgcodec":
                 gc1.nvdec = keep if keep is not None else NvImgCodecDecoder(dev, gc1.cfg.nvimg_hw_share, gc1.cfg.nvimg_threads)
             else:
@@ -417,7 +441,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             finally:
                 if gc1.nvdec is not None and gc1.nvdec is not keep:
                     gc1.nvdec.close()
-                gc1.cfg.decode, gc1.cfg.cpu_share = old
+                gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.proc_share = old
                 gc1.nvdec = keep
         _log(f"micro: {result['micro']}")
         save()
@@ -445,7 +469,9 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         c2 = dataclasses.replace(cfg, cpu_share=result["config"]["cpu_share"], gpu_decoder=result["config"]["gpu_decoder"] if cuda else "auto",
                                  nvimg_hw_share=result["config"].get("nvimg_hw_share", cfg.nvimg_hw_share),
                                  gil_switch_ms=result["config"].get("gil_switch_ms"),
-                                 decode_workers=result["config"].get("decode_workers", cfg.decode_workers))
+                                 decode_workers=result["config"].get("decode_workers", cfg.decode_workers),
+                                 procs=result["config"].get("procs", cfg.procs),
+                                 proc_share=result["config"].get("proc_share", cfg.proc_share))
         gc2 = GpuCascade(casc, device=dev, config=c2, log=_log)
         result["cascade"]["warmup_s"] = time.perf_counter() - t0
         _log(f"(c) cascade {casc.tier_names} warm-up {result['cascade']['warmup_s']:.1f} s")
@@ -544,6 +570,9 @@ def _bench_command(
     device: str = typer.Option("auto", help="auto | cuda | cpu (cpu: a smoke test of the same code)"),
     latency_reps: Optional[int] = typer.Option(None, min=2, help="batches timed one at a time per row "
                                                "(default: 4096 / batch, between 5 and 300)"),
+    procs: Optional[int] = typer.Option(None, min=0, help="decode processes (0: none; default: GpuConfig's; "
+                                        "with --sweep: the best measured)"),
+    proc_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="share of each batch for the decode processes"),
 ) -> None:
     """GPU fast path vs the reference miner's way: images/s, latency p50/p99, memory, cascade split."""
     global LATENCY_REPS
@@ -554,7 +583,8 @@ def _bench_command(
     else:
         cmd = "roadcascade " + " ".join(sys.argv[1:])
     res = run_bench(bundle, sizes, json_out, images, native, data, n_images, second_tier, cascade_bundle, tau, defer,
-                    ref_images, seconds, compile, graphs, sweep, device, cpu_share, decode, cmd, gpu_decoder=gpu_decoder)
+                    ref_images, seconds, compile, graphs, sweep, device, cpu_share, decode, cmd, gpu_decoder=gpu_decoder,
+                    procs=procs, proc_share=proc_share)
     print(format_table(res), flush=True)
 
 
