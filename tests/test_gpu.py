@@ -369,7 +369,7 @@ def gpu_setup():
         pytest.skip("needs CUDA")
     casc = _gpu_bundle()
     cfg = GpuConfig(compile=os.environ.get("ROADCASCADE_GPU_TEST_COMPILE") == "1", graph_sizes=(2, 8, 32),
-                    cudnn_benchmark=False)
+                    cudnn_benchmark=False, procs=0)  # the GPU decoders here; decode processes: their own test
     gc = GpuCascade(casc, device="cuda", config=cfg)
     yield casc, gc, _gpu_payloads()
     gc.close()
@@ -531,8 +531,9 @@ def test_gpu_decode_processes_match_cpu_path(gpu_setup):
     casc, gc, payloads = gpu_setup
     ref = np.array([p.probability for i in range(0, len(payloads), 64)
                     for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
-    old = gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode
+    old = gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt
     gc.procs = DecodeProcs(2, [gc.engines[0].size], gc.cfg.limits, pin=True)
+    gc.cfg.proc_adapt = False
     try:
         assert gc.procs._slots[0].out is None
         gc.cfg.proc_min, gc.cfg.decode = 8, "cpu"
@@ -554,4 +555,4 @@ def test_gpu_decode_processes_match_cpu_path(gpu_setup):
         np.testing.assert_allclose(streamed, res.probability, atol=BUCKET_TOL)
     finally:
         gc.procs.close()
-        gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode = old
+        gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt = old

@@ -162,7 +162,7 @@ def test_runtime_with_processes_matches_cascade_predict(share):
     rng = np.random.default_rng(7)
     payloads, bad_rows = _payloads(rng)
     payloads = payloads + [encode_jpeg(_smooth(rng, 30 + i, 40), 75) for i in range(8)]
-    cfg = GpuConfig(procs=2, proc_share=share, proc_min=4, decode_workers=2, prefetch=2)
+    cfg = GpuConfig(procs=2, proc_share=share, proc_min=4, decode_workers=2, prefetch=2, proc_adapt=False)
     gc = GpuCascade(casc, device="cpu", config=cfg)
     try:
         res = gc.predict_batch(payloads)
@@ -205,3 +205,35 @@ def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
     finally:
         gc.close()
     assert res.n_proc_decoded == 0 and np.isfinite(res.probability).sum() == len(payloads) - 2
+
+
+@given(share=st.floats(0.0, 1.0), ready=st.booleans(), waited=st.floats(0.0, 1.0), own=st.floats(0.0, 1.0))
+def test_adapt_share_properties(share, ready, waited, own):
+    from roadcascade.gpu import adapt_share
+
+    new = adapt_share(share, ready, waited, own)
+    assert 0.05 <= new <= 0.95
+    assert abs(new - min(0.95, max(0.05, share))) <= 0.02 + 1e-12  # small steps
+    if ready:  # the processes were idle first: never less for them
+        assert new >= min(0.95, max(0.05, share)) - 1e-12
+    elif waited > 0.1 * own:  # this process waited for them: never more
+        assert new <= min(0.95, max(0.05, share)) + 1e-12
+
+
+def test_adaptive_share_moves_and_answers_stay_exact():
+    """With adaptation on, the share moves between batches (within bounds) and the answers do not change."""
+    casc = _tiny_cascade()
+    rng = np.random.default_rng(9)
+    payloads = [encode_jpeg(_smooth(rng, 32, 32), 75) for _ in range(24)]
+    gc = GpuCascade(casc, device="cpu", config=GpuConfig(procs=2, proc_share=0.5, proc_min=4))
+    try:
+        shares, probs = [], []
+        for _ in range(6):
+            res = gc.predict_batch(payloads)
+            shares.append(gc.proc_share_now)
+            probs.append(res.probability)
+    finally:
+        gc.close()
+    assert all(0.05 <= s <= 0.95 for s in shares) and len(set(shares)) > 1
+    for p in probs[1:]:
+        np.testing.assert_allclose(p, probs[0], atol=1e-6)

@@ -75,6 +75,8 @@ __all__ = [
     "maybe_gpu_cascade",
     "NvImgCodecDecoder",
     "nvimgcodec_available",
+    "adapt_share",
+    "auto_procs",
 ]
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch.frombuffer(bytes): read only
@@ -89,6 +91,18 @@ def auto_procs(cpus: int | None = None) -> int:
     n = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     n = n or 1
     return min(12, n // 2) if n >= 8 else 0
+
+
+def adapt_share(share: float, ready: bool, waited_s: float, own_s: float, step: float = 0.02,
+                lo: float = 0.05, hi: float = 0.95) -> float:
+    """One step of the decode-process share controller, after a batch: the processes had finished before this
+    process did its part (``ready``): give them more; this process then waited for them a noticeable time
+    (over 10% of its own ``own_s``): give them less; else keep. Stays in [lo, hi]."""
+    if ready:
+        share += step
+    elif waited_s > 0.1 * max(own_s, 0.0):
+        share -= step
+    return min(hi, max(lo, share))
 
 
 def gpu_available() -> bool:
@@ -117,7 +131,7 @@ class GpuConfig:
     graph_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
     chunk: int = 256  # larger batches run as chunks of this size (one graph replay each)
     fold_bn: bool = True  # fold BatchNorm into the preceding convolution (checked numerically)
-    decode: str = "auto"  # auto | gpu | cpu
+    decode: str = "auto"  # auto | gpu | cpu (gpu / cpu: that decoder in this process for every row, no processes)
     gpu_decoder: str = "auto"  # auto | nvimgcodec | torchvision: the library decoding the GPU rows (auto: nvImageCodec
     #                            when it is installed and starts, else torchvision's nvJPEG op; docs/GPU.md)
     nvimg_hw_share: float = 0.7  # nvImageCodec: share of a batch for the hardware JPEG engines; the rest goes to its
@@ -133,7 +147,11 @@ class GpuConfig:
     procs: int = -1  # decode processes (roadcascade.procdecode): the CPU path's decode + resize in worker
     #                  processes into shared page-locked memory, no GIL shared with this process. 0: off;
     #                  -1 (auto): on CUDA with >= 8 CPUs, half the CPUs up to 12; else off (docs/GPU.md)
-    proc_share: float = 0.5  # share of each batch's encoded payloads sent to the decode processes (H100 sweep)
+    proc_share: float = 0.5  # share of each batch's encoded payloads sent to the decode processes (the start
+    #                          value when proc_adapt)
+    proc_adapt: bool = True  # move the share after each batch toward the point where the processes and this
+    #                          process finish together (adapt_share); images that are costlier to decode on the CPU
+    #                          (large, PNG) then get a smaller share without a setting
     proc_min: int = 64  # batches smaller than this skip the processes (latency: batch 1 stays on the GPU decoder)
     gc_freeze: bool = True  # after warm-up: gc.collect() + gc.freeze(), so the collector does not walk the
     #                         model and library objects during requests (stalls at batch 1)
@@ -877,6 +895,7 @@ class GpuCascade:
 
                 sys.setswitchinterval(self.cfg.gil_switch_ms / 1e3)
         self.procs = None
+        self.proc_share_now = self.cfg.proc_share  # the adapted share (GpuConfig.proc_adapt)
         if self.cfg.procs > 0:
             from .procdecode import DecodeProcs
 
@@ -977,9 +996,11 @@ class GpuCascade:
         proc_rows: list[int] = []
         job = None
         rest: Iterable[int] = range(n)
-        if self.procs is not None and n >= self.cfg.proc_min and self.cfg.proc_share > 0:
+        share = self.proc_share_now if self.cfg.proc_adapt else self.cfg.proc_share
+        use_procs = self.cfg.decode == "auto" or not self.cuda  # decode="gpu"/"cpu": that decoder for every row
+        if self.procs is not None and n >= self.cfg.proc_min and share > 0 and use_procs:
             byte_rows = [i for i, p in enumerate(payloads) if isinstance(p, (bytes, bytearray, memoryview))]
-            proc_rows = byte_rows[:int(round(self.cfg.proc_share * len(byte_rows)))]
+            proc_rows = byte_rows[:int(round(share * len(byte_rows)))]
             if proc_rows:
                 job = self.procs.submit([payloads[i] for i in proc_rows])
                 taken = set(proc_rows)
@@ -1077,7 +1098,12 @@ class GpuCascade:
             proc_pos: dict[int, int] = {}
             proc_dims = None
             if job is not None:
+                ready = all(f.done() for f, _ in job.futures)
+                t_wait = time.perf_counter()
                 pb = self.procs.collect(job, self.device, st.stream)
+                if self.cfg.proc_adapt:
+                    self.proc_share_now = adapt_share(self.proc_share_now, ready, time.perf_counter() - t_wait,
+                                                      t_wait - t0)
                 proc_x, proc_dims = pb.x, pb.dims
                 for j, i in enumerate(proc_rows):
                     if j in pb.errors:

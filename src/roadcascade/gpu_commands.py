@@ -152,6 +152,7 @@ def _measure(gc, pool: list[bytes], b: int, seconds: float, torch) -> dict[str, 
             "tiers": tiers_us,
             "main_other": 1e6 * wall / n_img - sum(tiers_us),  # main thread outside tiers: waits, glue
         },
+        "proc_share_end": getattr(gc, "proc_share_now", None),
         "gpu_decoded_frac": split["gpu_decoded"] / max(1, split["gpu_decoded"] + split["cpu_decoded"] + split["proc_decoded"]),
         "proc_decoded_frac": split["proc_decoded"] / max(1, split["gpu_decoded"] + split["cpu_decoded"] + split["proc_decoded"]),
         "exit_rates": (exits / max(1, exits.sum())).tolist() if exits is not None else [],
@@ -205,12 +206,12 @@ def _pixel_match(gc, pool: list[bytes], n: int, torch) -> dict[str, float]:
     """GPU-decoded pixels against PIL's (images.decode_bytes) on the first n payloads."""
     from .images import decode_bytes
 
-    old = gc.cfg.decode, gc.cfg.proc_share
-    gc.cfg.decode, gc.cfg.proc_share = "gpu", 0.0
+    old = gc.cfg.decode
+    gc.cfg.decode = "gpu"  # the GPU decoder for every row (no processes)
     try:
         dec = gc._decode(pool[:n], inline=True)
     finally:
-        gc.cfg.decode, gc.cfg.proc_share = old
+        gc.cfg.decode = old
     mads, maxs = [], []
     for i in range(min(n, len(pool))):
         t = dec.images[i]
@@ -242,7 +243,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
               defer: float,
               ref_images: int, seconds: float, compile_: bool, graphs: bool, sweep: bool, device: str,
               cpu_share: float | None, decode: str, command: str, gpu_decoder: str = "auto",
-              procs: int | None = None, proc_share: float | None = None) -> dict[str, Any]:
+              procs: int | None = None, proc_share: float | None = None, proc_adapt: bool | None = None) -> dict[str, Any]:
     import torch
 
     from .bundle import Bundle
@@ -303,6 +304,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         cfg.procs = procs
     if proc_share is not None:
         cfg.proc_share = proc_share
+    if proc_adapt is not None:
+        cfg.proc_adapt = proc_adapt
     result["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "limits"}
     s1 = Bundle.load(bundle, device=torch.device("cpu"))
     t0 = time.perf_counter()
@@ -345,7 +348,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             ("torchvision", 0.0, 0.0, None, 2, 0, 0.0), ("torchvision", 0.0, 0.0, None, 3, 0, 0.0)]
         for n_procs in sorted({max(2, ncpu // 2), max(2, ncpu - 4)}):
             for workers in (2, 3):
-                variants += [("torchvision", 0.0, 0.0, None, workers, n_procs, share) for share in (0.5, 0.6, 0.7)]
+                variants += [("torchvision", 0.0, 0.0, None, workers, n_procs, share) for share in (0.5, 0.7, -0.5)]
         if nvimgcodec_available():
             variants += [("nvimgcodec", hw0, 0.0, None, 2, 0, 0.0), ("nvimgcodec", 1.0, 0.0, None, 2, max(2, ncpu // 2), 0.5)]
         scores = {}
@@ -367,7 +370,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
                     gc1.procs = DecodeProcs(n_procs, [eng.size], gc1.cfg.limits, pin=True)
             gc1.gpu_decoder = dec_name
             gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.decode_workers = "auto", share, workers
-            gc1.cfg.procs, gc1.cfg.proc_share = n_procs, p_share
+            gc1.cfg.procs, gc1.cfg.proc_share = n_procs, abs(p_share)
+            gc1.cfg.proc_adapt, gc1.proc_share_now = p_share < 0, abs(p_share)  # negative: adaptive, from |share|
             gc1.cfg.nvimg_hw_share = hw if dec_name == "nvimgcodec" else hw0
             gc1.cfg.gil_switch_ms = sw
             sys.setswitchinterval(base_switch if sw is None else sw / 1e3)
@@ -379,7 +383,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             use(*v)
             key = f"{dec_name}" + (f" hw_share={hw}" if dec_name == "nvimgcodec" else "") + \
                   (f" cpu_share={share}" if share else "") + (f" gil_switch={sw}ms" if sw else "") + \
-                  f" workers={workers}" + (f" procs={n_procs} proc_share={p_share}" if n_procs else "")
+                  f" workers={workers}" + (f" procs={n_procs} proc_share=" + (f"adaptive from {-p_share}" if p_share < 0
+                                                                            else f"{p_share}") if n_procs else "")
             res = {b: _measure(gc1, pool, b, min(seconds, 0.5), torch) for b in (256, 1024)}
             result["sweep"][key] = {b: {"img_s": r["img_s"], "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"],
                                         "gpu_decoded_frac": r["gpu_decoded_frac"], "proc_frac": r["proc_decoded_frac"]}
@@ -392,7 +397,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             gc1.cfg.cpu_share = cpu_share
         result["sweep"]["chosen"] = {"gpu_decoder": best[0], "nvimg_hw_share": gc1.cfg.nvimg_hw_share,
                                      "cpu_share": gc1.cfg.cpu_share, "gil_switch_ms": best[3], "decode_workers": best[4],
-                                     "procs": best[5], "proc_share": best[6]}
+                                     "procs": best[5], "proc_share": abs(best[6]), "proc_adapt": best[6] < 0}
         result["config"].update(result["sweep"]["chosen"])
         _log(f"sweep: chose {result['sweep']['chosen']} for the measurements below")
         save()
@@ -424,9 +429,10 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
         modes = ["gpu_torchvision", "cpu"] + (["gpu_nvimgcodec"] if nvimgcodec_available() else []) + \
             ([f"procs{gc1.procs.workers}"] if gc1.procs is not None else [])
         for key in modes:
-            old = (gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.proc_share)
+            old = (gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.proc_share, gc1.cfg.proc_adapt)
             gc1.cfg.decode, gc1.cfg.cpu_share = ("cpu" if key == "cpu" else "gpu"), 0.0
-            gc1.cfg.proc_share = 1.0 if key.startswith("procs") else 0.0
+            if key.startswith("procs"):
+                gc1.cfg.decode, gc1.cfg.proc_share, gc1.cfg.proc_adapt = "auto", 1.0, False
             if key == "gpu_nvimgcodec":
                 gc1.nvdec = keep if keep is not None else NvImgCodecDecoder(dev, gc1.cfg.nvimg_hw_share, gc1.cfg.nvimg_threads)
             else:
@@ -441,7 +447,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             finally:
                 if gc1.nvdec is not None and gc1.nvdec is not keep:
                     gc1.nvdec.close()
-                gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.proc_share = old
+                gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.proc_share, gc1.cfg.proc_adapt = old
                 gc1.nvdec = keep
         _log(f"micro: {result['micro']}")
         save()
@@ -471,7 +477,8 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
                                  gil_switch_ms=result["config"].get("gil_switch_ms"),
                                  decode_workers=result["config"].get("decode_workers", cfg.decode_workers),
                                  procs=result["config"].get("procs", cfg.procs),
-                                 proc_share=result["config"].get("proc_share", cfg.proc_share))
+                                 proc_share=result["config"].get("proc_share", cfg.proc_share),
+                                 proc_adapt=result["config"].get("proc_adapt", cfg.proc_adapt))
         gc2 = GpuCascade(casc, device=dev, config=c2, log=_log)
         result["cascade"]["warmup_s"] = time.perf_counter() - t0
         _log(f"(c) cascade {casc.tier_names} warm-up {result['cascade']['warmup_s']:.1f} s")
@@ -572,7 +579,10 @@ def _bench_command(
                                                "(default: 4096 / batch, between 5 and 300)"),
     procs: Optional[int] = typer.Option(None, min=0, help="decode processes (0: none; default: GpuConfig's; "
                                         "with --sweep: the best measured)"),
-    proc_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="share of each batch for the decode processes"),
+    proc_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="share of each batch for the decode processes "
+                                               "(the start value when adaptive)"),
+    proc_adapt: Optional[bool] = typer.Option(None, "--proc-adapt/--no-proc-adapt", help="adapt the share after each batch "
+                                              "(default: GpuConfig's)"),
 ) -> None:
     """GPU fast path vs the reference miner's way: images/s, latency p50/p99, memory, cascade split."""
     global LATENCY_REPS
@@ -584,7 +594,7 @@ def _bench_command(
         cmd = "roadcascade " + " ".join(sys.argv[1:])
     res = run_bench(bundle, sizes, json_out, images, native, data, n_images, second_tier, cascade_bundle, tau, defer,
                     ref_images, seconds, compile, graphs, sweep, device, cpu_share, decode, cmd, gpu_decoder=gpu_decoder,
-                    procs=procs, proc_share=proc_share)
+                    procs=procs, proc_share=proc_share, proc_adapt=proc_adapt)
     print(format_table(res), flush=True)
 
 
