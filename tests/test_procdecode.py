@@ -141,7 +141,7 @@ def test_auto_procs(cpus):
     from roadcascade.gpu import auto_procs
 
     n = auto_procs(cpus)
-    assert 0 <= n <= 12 and n <= cpus // 2
+    assert 0 <= n <= 12 and n <= cpus - 4 if cpus >= 8 else n == 0
     assert (n == 0) == (cpus < 8)
     assert auto_procs(cpus + 1) >= n  # more CPUs never fewer processes
 

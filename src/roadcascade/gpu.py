@@ -85,12 +85,13 @@ Payload = bytes | bytearray | memoryview | np.ndarray
 
 
 def auto_procs(cpus: int | None = None) -> int:
-    """Decode processes for ``GpuConfig(procs=-1)``: half the CPUs, at most 12, none below 8 CPUs."""
+    """Decode processes for ``GpuConfig(procs=-1)``: CPUs - 4 (this process's threads and the GPU decoder's
+    need some), at most 12, none below 8 CPUs."""
     import os
 
     n = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     n = n or 1
-    return min(12, n // 2) if n >= 8 else 0
+    return min(12, n - 4) if n >= 8 else 0
 
 
 def adapt_share(share: float, ready: bool, waited_s: float, own_s: float, step: float = 0.02,
@@ -146,16 +147,18 @@ class GpuConfig:
     cpu_threads: int = 12  # CPU decoder threads (OpenCV/libjpeg-turbo, GIL released)
     procs: int = -1  # decode processes (roadcascade.procdecode): the CPU path's decode + resize in worker
     #                  processes into shared page-locked memory, no GIL shared with this process. 0: off;
-    #                  -1 (auto): on CUDA with >= 8 CPUs, half the CPUs up to 12; else off (docs/GPU.md)
-    proc_share: float = 0.5  # share of each batch's encoded payloads sent to the decode processes (the start
-    #                          value when proc_adapt)
+    #                  -1 (auto): on CUDA with >= 8 CPUs, CPUs - 4 up to 12 (12 of 16 measured best on the H100,
+    #                  docs/GPU.md); else off
+    proc_share: float = 0.7  # share of each batch's encoded payloads sent to the decode processes (the start
+    #                          value when proc_adapt; 0.7 measured best of 0.5/0.7 fixed on the H100, q75 images)
     proc_adapt: bool = True  # move the share after each batch toward the point where the processes and this
     #                          process finish together (adapt_share); images that are costlier to decode on the CPU
     #                          (large, PNG) then get a smaller share without a setting
     proc_min: int = 64  # batches smaller than this skip the processes (latency: batch 1 stays on the GPU decoder)
     gc_freeze: bool = True  # after warm-up: gc.collect() + gc.freeze(), so the collector does not walk the
     #                         model and library objects during requests (stalls at batch 1)
-    decode_workers: int = 2  # threads preparing batches (parse, decode, resize) ahead of the model
+    decode_workers: int = 3  # threads preparing batches (parse, decode, resize) ahead of the model (3 with decode
+    #                          processes, 2 without: H100 sweep)
     prefetch: int = 3  # batches decoded ahead in predict_stream
     cudnn_benchmark: bool = True
     limits: DecodeLimits = field(default_factory=DecodeLimits)
