@@ -68,6 +68,8 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
     from .gpu import maybe_gpu_cascade  # the GPU fast path when CUDA is present (ROADCASCADE_GPU=0 turns it off)
 
     gc = maybe_gpu_cascade(cascade)
+    if gc is not None:  # GPU batches: large enough for the decode processes (GpuConfig.proc_min)
+        batch_size = max(batch_size, 4 * gc.cfg.proc_min)
     probs, calib, lat, exits, rules, gfl = [], [], [], [], [], []
     busy = 0.0
     for i in range(0, len(items), batch_size):
