@@ -151,9 +151,10 @@ class GpuConfig:
     #                  docs/GPU.md); else off
     proc_share: float = 0.7  # share of each batch's encoded payloads sent to the decode processes (the start
     #                          value when proc_adapt; 0.7 measured best of 0.5/0.7 fixed on the H100, q75 images)
-    proc_adapt: bool = True  # move the share after each batch toward the point where the processes and this
-    #                          process finish together (adapt_share); images that are costlier to decode on the CPU
-    #                          (large, PNG) then get a smaller share without a setting
+    proc_adapt: bool = False  # move the share after each batch toward the point where the processes and this
+    #                           process finish together (adapt_share), so images that are costlier to decode on the
+    #                           CPU (large, PNG) get a smaller share without a setting. Off: on the H100 it wandered
+    #                           (0.05-0.9) and was not faster than a fixed 0.7 (docs/GPU.md)
     proc_min: int = 64  # batches smaller than this skip the processes (latency: batch 1 stays on the GPU decoder)
     gc_freeze: bool = True  # after warm-up: gc.collect() + gc.freeze(), so the collector does not walk the
     #                         model and library objects during requests (stalls at batch 1)
