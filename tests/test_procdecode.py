@@ -225,7 +225,7 @@ def test_adaptive_share_moves_and_answers_stay_exact():
     casc = _tiny_cascade()
     rng = np.random.default_rng(9)
     payloads = [encode_jpeg(_smooth(rng, 32, 32), 75) for _ in range(24)]
-    gc = GpuCascade(casc, device="cpu", config=GpuConfig(procs=2, proc_share=0.5, proc_min=4))
+    gc = GpuCascade(casc, device="cpu", config=GpuConfig(procs=2, proc_share=0.5, proc_min=4, proc_adapt=True))
     try:
         shares, probs = [], []
         for _ in range(6):
