@@ -39,6 +39,7 @@ from roadcascade.gpu import (
     jpeg_gpu_info,
     pil_bilinear_weights,
     resize_exact,
+    nvimgcodec_available,
     resize_images,
 )
 from roadcascade.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
@@ -369,7 +370,8 @@ def gpu_setup():
         pytest.skip("needs CUDA")
     casc = _gpu_bundle()
     cfg = GpuConfig(compile=os.environ.get("ROADCASCADE_GPU_TEST_COMPILE") == "1", graph_sizes=(2, 8, 32),
-                    cudnn_benchmark=False, procs=0)  # the GPU decoders here; decode processes: their own test
+                    cudnn_benchmark=False, procs=0,  # the GPU decoders here; decode processes: their own test
+                    gpu_decoder="nvimgcodec" if nvimgcodec_available() else "torchvision")  # _decoders: both
     gc = GpuCascade(casc, device="cuda", config=cfg)
     yield casc, gc, _gpu_payloads()
     gc.close()

@@ -3,11 +3,14 @@
 The same answers as :meth:`Cascade.predict` (same exits, fusion, fold and rules; bad input still gives
 :class:`~roadcascade.images.BadImage`), computed like this::
 
-    bytes ─┬─ header walk (pure Python, ~µs): a plain baseline 3-component JPEG inside the decode limits,
+    bytes ─┬─ batches >= proc_min: proc_share (0.7) of the payloads go to decode processes
+           │  (roadcascade.procdecode: images.decode_bytes + resize_square in worker processes, written to
+           │  page-locked shared memory, one copy to the GPU; the CPU path's pixels and BadImage exactly)
+           ├─ the rest: header walk (pure Python, ~µs): a plain baseline 3-component JPEG inside the limits,
            │  no EXIF/XMP orientation, one scan, an EOI after it?            ── no ──> CPU decoder
            │                                                                            (images.decode_bytes:
            └─ yes: batched nvJPEG on the GPU  (torchvision.io.decode_jpeg(list, device="cuda"), or   exact CPU
-              nvImageCodec when installed: hardware JPEG engines + libjpeg-turbo threads, GIL    semantics)
+              nvImageCodec, opt-in: hardware JPEG engines + libjpeg-turbo threads, GIL           semantics)
               released, pixels identical to PIL's on the H100; optionally a share on CPU threads)
                  │ a batch the GPU decoder refuses is decoded again on the CPU path
                  v
@@ -22,7 +25,8 @@ The same answers as :meth:`Cascade.predict` (same exits, fusion, fold and rules;
            exactly the functions Cascade.run_stage uses; later tiers run once on the undecided images
 
 Overlap: decoding (its own CUDA stream and worker thread; nvJPEG runs on the hardware decoder while the
-SMs run the model) of batch i+1.. overlaps the model of batch i (:meth:`GpuCascade.predict_stream`).
+SMs run the model; the decode processes on the CPUs) of batch i+1.. overlaps the model of batch i
+(:meth:`GpuCascade.predict_stream`).
 
 Where the result can differ from the CPU path (measured numbers in docs/GPU.md):
 
@@ -133,8 +137,9 @@ class GpuConfig:
     chunk: int = 256  # larger batches run as chunks of this size (one graph replay each)
     fold_bn: bool = True  # fold BatchNorm into the preceding convolution (checked numerically)
     decode: str = "auto"  # auto | gpu | cpu (gpu / cpu: that decoder in this process for every row, no processes)
-    gpu_decoder: str = "auto"  # auto | nvimgcodec | torchvision: the library decoding the GPU rows (auto: nvImageCodec
-    #                            when it is installed and starts, else torchvision's nvJPEG op; docs/GPU.md)
+    gpu_decoder: str = "auto"  # auto | nvimgcodec | torchvision: the library decoding the GPU rows. auto: torchvision's
+    #                            nvJPEG op (every H100 sweep measured it faster end to end than nvImageCodec: 21-29k
+    #                            against 11-22k img/s, docs/GPU.md); nvimgcodec: PIL-identical pixels, opt-in
     nvimg_hw_share: float = 0.7  # nvImageCodec: share of a batch for the hardware JPEG engines; the rest goes to its
     #                              libjpeg-turbo threads (0.7: 24.0k img/s against 19.9k all-hardware, decode alone, H100)
     nvimg_threads: int = 0  # nvImageCodec's CPU threads (0: CPUs - 1)
@@ -886,7 +891,7 @@ class GpuCascade:
         self.gpu_decoder = "none"
         if self.cuda:
             want = self.cfg.gpu_decoder
-            if want == "nvimgcodec" or (want == "auto" and nvimgcodec_available()):
+            if want == "nvimgcodec":
                 try:
                     self.nvdec = NvImgCodecDecoder(self.device, self.cfg.nvimg_hw_share, self.cfg.nvimg_threads)
                 except Exception as e:  # noqa: BLE001

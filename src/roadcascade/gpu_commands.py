@@ -573,7 +573,7 @@ def _bench_command(
                                               "instead of nvJPEG (default: GpuConfig's; with --sweep: the best measured)"),
     decode: str = typer.Option("auto", help="auto | gpu | cpu"),
     gpu_decoder: str = typer.Option("auto", help="auto | nvimgcodec | torchvision: the GPU JPEG decoder (auto: "
-                                    "nvImageCodec when installed); --sweep times both"),
+                                    "torchvision, measured faster); --sweep times both"),
     device: str = typer.Option("auto", help="auto | cuda | cpu (cpu: a smoke test of the same code)"),
     latency_reps: Optional[int] = typer.Option(None, min=2, help="batches timed one at a time per row "
                                                "(default: 4096 / batch, between 5 and 300)"),
