@@ -110,6 +110,23 @@ def test_a_dead_worker_loses_nothing():
         assert p.decode(payloads[:3], device="cpu").redone == 0  # the new pool works
 
 
+def test_a_batch_over_its_time_limit_is_redone_here():
+    """Workers slower than timeout_s (here: any) are stopped and their rows decoded in the parent: exact
+    answers, no hang, and the restarted pool serves the next batch."""
+    rng = np.random.default_rng(10)
+    payloads = [encode_jpeg(_smooth(rng, 40, 36), 80) for _ in range(10)] + [b"junk"]
+    with DecodeProcs(2, (32,), pin=False, chunk=2, timeout_s=0.0) as p:
+        first = p.pool
+        pb = p.decode(payloads, device="cpu")
+        assert pb.redone > 0 and p.restarts >= 1 and p.pool is not first
+        assert all(not w.is_alive() for w in (first._processes or {}).values())
+        assert set(pb.errors) == {10}
+        for j, x in enumerate(payloads[:10]):
+            np.testing.assert_array_equal(pb.x[32][j].permute(1, 2, 0).numpy(), _expected(x, (32,))[0])
+        p.timeout_s = 60.0
+        assert p.decode(payloads[:4], device="cpu").redone == 0
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.lists(st.binary(max_size=64), max_size=6), cut=st.integers(0, 400))
 def test_decode_rows_never_raises_on_garbage(data, cut):

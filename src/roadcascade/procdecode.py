@@ -16,9 +16,9 @@ so these rows get the CPU path's pixels exactly. The parent process does O(1) Py
                                    v
           parent: output region (page-locked with cudaHostRegister) -> one asynchronous copy to the GPU
 
-A slot is reused only after the copy that read it has finished (a CUDA event). A worker that dies (or
-a pool that breaks) does not lose images: its rows are decoded again in the parent and the pool is
-restarted. Workers start with ``forkserver`` (fork from a clean server process, never from a process
+A slot is reused only after the copy that read it has finished (a CUDA event). A worker that dies, a
+batch that takes longer than ``timeout_s`` or a pool that breaks does not lose images: the pool's workers
+are stopped, the rows are decoded again in the parent and the pool is restarted. Workers start with ``forkserver`` (fork from a clean server process, never from a process
 that has CUDA), one thread each.
 """
 
@@ -30,6 +30,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -238,6 +239,7 @@ class _Job:
     bases: tuple[int, ...]
     futures: list[tuple[Future, list[int]]]
     payloads: Sequence[bytes]
+    pool: Any = None  # the pool its tasks went to
     done: bool = False
 
 
@@ -247,7 +249,8 @@ class DecodeProcs:
     Thread-safe: several decode threads can each have batches in flight (up to ``ring`` in all)."""
 
     def __init__(self, workers: int, sizes: Sequence[int], limits: DecodeLimits | None = None,
-                 ring: int = 6, chunk: int = 24, pin: bool | None = None, start_method: str | None = None) -> None:
+                 ring: int = 6, chunk: int = 24, pin: bool | None = None, start_method: str | None = None,
+                 timeout_s: float = 60.0) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -256,6 +259,7 @@ class DecodeProcs:
             raise ValueError(f"sizes must be positive, got {sizes}")
         self.limits = limits or DecodeLimits()
         self.chunk = max(1, chunk)
+        self.timeout_s = timeout_s  # a batch whose workers take longer is decoded again here (workers killed)
         if pin is None:
             import torch
 
@@ -287,10 +291,21 @@ class DecodeProcs:
                 "code under `if __name__ == \"__main__\":`. Or run without them (GpuConfig(procs=0)).") from e
         return pool
 
+    @staticmethod
+    def _kill(pool: ProcessPoolExecutor) -> None:
+        """Stop a pool's workers now (a stuck worker must not write into a slot that is reused later)."""
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+        pool.shutdown(wait=False, cancel_futures=True)
+
     def _restart(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
+            self._kill(broken)
             if self.pool is broken:
-                broken.shutdown(wait=False, cancel_futures=True)
                 self.restarts += 1
                 self.pool = self._start()
 
@@ -329,7 +344,7 @@ class DecodeProcs:
         except BaseException:
             self._free.put(i)
             raise
-        return _Job(slot=i, n=n, sizes=self.sizes, bases=tuple(bases), futures=futs, payloads=payloads)
+        return _Job(slot=i, n=n, sizes=self.sizes, bases=tuple(bases), futures=futs, payloads=payloads, pool=pool)
 
     def collect(self, job: _Job, device: Any = None, stream: Any = None) -> ProcBatch:
         """Wait for the batch; return its pixels on ``device`` (``cpu``: copies, the slot is free at once)."""
@@ -344,15 +359,18 @@ class DecodeProcs:
         broken = None
         packed = np.zeros(job.n, dtype=np.int64)
         try:
+            deadline = time.monotonic() + self.timeout_s
             for fut, rows in job.futures:
                 try:
-                    bad, dims = fut.result()
+                    bad, dims = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                     for r, e in bad:
                         errors[r] = e
                     packed[rows[0]:rows[0] + len(rows)] = dims
-                except Exception:  # noqa: BLE001 - the worker died or the pool broke: redo here
+                except Exception:  # noqa: BLE001 - a worker died, hung or the pool broke: redo here
                     redo += rows
-                    broken = self.pool
+                    broken = job.pool
+            if broken is not None:  # no worker of that pool may still write into this slot
+                self._restart(broken)
             out = slot.out.array
             if redo:
                 def write(j: int, k: int, px: np.ndarray) -> None:
@@ -380,8 +398,6 @@ class DecodeProcs:
                 slot.event = ev
         finally:
             self._free.put(job.slot)
-        if broken is not None:
-            self._restart(broken)
         dims2 = np.stack([packed >> 32, packed & 0xFFFFFFFF], axis=1)
         return ProcBatch(x=x, errors=errors, n=job.n, dims=dims2, redone=len(redo))
 
@@ -390,12 +406,16 @@ class DecodeProcs:
         if job.done:
             return
         job.done = True
+        deadline = time.monotonic() + self.timeout_s
+        stuck = False
         for fut, _ in job.futures:
             fut.cancel()
             try:
-                fut.result()
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except BaseException:  # noqa: BLE001 - its result is not wanted
-                pass
+                stuck = stuck or not fut.done()
+        if stuck:
+            self._restart(job.pool)
         self._free.put(job.slot)
 
     def decode(self, payloads: Sequence[bytes], device: Any = None, stream: Any = None) -> ProcBatch:
