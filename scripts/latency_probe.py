@@ -73,16 +73,13 @@ def main() -> None:
         out.setdefault("runs", []).append(r)
         print(k, label, r["fast"], "control:", r["control"], flush=True)
 
-    from roadcascade.procdecode import DecodeProcs
-
     for _ in range(50):
         gc_.predict_batch([pool[0]])
     for label in args.order.split(","):
         if label == "no_procs" and gc_.procs is not None:
-            gc_.procs.close()
-            gc_.procs = None
+            gc_.start_procs(0)
         if label in ("defaults", "gc_off") and gc_.procs is None and gc_.cfg.procs > 0:
-            gc_.procs = DecodeProcs(gc_.cfg.procs, [gc_.engines[0].size], gc_.cfg.limits, pin=gc_.cuda)
+            gc_.start_procs(gc_.cfg.procs)
         if label == "gc_off":
             gc.disable()
         run(label)

@@ -528,13 +528,12 @@ def test_bench_gpu_command_runs_on_cpu(tmp_path):
 def test_gpu_decode_processes_match_cpu_path(gpu_setup):
     """Rows decoded by the decode processes (page-locked shared memory, one copy per batch) carry the CPU
     path's pixels: only bf16 differs from the CPU path; mixed with GPU-decoded rows in one batch."""
-    from roadcascade.procdecode import DecodeProcs
-
     casc, gc, payloads = gpu_setup
     ref = np.array([p.probability for i in range(0, len(payloads), 64)
                     for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
-    old = gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt
-    gc.procs = DecodeProcs(2, [gc.engines[0].size], gc.cfg.limits, pin=True)
+    old = gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt
+    assert gc.procs is None  # the fixture runs without them
+    gc.start_procs(2)
     gc.cfg.proc_adapt = False
     try:
         assert gc.procs._slots[0].out is None
@@ -556,5 +555,5 @@ def test_gpu_decode_processes_match_cpu_path(gpu_setup):
             [payloads[i:i + 32] for i in range(0, len(payloads), 32)])])
         np.testing.assert_allclose(streamed, res.probability, atol=BUCKET_TOL)
     finally:
-        gc.procs.close()
-        gc.procs, gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt = old
+        gc.start_procs(0)
+        gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt = old

@@ -905,17 +905,11 @@ class GpuCascade:
                 sys.setswitchinterval(self.cfg.gil_switch_ms / 1e3)
         self.procs = None
         self.proc_share_now = self.cfg.proc_share  # the adapted share (GpuConfig.proc_adapt)
-        if self.cfg.procs > 0:
-            from .procdecode import DecodeProcs
-
-            sizes = [e.size for e in self.engines if e is not None][:1]  # the first classifier's input only: later
-            if sizes:                                                   # tiers see a few rows (see _fill_images)
-                try:
-                    self.procs = DecodeProcs(self.cfg.procs, sizes, self.cfg.limits, pin=self.cuda)
-                    self.log(f"{self.cfg.procs} decode processes ({self.procs.start_method}) for size {sizes[0]}")
-                except RuntimeError as e:  # the fast path still works without them, only slower
-                    warnings.warn(f"running without decode processes: {e}", RuntimeWarning, stacklevel=2)
-                    self.log(f"running without decode processes: {e}")
+        try:
+            self.start_procs(self.cfg.procs)
+        except RuntimeError as e:  # the fast path still works without them, only slower
+            warnings.warn(f"running without decode processes: {e}", RuntimeWarning, stacklevel=2)
+            self.log(f"running without decode processes: {e}")
         self.warmup_s = 0.0
         if warmup:
             self.warmup()
@@ -951,12 +945,23 @@ class GpuCascade:
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 
-    def close(self) -> None:
-        if self.nvdec is not None:
-            self.nvdec.close()
+    def start_procs(self, n: int) -> None:
+        """(Re)start the decode processes with ``n`` workers (0: none), for the first classifier's input size
+        only (later tiers see few rows, see _fill_images). Raises RuntimeError when they cannot start."""
         if self.procs is not None:
             self.procs.close()
             self.procs = None
+        sizes = [e.size for e in self.engines if e is not None][:1]
+        if n > 0 and sizes:
+            from .procdecode import DecodeProcs
+
+            self.procs = DecodeProcs(n, sizes, self.cfg.limits, pin=self.cuda)
+            self.log(f"{n} decode processes ({self.procs.start_method}) for size {sizes[0]}")
+
+    def close(self) -> None:
+        if self.nvdec is not None:
+            self.nvdec.close()
+        self.start_procs(0)
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         self._workers.shutdown(wait=False, cancel_futures=True)
 

@@ -361,13 +361,7 @@ def run_bench(bundle: Path, batch_sizes: list[int], json_out: Path | None, image
             if dec_name == "nvimgcodec":
                 gc1.nvdec = NvImgCodecDecoder(dev, hw, gc1.cfg.nvimg_threads)
             if (gc1.procs.workers if gc1.procs is not None else 0) != n_procs:
-                if gc1.procs is not None:
-                    gc1.procs.close()
-                    gc1.procs = None
-                if n_procs:
-                    from .procdecode import DecodeProcs
-
-                    gc1.procs = DecodeProcs(n_procs, [eng.size], gc1.cfg.limits, pin=True)
+                gc1.start_procs(n_procs)
             gc1.gpu_decoder = dec_name
             gc1.cfg.decode, gc1.cfg.cpu_share, gc1.cfg.decode_workers = "auto", share, workers
             gc1.cfg.procs, gc1.cfg.proc_share = n_procs, abs(p_share)

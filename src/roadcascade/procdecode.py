@@ -168,15 +168,23 @@ def decode_rows(data: Sequence[bytes], sizes: Sequence[int], limits: DecodeLimit
     return bad, dims
 
 
+def _slot_writer(out: np.ndarray, sizes: Sequence[int], bases: Sequence[int],
+                 rows: Sequence[int]) -> Callable[[int, int, np.ndarray], None]:
+    """``write(j, k, pixels)`` for :func:`decode_rows`: payload j's pixels at size ``sizes[k]`` go to its
+    row ``rows[j]`` in the block of that size (at byte ``bases[k]``) of an output region."""
+
+    def write(j: int, k: int, px: np.ndarray) -> None:
+        s, r = sizes[k], rows[j]
+        m = s * s * 3
+        out[bases[k] + r * m:bases[k] + (r + 1) * m].reshape(s, s, 3)[...] = px
+
+    return write
+
+
 def _work(task: _Task) -> tuple[list[tuple[int, BadImage]], list[int]]:
     inp, out = _w_map(task.in_path), _w_map(task.out_path)
     data = [inp[o:o + n].tobytes() for o, n in zip(task.starts, task.lens)]
-
-    def write(j: int, k: int, px: np.ndarray) -> None:
-        s, r = task.sizes[k], task.rows[j]
-        m = s * s * 3
-        out[task.bases[k] + r * m:task.bases[k] + (r + 1) * m].reshape(s, s, 3)[...] = px
-
+    write = _slot_writer(out, task.sizes, task.bases, task.rows)
     bad, dims = decode_rows(data, task.sizes, _W_LIMITS or DecodeLimits(), write)
     return [(task.rows[j], e) for j, e in bad], dims
 
@@ -373,11 +381,7 @@ class DecodeProcs:
                 self._restart(broken)
             out = slot.out.array
             if redo:
-                def write(j: int, k: int, px: np.ndarray) -> None:
-                    s, r = job.sizes[k], redo[j]
-                    m = s * s * 3
-                    out[job.bases[k] + r * m:job.bases[k] + (r + 1) * m].reshape(s, s, 3)[...] = px
-
+                write = _slot_writer(out, job.sizes, job.bases, redo)
                 bad, dims = decode_rows([bytes(job.payloads[r]) for r in redo], job.sizes, self.limits, write)
                 for j, e in bad:
                     errors[redo[j]] = e
