@@ -139,7 +139,7 @@ class GpuConfig:
     decode: str = "auto"  # auto | gpu | cpu (gpu / cpu: that decoder in this process for every row, no processes)
     gpu_decoder: str = "auto"  # auto | nvimgcodec | torchvision: the library decoding the GPU rows. auto: torchvision's
     #                            nvJPEG op (every H100 sweep measured it faster end to end than nvImageCodec: 21-29k
-    #                            against 11-22k img/s, docs/GPU.md); nvimgcodec: PIL-identical pixels, opt-in
+    #                            against 10-22k img/s, docs/GPU.md); nvimgcodec: PIL-identical pixels, opt-in
     nvimg_hw_share: float = 0.7  # nvImageCodec: share of a batch for the hardware JPEG engines; the rest goes to its
     #                              libjpeg-turbo threads (0.7: 24.0k img/s against 19.9k all-hardware, decode alone, H100)
     nvimg_threads: int = 0  # nvImageCodec's CPU threads (0: CPUs - 1)
