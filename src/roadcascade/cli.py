@@ -26,6 +26,8 @@ console = Console(stderr=True)
 out_console = Console(width=None if Console().is_terminal else 160)  # tables stay readable in logs and CI
 
 DEFAULT_QUICKSTART = Path("runs/quickstart")
+QUICKSTART_SYNTH = 1200  # synthetic dashcam images (half roadwork) the quickstart trains on
+QUICKSTART_STYLE_P = 0.5
 
 
 @contextmanager
@@ -82,6 +84,10 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimiser steps"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
     task: str = typer.Option("classify", help="classify (the stage-1 roadwork classifier) | detect (the traffic-cone detector; see `train-detector --help` for all its options)"),
+    extra_train: list[str] = typer.Option([], "--extra-train", help="a training-only manifest to add (e.g. `roadcascade synth` output); repeatable"),
+    synth_share: float = typer.Option(0.4, min=0.0, max=1.0, help="share of each epoch drawn from --extra-train sets"),
+    style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
+    balance_sources: bool = typer.Option(True, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
     from .train import TrainConfig, train as run_train
@@ -103,9 +109,13 @@ def train(
         _fail(f"--task must be classify or detect, not {task!r}")
     cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8, batch_size=batch_size or 32,
                       lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data, max_train=max_train,
-                      max_val=max_val, max_steps=max_steps, threads=threads)
+                      max_val=max_val, max_steps=max_steps, threads=threads, extra_train=tuple(extra_train),
+                      synth_share=synth_share, style_p=style_p, balance_sources=balance_sources)
     with progress_bar() as cb:
-        res = run_train(cfg, out, progress=cb, log=console.print)
+        try:
+            res = run_train(cfg, out, progress=cb, log=console.print)
+        except ValueError as e:
+            _fail(str(e))
     console.print(f"bundle written to [bold]{out}[/bold] in {res.seconds:.0f} s")
 
 
@@ -202,6 +212,56 @@ def predict(
 
 
 @app.command()
+def synth(
+    out: Path = typer.Option(Path("runs/synth"), help="directory to write images/, manifest.csv, meta.json, contact_sheet.png"),
+    n: int = typer.Option(1200, min=2, help="images to write (half roadwork, half matched negatives)"),
+    seed: int = typer.Option(0),
+    data: Optional[str] = typer.Option(None, help="StreetWork manifest dir (its train split is the only source)"),
+    signs: Optional[str] = typer.Option(None, help="sign crops dir (default: signs/ beside the data dir)"),
+    cutouts: bool = typer.Option(True, "--cutouts/--no-cutouts", help="cones cut from the boxed train images"),
+    drawn: bool = typer.Option(True, "--drawn/--no-drawn", help="procedurally drawn roadwork objects"),
+    road_signs: bool = typer.Option(True, "--road-signs/--no-road-signs", help="road-works sign crops"),
+) -> None:
+    """Synthesise dashcam roadwork: objects pasted into real train-split dashcam frames, with matched negatives."""
+    from .synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(n=n, seed=seed, data=data, signs=signs, cutouts=cutouts, drawn=drawn, road_signs=road_signs)
+    with progress_bar() as cb:
+        try:
+            synthesize(cfg, out, log=console.print, progress=cb)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+    console.print(f"contact sheet: {out / 'contact_sheet.png'}")
+
+
+@app.command("eval-dashcam")
+def eval_dashcam(
+    bundle: Path = typer.Option(..., help="bundle directory"),
+    split: str = typer.Option("test", help="split whose real dashcam negatives (camvid, gtsdb label 0) give the false-positive rate"),
+    night_dev: Optional[Path] = typer.Option(None, help="night-dev manifest dir (default: night-dev beside the data dir)"),
+    data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Real dashcam frames: night-dev recall, dashcam false-positive rate, their joint MCC."""
+    from .bundle import Bundle, BundleError
+    from .data import DataError
+    from .preprocess import pick_device
+    from .realcam import format_realcam, realcam_report
+
+    try:
+        b = Bundle.load(bundle, device=pick_device(device))
+        with progress_bar() as cb:
+            r = realcam_report(b, split=split, data=data, night_dev=night_dev, progress=cb)
+    except (BundleError, DataError, FileNotFoundError) as e:
+        _fail(str(e))
+    out_console.print(format_realcam(str(bundle), r))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(r, indent=2))
+
+
+@app.command()
 def quickstart(
     out: Path = typer.Option(DEFAULT_QUICKSTART, help="run directory"),
     data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
@@ -211,12 +271,16 @@ def quickstart(
     device: str = typer.Option("auto"),
     cascade: bool = typer.Option(True, "--cascade/--stage1-only", help="build a cascade from the stage-1 model (default)"),
     budget: str = typer.Option("35%", help="cascade compute budget (see `roadcascade build`)"),
+    synth: int = typer.Option(QUICKSTART_SYNTH, min=0, help="synthetic dashcam images to train on (cached in OUT/synth; 0: none)"),
+    style_p: float = typer.Option(QUICKSTART_STYLE_P, min=0.0, max=1.0, help="dashcam style transform probability in training"),
 ) -> None:
-    """The main job: train (or reuse) the stage-1 model, build a cascade from it, evaluate test clean + challenge, report."""
+    """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, evaluate
+    test clean + challenge and real dashcam frames (night-dev recall, dashcam false positives), report."""
     from .bundle import Bundle
     from .data import open_dataset
     from .evaluate import evaluate, public
     from .preprocess import pick_device
+    from .realcam import default_night_dev, format_realcam, realcam_report
     from .report import write_html
     from .train import TrainConfig, train as run_train
 
@@ -228,8 +292,14 @@ def quickstart(
             from .build import adopt_stage1, quickstart_cascade
 
             adopt_stage1(bdir, sdir, log=console.print)
+        extra: tuple[str, ...] = ()
+        if synth:
+            from .synth import SynthConfig, ensure_synth
+
+            extra = (str(ensure_synth(SynthConfig(n=synth, data=data), out / "synth", log=console.print, progress=cb)),)
         if retrain or not (sdir / "bundle.json").exists():
-            cfg = TrainConfig(model="lite0", input_size=input_size, epochs=epochs, data=data, device=device)
+            cfg = TrainConfig(model="lite0", input_size=input_size, epochs=epochs, data=data, device=device,
+                              extra_train=extra, style_p=style_p)
             console.print(f"[bold]training[/bold] {cfg.model} for {epochs} epochs at {input_size}px -> {sdir}")
             run_train(cfg, sdir, progress=cb, log=console.print)
         else:
@@ -246,9 +316,16 @@ def quickstart(
                 rep = evaluate(b, ds, views, "test", progress=cb)
                 (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
                 reps.append((f"{label}test / {views}", rep))
+        realcam = {}
+        if data is None and default_night_dev().exists():  # real dashcam frames: night-dev recall, dashcam FPR
+            for path, suffix, label in runs:
+                realcam[label.strip() or "deployed"] = realcam_report(Bundle.load(path, device=pick_device(device)), progress=cb)
+            (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
     html = write_html(reps, out / "report.html",
                       title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
+    for name, r in realcam.items():
+        out_console.print(format_realcam(name, r))
     console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
                   + (f" (stage 1 alone: {out}/eval-test-*-stage1.json)" if cascade else "") + f"\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")

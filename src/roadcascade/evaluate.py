@@ -62,7 +62,8 @@ def _group_metrics(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict:
     return {"n": s.n, "pos": int(y[mask].sum()), "mcc": s.mcc, "accuracy": s.accuracy, "confusion": s.confusion}
 
 
-def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None) -> dict:
+def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None,
+                   baselines: bool = True) -> dict:
     """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits."""
     cascade = bundle.cascade
     from .gpu import maybe_gpu_cascade  # the GPU fast path when CUDA is present (ROADCASCADE_GPU=0 turns it off)
@@ -119,7 +120,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
         "_y": y.tolist(),
         "_p": p.tolist(),
     }
-    if bundle.meta.get("ensemble"):  # a cascade bundle: best single tier and full ensemble, same items, same run
+    if baselines and bundle.meta.get("ensemble"):  # a cascade bundle: best single tier and full ensemble, same items, same run
         from .build import baselines_report
 
         rep["baselines"] = baselines_report(bundle, items, p, batch_size=batch_size, progress=progress)

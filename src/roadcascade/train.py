@@ -56,6 +56,13 @@ class TrainConfig:
     num_workers: int | None = None
     threads: int | None = None
     amp: bool = True  # bf16 autocast on CUDA
+    # dashcam robustness (issue 11): extra training-only sets (synthetic), their share of each epoch,
+    # source-balanced sampling of the real sources and the dashcam style transform (roadcascade.style)
+    extra_train: tuple[str, ...] = ()
+    synth_share: float = 0.4
+    balance_sources: bool = True
+    style_p: float = 0.0
+    epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
 
 
 @dataclass
@@ -85,8 +92,13 @@ def smooth_targets(y: torch.Tensor, eps: float) -> torch.Tensor:
     return y * (1.0 - eps) + 0.5 * eps
 
 
-def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: float) -> np.ndarray:
-    """One training view: a clean resized image or a validator-style challenge view; random h-flip."""
+def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: float, style_p: float = 0.0) -> np.ndarray:
+    """One training view: the dashcam style (with probability ``style_p``), then a clean resized image or
+    a validator-style challenge view; random h-flip."""
+    if style_p > 0:
+        from .style import DashcamStyle, apply_style
+
+        img = apply_style(img, rng, DashcamStyle(p=style_p))
     if rng.random() < clean_prob:
         out = resize_square(img, size)
     else:
@@ -99,17 +111,51 @@ def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: fl
 class AugmentedSet(torch.utils.data.Dataset):
     """Decoded training images, augmented deterministically from (seed, epoch, index)."""
 
-    def __init__(self, images: Sequence[np.ndarray], labels: np.ndarray, size: int, clean_prob: float, seed: int):
+    def __init__(self, images: Sequence[np.ndarray], labels: np.ndarray, size: int, clean_prob: float | Sequence[float], seed: int,
+                 style_p: float = 0.0):
         self.images, self.labels = images, labels
-        self.size, self.clean_prob, self.seed, self.epoch = size, clean_prob, seed, 0
+        self.clean_prob = np.broadcast_to(np.asarray(clean_prob, dtype=np.float64), (len(images),))
+        self.size, self.seed, self.epoch, self.style_p = size, seed, 0, style_p
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        x = augment(self.images[i], rng, self.size, self.clean_prob)
+        x = augment(self.images[i], rng, self.size, float(self.clean_prob[i]), self.style_p)
         return torch.from_numpy(np.array(x)).permute(2, 0, 1), torch.tensor(float(self.labels[i]))
+
+
+def sample_weights(sources: Sequence[str], extra: Sequence[bool], extra_share: float, balance: bool) -> np.ndarray:
+    """Sampling weights (summing to 1): the extra (synthetic) samples get ``extra_share`` of the mass, the
+    real ones the rest, spread over their sources in proportion to sqrt(source size) when ``balance`` (a
+    small source is seen more often, a large one less) or to the size otherwise."""
+    src = np.asarray(sources)
+    ext = np.asarray(extra, dtype=bool)
+    w = np.zeros(len(src), dtype=np.float64)
+    real = ~ext
+    share = extra_share if ext.any() and real.any() else (1.0 if ext.any() else 0.0)
+    if ext.any():
+        w[ext] = share / ext.sum()
+    if real.any():
+        names, counts = np.unique(src[real], return_counts=True)
+        mass = np.sqrt(counts) if balance else counts.astype(np.float64)
+        mass = (1.0 - share) * mass / mass.sum()
+        for n, c, m in zip(names, counts, mass):
+            w[real & (src == n)] = m / c
+    return w
+
+
+def open_extra_train(paths: Sequence[str]) -> Dataset:
+    """Training-only sets (the synthetic manifests); refuses one that holds another split's data."""
+    samples = []
+    for p in paths:
+        ds = open_dataset(p)
+        bad = sorted(set(ds.splits) - {"train", "all"})
+        if bad:
+            raise ValueError(f"{p}: an extra training set must hold training data only, found split(s) {bad}")
+        samples += ds.samples
+    return Dataset("extra", samples)
 
 
 def decode_all(ds: Dataset, desc: str = "decode", progress: Progress | None = None) -> list[np.ndarray]:
@@ -169,7 +215,11 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     val_ds = full.split(cfg.val_split).subset(cfg.max_val, cfg.seed)
     log(f"data: {full.name}  train {train_ds.counts()}  val {val_ds.counts()}  device {device}")
 
-    train_imgs = decode_all(train_ds, "decode train", progress)
+    extra_ds = open_extra_train(cfg.extra_train)
+    if len(extra_ds):
+        log(f"extra training data: {extra_ds.counts()} ({cfg.synth_share:.0%} of each epoch)")
+    train_imgs = decode_all(train_ds, "decode train", progress) + decode_all(extra_ds, "decode extra", progress)
+    n_real = len(train_ds)
     val_imgs = decode_all(val_ds, "decode val", progress)
     val_views, val_y = view_set(val_ds, val_imgs, cfg.val_views, cfg.val_seed, eval_size)
     val_clean_y = val_ds.labels()
@@ -179,12 +229,21 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     for p in ema.parameters():
         p.requires_grad_(False)
 
-    dset = AugmentedSet(train_imgs, train_ds.labels(), size, cfg.clean_prob, cfg.seed)
+    labels = np.concatenate([train_ds.labels(), extra_ds.labels()])
+    # synthetic frames are seen whole: a challenge view's crop (L0 centre square, L1+ random resized crop)
+    # often cuts away the small pasted objects and would leave a "roadwork" label on a frame without any
+    clean = np.where(np.arange(len(train_imgs)) >= n_real, 1.0, cfg.clean_prob)
+    dset = AugmentedSet(train_imgs, labels, size, clean, cfg.seed, cfg.style_p)
     workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if len(extra_ds) or cfg.balance_sources:
+        w = sample_weights(np.concatenate([train_ds.sources(), extra_ds.sources()]), np.arange(len(dset)) >= n_real,
+                           cfg.synth_share, cfg.balance_sources)
+        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), cfg.epoch_size or n_real, replacement=True, generator=gen)
     loader = torch.utils.data.DataLoader(
-        dset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dset) > cfg.batch_size, num_workers=workers,
-        generator=gen, pin_memory=device.type == "cuda", persistent_workers=False,
+        dset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dset) > cfg.batch_size,
+        num_workers=workers, generator=gen, pin_memory=device.type == "cuda", persistent_workers=False,
     )
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * cfg.epochs
@@ -268,7 +327,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
         "kind": "stage1",
         "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": cfg.train_split, "select_split": cfg.val_split,
                  "calibrate_on": f"{cfg.val_split} {cfg.calibrate_on}", "val_views": cfg.val_views, "val_seed": cfg.val_seed,
-                 "n_train": len(train_ds), "n_val": len(val_ds)},
+                 "n_train": len(train_ds), "n_val": len(val_ds), "extra_train": list(cfg.extra_train),
+                 "n_extra": len(extra_ds)},
         "metrics": {"val": val_metrics},
         "train": {**asdict(cfg), "selected_epoch": best["epoch"], "seconds": seconds, "device": str(device), "history": history},
     }
