@@ -65,9 +65,7 @@ def synth_runs(tmp_path_factory) -> dict[str, Path]:
     quiet = lambda s: None  # noqa: E731
     runs = {}
     for name, cfg in (("a", CFG), ("b", CFG), ("other", SynthConfig(n=8, seed=4, max_cutouts=40))):
-        # GrabCut (cone cut-outs) draws from OpenCV's global RNG: reset it so that each run starts alike
-        # (see test_cone_mask_deterministic for the bug this works around)
-        cv2.setRNGSeed(0)
+        cv2.setRNGSeed(12345 + len(runs))  # a disturbed global OpenCV RNG must not change the output
         runs[name] = synthesize(cfg, base / name, log=quiet)
     return runs
 
@@ -135,8 +133,6 @@ def test_line_layout_distances_mostly_increase():
         assert all(x < 0 for x in xs)  # the left side
 
 
-@pytest.mark.xfail(strict=True, reason="BUG scene.line_layout: jitter scales the cumulative distance "
-                   "(near + i*spacing*U(0.85,1.15)), so from the 4th object on the line can come out of order")
 def test_line_layout_distances_increase():
     for seed in range(100):
         d = [p[1] for p in line_layout(np.random.default_rng(seed), 8, 1.0, near=5.0, spacing=4.0, lateral=2.0)]
@@ -338,9 +334,6 @@ def test_cone_mask_real_crops_stay_in_box(boxed_train):
     assert found >= 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG objects.cone_mask: cv2.grabCut initialises its colour GMMs with kmeans "
-                   "drawing from OpenCV's global RNG, so the same crop gives different masks from call to call "
-                   "(and synthesize() with one seed gives different images within a process)")
 def test_cone_mask_deterministic(boxed_train):
     crops = []
     for s in boxed_train.samples:

@@ -26,8 +26,10 @@ console = Console(stderr=True)
 out_console = Console(width=None if Console().is_terminal else 160)  # tables stay readable in logs and CI
 
 DEFAULT_QUICKSTART = Path("runs/quickstart")
-QUICKSTART_SYNTH = 1200  # synthetic dashcam images (half roadwork) the quickstart trains on
-QUICKSTART_STYLE_P = 0.5
+# The synthetic set and the dashcam style are off in the quickstart recipe: at its 160 px they did not raise
+# night-dev recall and cost dashcam false positives (docs/PERFORMANCE.md, "Dashcam roadwork"); they pay at 320 px.
+QUICKSTART_SYNTH = 0
+QUICKSTART_STYLE_P = 0.0
 
 
 @contextmanager
@@ -87,7 +89,7 @@ def train(
     extra_train: list[str] = typer.Option([], "--extra-train", help="a training-only manifest to add (e.g. `roadcascade synth` output); repeatable"),
     synth_share: float = typer.Option(0.4, min=0.0, max=1.0, help="share of each epoch drawn from --extra-train sets"),
     style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
-    balance_sources: bool = typer.Option(True, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
+    balance_sources: bool = typer.Option(False, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
     from .train import TrainConfig, train as run_train

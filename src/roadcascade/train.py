@@ -60,7 +60,7 @@ class TrainConfig:
     # source-balanced sampling of the real sources and the dashcam style transform (roadcascade.style)
     extra_train: tuple[str, ...] = ()
     synth_share: float = 0.4
-    balance_sources: bool = True
+    balance_sources: bool = False
     style_p: float = 0.0
     epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
 

@@ -416,6 +416,7 @@ def cone_mask(crop: np.ndarray, box: tuple[int, int, int, int], iters: int = 3) 
     gc = np.where(inbox > 0, cv2.GC_PR_FGD, cv2.GC_BGD).astype(np.uint8)
     gc[(orange > 0) & (inbox > 0)] = cv2.GC_FGD
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)  # GrabCut seeds its colour models from OpenCV's global generator: same crop, same mask
     try:
         cv2.grabCut(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), gc, None, bgd, fgd, iters, cv2.GC_INIT_WITH_MASK)
     except cv2.error:

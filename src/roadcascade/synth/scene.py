@@ -100,10 +100,10 @@ def line_layout(rng: np.random.Generator, n: int, side: float, near: float, spac
     ``near`` metres ahead; ``taper`` metres of lateral shift per object closes the lane like a work-zone
     taper. ``side`` is -1 (left) or +1 (right)."""
     out = []
+    d = near
     for i in range(n):
-        d = near + i * spacing * rng.uniform(0.85, 1.15)
-        x = side * (lateral - taper * i) + rng.normal(0.0, 0.08)
-        out.append((x, d))
+        out.append((side * (lateral - taper * i) + rng.normal(0.0, 0.08), d))
+        d += spacing * rng.uniform(0.85, 1.15)  # each gap jittered on its own: the line stays in order
     return out
 
 
