@@ -12,9 +12,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..cascade import Cascade
-from ..images import BadImage
+from ..images import BadImage, image_size
 from .batcher import MultiStageBatcher
+from .budget import PixelBudget, Reservation
 from .config import ServeConfig
-from .inputs import DEADLINE_HEADER, HttpError, decode_item, image_field, prepare_item, images_field, json_object, media_type, parse_deadline_ms
+from .inputs import (DEADLINE_HEADER, HttpError, decode_item, image_field, images_field, item_bytes, json_object, media_type,
+                     parse_deadline_ms, prepare_item)
 from .messages import Outcome
 from .metrics import ServeMetrics
 
@@ -101,16 +104,33 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    pass
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-class ServeMiddleware:
-    """Arrival time, body-size limit before the body is read, metrics for every request, and a JSON
-    500 for an unexpected exception (the server goes on)."""
+def _http_problem(scope: Scope) -> tuple[int, str, str] | None:
+    """HTTP/0.9 (or an unknown version) and an HTTP/1.1 request without exactly one Host header are refused."""
+    version = scope.get("http_version", "1.1")
+    if version not in ("1.0", "1.1"):
+        return 505, "bad_http_version", f"HTTP/{version[:8]} is not served; use HTTP/1.1"
+    hosts = sum(1 for k, _ in scope.get("headers", []) if k == b"host")
+    if version == "1.1" and hosts != 1:
+        return 400, "bad_host", f"an HTTP/1.1 request needs exactly one Host header (got {hosts})"
+    return None
 
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+class ServeMiddleware:
+    """Arrival time, HTTP version and Host checks, body-size limit before the body is read, a body-read
+    timeout (408), metrics for every request, client disconnects counted as such (499, never a 5xx, no
+    traceback), a JSON 503 for a request cut by shutdown, and a JSON 500 for an unexpected exception (the
+    server goes on)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int, body_timeout_s: float = 30.0):
+        self.app, self.metrics, self.max_body, self.body_timeout_s = app, metrics, max_body, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,14 +152,19 @@ class ServeMiddleware:
             body = _json_bytes({"error": {"reason": reason, "message": message, "status": status}})
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
+            if status == 503:
+                headers.append((b"retry-after", b"1"))
             await send_({"type": "http.response.start", "status": status, "headers": headers})
             await send_({"type": "http.response.body", "body": body})
 
+        problem = _http_problem(scope)
         try:
             length = _content_length(scope)
         except ValueError as e:  # a malformed Content-Length (uvicorn's parsers usually refuse it first)
-            await reply(400, "bad_request", str(e)[:200])
-            self.metrics.request(endpoint, 400, "bad_request", time.perf_counter() - t0)
+            problem = problem or (400, "bad_request", str(e)[:200])
+        if problem is not None:
+            await reply(*problem)
+            self.metrics.request(endpoint, problem[0], problem[1], time.perf_counter() - t0)
             return
         try:
             if length is not None and length > self.max_body:
@@ -147,32 +172,56 @@ class ServeMiddleware:
                     await _drain(receive, length)
                 await reply(413, "too_large", f"the body has {length:,} bytes; at most {self.max_body:,}")
                 return
-            seen = 0
-
-            async def receive_() -> Message:
-                nonlocal seen
-                msg = await receive()
-                if msg["type"] == "http.request":
-                    seen += len(msg.get("body", b""))
-                    if seen > self.max_body:
-                        raise _BodyTooLarge()
-                return msg
-
-            await self.app(scope, receive_, send_)
+            await self.app(scope, self._receiver(receive, state), send_)
         except _BodyTooLarge:
             if not sent["status"]:
-                await _drain(receive, DRAIN_FACTOR * self.max_body - seen)
+                await _drain(receive, DRAIN_FACTOR * self.max_body - state.get("body_seen", 0))
                 await reply(413, "too_large", f"the body is larger than {self.max_body:,} bytes")
+        except _BodyTimeout:
+            if not sent["status"]:
+                await reply(408, "body_timeout", f"the request body took longer than {self.body_timeout_s:g} s")
+        except ClientDisconnect:
+            state["reason"] = "client_disconnect"
+        except asyncio.CancelledError:  # uvicorn cancels what is still running when graceful shutdown ends
+            if not sent["status"]:
+                await reply(503, "shutting_down", "the server is shutting down; retry")
         except Exception as e:
             log.exception("unhandled error on %s", scope.get("path"))
             if not sent["status"]:
                 await reply(500, "internal", f"internal error ({type(e).__name__}); the server goes on")
         finally:
-            status = sent["status"] or 500
+            status = sent["status"] or (CLIENT_CLOSED if state.get("reason") == "client_disconnect" else 500)
             self.metrics.request(endpoint, status, state.get("reason", ""), time.perf_counter() - t0,
                                  state.get("n_images", 0))
 
+    def _receiver(self, receive: Receive, state: dict) -> Receive:
+        """``receive`` with the body-size limit and the body-read deadline (only until the body is complete:
+        later receives wait for a disconnect and must not time out)."""
+        end = time.monotonic() + self.body_timeout_s
+        state["body_seen"] = 0
+        done = False
 
+        async def receive_() -> Message:
+            nonlocal done
+            if done:
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, end - time.monotonic()))
+            except TimeoutError:
+                raise _BodyTimeout() from None
+            if msg["type"] == "http.request":
+                state["body_seen"] += len(msg.get("body", b""))
+                if state["body_seen"] > self.max_body:
+                    raise _BodyTooLarge()
+                done = not msg.get("more_body", False)
+            elif msg["type"] == "http.disconnect":
+                state["reason"] = "client_disconnect"
+            return msg
+
+        return receive_
+
+
+CLIENT_CLOSED = 499  # the client went away before its answer (nginx's code); never counted as a 5xx
 DRAIN_FACTOR = 2  # read and discard up to 2x the body limit before a 413, so that the client can read it
 DRAIN_SECONDS = 2.0
 
@@ -225,6 +274,7 @@ class Server:
         self.error = ""
         self.warmup_ms: dict = {}
         self._decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rc-decode")
+        self.pixels = PixelBudget(config.server_pixels)  # decoded pixels held by requests (budget.py)
         self._loader: threading.Thread | None = None
         self.loop_lag = 0.0  # seconds: how late the event loop runs what it schedules (EMA)
         self.pending = 0  # prediction requests between the precheck and their answer (reading, decoding, queued)
@@ -340,21 +390,61 @@ class Server:
         # the answer still has to get through the event loop: leave it the current lag (at most a quarter)
         return request.state.arrived + ms / 1e3 - min(self.loop_lag, ms / 4e3)
 
-    async def decode(self, items: Sequence[Any]) -> list[np.ndarray | BadImage]:
-        """Decode in the decode threads; bad items come back as BadImage (never raised from here)."""
-        limits = self.cfg.decode_limits
-        gpu = self.gpu is not None  # plain JPEGs stay bytes: the GPU batch decodes them
+    @contextmanager
+    def admitted(self, request: Request, n: int = 1) -> Iterator[None]:
+        """Count a request in progress from the moment its body is read (a slow body holds a connection, not
+        an admission slot) until it is answered."""
+        self.precheck(request, n)
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
-        def run() -> list[np.ndarray | bytes | BadImage]:
-            out: list[np.ndarray | bytes | BadImage] = []
-            for it in items:
-                try:
-                    out.append(prepare_item(it, limits, gpu) if gpu else decode_item(it, limits))
-                except BadImage as e:
-                    out.append(e)
-            return out
+    async def decode(self, items: Sequence[Any], deadline: float, res: Reservation) -> list[np.ndarray | BadImage]:
+        """Decode in the decode threads, within the request's pixel budget and deadline; bad items come back as
+        BadImage. ``res`` holds the request's pixels: the decode job releases its share when it ends, the caller
+        when it has answered."""
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._decoder, self._decode_job, items, res)
+        except RuntimeError:  # the pool is shut down
+            res.done()
+            raise HttpError(503, "shutting_down", "the server is shutting down; retry", {"Retry-After": "1"}) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise HttpError(503, "deadline", "the images could not be decoded before the deadline", {"Retry-After": "1"}) from None
 
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, run)
+    def _decode_job(self, items: Sequence[Any], res: Reservation) -> list[np.ndarray | BadImage]:
+        try:
+            return self._decode_all(items, res)
+        finally:
+            res.done()
+
+    def _decode_all(self, items: Sequence[Any], res: Reservation) -> list[np.ndarray | BadImage]:
+        """In a decode thread: bytes and declared sizes first (no pixel decoded), then the budget, then pixels."""
+        limits, gpu = self.cfg.decode_limits, self.gpu is not None
+        out: list[Any] = []
+        for it in items:
+            try:
+                data = item_bytes(it, limits)
+                out.append((data, _pixels(image_size(data, limits))))
+            except BadImage as e:
+                out.append(e)
+        total = sum(x[1] for x in out if not isinstance(x, BadImage))
+        if total > self.cfg.request_pixels:
+            raise HttpError(413, "too_many_pixels", f"the images of this request declare {total:,} pixels; at most "
+                            f"{self.cfg.request_pixels:,} per request")
+        if not res.take(total):
+            raise HttpError(503, "overloaded", f"decoded-pixel budget in use ({self.pixels.used:,} of {self.pixels.total:,} "
+                            f"pixels); retry", {"Retry-After": "1"})
+        decoded: list[np.ndarray | bytes | BadImage] = []
+        for x in out:
+            try:
+                decoded.append(x if isinstance(x, BadImage) else prepare_item(x[0], limits, gpu) if gpu else decode_item(x[0], limits))
+            except BadImage as e:
+                decoded.append(e)
+        return decoded  # type: ignore[return-value]
 
     async def infer(self, images: Sequence[np.ndarray], deadline: float) -> list[Outcome]:
         """Submit images to the batcher (all or none) and wait for their outcomes."""
@@ -380,7 +470,8 @@ class Server:
         """Items (base64 strings or bytes) and the JSON object, by content type. kind: single | batch | synapse."""
         ctype = media_type(request.headers.get("content-type"))
         if ctype == "application/json" or ctype.endswith("+json") or (kind == "synapse" and ctype in ("", "text/plain")):
-            doc = json_object(await request.body())
+            body = await request.body()
+            doc = await asyncio.get_running_loop().run_in_executor(None, json_object, body)  # big JSON: off the event loop
             if kind == "batch":
                 return list(images_field(doc, min(self.cfg.max_batch_images, self.cfg.max_queue))), doc
             return [image_field(doc)], doc
@@ -421,6 +512,10 @@ class Server:
         if len(items) > cap:
             raise HttpError(413, "too_many_images", f"{len(items)} images in one request; at most {cap}")
         return items
+
+
+def _pixels(size: tuple[int, int]) -> int:
+    return int(size[0]) * int(size[1])
 
 
 def _resolve(fut: asyncio.Future, outcome: Outcome) -> None:
@@ -464,7 +559,7 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
     app = FastAPI(title="roadcascade", version="0.1.0", lifespan=lifespan,
                   description="Is there roadwork in this street image? An adaptive cascade behind a multi-stage micro-batcher.")
     app.state.server = server
-    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes)
+    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes, body_timeout_s=cfg.conn.body_timeout_s)
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, e: HttpError) -> JSONResponse:
@@ -472,18 +567,19 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def one_image(request: Request, kind: str, default_ms: float) -> tuple[Outcome, dict | None]:
-        server.precheck(request)
-        server.pending += 1
+        server.precheck(request)  # refuse before reading a body nobody could serve; counts nothing
+        deadline = server.deadline(request, default_ms)
+        items, doc = await server.read_payload(request, kind)
+        res = Reservation(server.pixels)
         try:
-            deadline = server.deadline(request, default_ms)
-            items, doc = await server.read_payload(request, kind)
-            (img,) = await server.decode(items)
-            if isinstance(img, BadImage):
-                raise HttpError.from_bad_image(img)
-            request.state.n_images = 1
-            (o,) = await server.infer([img], deadline)
+            with server.admitted(request):
+                (img,) = await server.decode(items, deadline, res)
+                if isinstance(img, BadImage):
+                    raise HttpError.from_bad_image(img)
+                request.state.n_images = 1
+                (o,) = await server.infer([img], deadline)
         finally:
-            server.pending -= 1
+            res.done()
         if not o.ok:
             raise outcome_error(o)
         return o, doc
@@ -498,16 +594,17 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
               summary="Many images in one request; per-image results (a bad image gets its own error entry)")
     async def predict_batch(request: Request) -> Response:
         server.precheck(request)
-        server.pending += 1
-        try:
-            return await _predict_batch(request)
-        finally:
-            server.pending -= 1
-
-    async def _predict_batch(request: Request) -> Response:
         deadline = server.deadline(request, cfg.default_deadline_ms)
         items, _ = await server.read_payload(request, "batch")
-        decoded = await server.decode(items)
+        res = Reservation(server.pixels)
+        try:
+            with server.admitted(request, len(items)):
+                return await _predict_batch(request, items, deadline, res)
+        finally:
+            res.done()
+
+    async def _predict_batch(request: Request, items: list[Any], deadline: float, res: Reservation) -> Response:
+        decoded = await server.decode(items, deadline, res)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
         results: list[dict] = [{}] * len(decoded)
         for i, d in enumerate(decoded):

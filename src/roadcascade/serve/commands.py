@@ -34,6 +34,12 @@ def serve(
                             "as one batched stage) when CUDA is there; use --max-batch 64..256 with it"),
     max_body_mb: float = typer.Option(16.0, min=0.01, help="largest request body, MiB (413 past it, before reading it)"),
     decode_threads: int = typer.Option(2, min=1, help="threads decoding images"),
+    header_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client has to send its request headers (408 past it)"),
+    body_timeout_s: float = typer.Option(30.0, min=0.1, help="seconds a client has to send its request body (408 past it)"),
+    max_header_kb: int = typer.Option(32, min=1, help="request line + headers, KiB (431 past it)"),
+    max_headers: int = typer.Option(100, min=1, help="header lines per request (431 past it)"),
+    request_mpx: float = typer.Option(100.0, min=1.0, help="decoded megapixels one request may hold (413 past it)"),
+    server_mpx: float = typer.Option(200.0, min=1.0, help="decoded megapixels all requests together may hold (503 past it)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch intra-op threads (default: torch's)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     warmup: bool = typer.Option(True, help="warm every tier up before /readyz turns 200"),
@@ -45,13 +51,18 @@ def serve(
 
     from .app import create_app
     from .config import ServeConfig
+    from .protocol import ConnLimits, server_config
 
     if not (bundle / "bundle.json").exists() and not (bundle.is_file() and bundle.suffix == ".json"):
         _fail(f"no bundle at {bundle} (expected {bundle / 'bundle.json'}); train one with `roadcascade quickstart`")
     try:
         cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, default_deadline_ms=deadline_ms,
                           streetvision_deadline_ms=streetvision_deadline_ms, speculate=speculate, gpu=gpu,
-                          max_body_bytes=int(max_body_mb * 2**20), decode_threads=decode_threads, warmup=warmup)
+                          max_body_bytes=int(max_body_mb * 2**20), decode_threads=decode_threads, warmup=warmup,
+                          conn=ConnLimits(max_header_bytes=max_header_kb * 1024, max_headers=max_headers,
+                                          header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                                          max_connections=max(256, 8 * max_queue)),
+                          request_pixels=int(request_mpx * 1e6), server_pixels=int(server_mpx * 1e6))
     except ValueError as e:
         _fail(str(e))
     if malloc_arenas:
@@ -64,8 +75,7 @@ def serve(
         console.print(f"[yellow]note:[/yellow] listening on {host}, not only on loopback")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(bundle, cfg, device=device)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30,
-                limit_concurrency=max(256, 8 * max_queue), timeout_graceful_shutdown=5)
+    uvicorn.Server(server_config(app, host, port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)).run()
 
 
 def _cap_malloc_arenas(n: int) -> None:

@@ -62,11 +62,24 @@ def parse_deadline_ms(value: str | None, default_ms: float, max_ms: float) -> fl
     return min(ms, max_ms)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"the number {text[:40]} does not fit in a float")
+    return x
+
+
 def parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN, Infinity and numbers that overflow a float (1e400) are refused here (400), before
+    any inference, instead of failing the answer that echoes them."""
     if not body:
         raise HttpError(400, "empty", "the request body is empty")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise HttpError(400, "bad_json", f"the body is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
 
@@ -96,6 +109,15 @@ def images_field(doc: dict, max_images: int) -> list[str]:
     if len(v) > max_images:
         raise HttpError(413, "too_many_images", f"{len(v)} images in one request; at most {max_images}")
     return v
+
+
+def item_bytes(item: Any, limits: DecodeLimits) -> bytes:
+    """The encoded image of one item (raw bytes, or base64 text decoded); ``BadImage`` for anything else."""
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, str):
+        return base64_bytes(item, limits)
+    raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
 
 
 def decode_item(item: Any, limits: DecodeLimits) -> np.ndarray:
