@@ -7,6 +7,7 @@ start-up, so ``/healthz`` answers at once and ``/readyz`` turns 200 only when th
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -123,14 +124,38 @@ def _http_problem(scope: Scope) -> tuple[int, str, str] | None:
     return None
 
 
+OPEN_HEALTH = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _auth_problem(scope: Scope, api_key: bytes | None, open_health: bool) -> tuple[int, str, str] | None:
+    """With a key, every path but the dashboard page, its static files and (when open) health and metrics needs
+    ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (compared in constant time)."""
+    if api_key is None:
+        return None
+    path = scope.get("path", "")
+    if path == "/" or path.startswith("/static/") or (open_health and path in OPEN_HEALTH):
+        return None
+    given = b""
+    for k, v in scope.get("headers", []):
+        if k == b"x-api-key":
+            given = v.strip()
+        elif k == b"authorization" and v[:7].lower() == b"bearer ":
+            given = v[7:].strip()
+    if given and hmac.compare_digest(given, api_key):
+        return None
+    return 401, "unauthorized", "this server needs an API key: Authorization: Bearer <key> or X-API-Key: <key>"
+
+
 class ServeMiddleware:
     """Arrival time, HTTP version and Host checks, body-size limit before the body is read, a body-read
     timeout (408), metrics for every request, client disconnects counted as such (499, never a 5xx, no
     traceback), a JSON 503 for a request cut by shutdown, and a JSON 500 for an unexpected exception (the
     server goes on)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int, body_timeout_s: float = 30.0):
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int, body_timeout_s: float = 30.0,
+                 api_key: str | None = None, open_health: bool = True):
         self.app, self.metrics, self.max_body, self.body_timeout_s = app, metrics, max_body, body_timeout_s
+        self.api_key, self.open_health = (api_key.encode() if api_key else None), open_health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -154,10 +179,12 @@ class ServeMiddleware:
                        (b"connection", b"close")]
             if status == 503:
                 headers.append((b"retry-after", b"1"))
+            if status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="roadcascade"'))
             await send_({"type": "http.response.start", "status": status, "headers": headers})
             await send_({"type": "http.response.body", "body": body})
 
-        problem = _http_problem(scope)
+        problem = _http_problem(scope) or _auth_problem(scope, self.api_key, self.open_health)
         try:
             length = _content_length(scope)
         except ValueError as e:  # a malformed Content-Length (uvicorn's parsers usually refuse it first)
@@ -385,6 +412,18 @@ class Server:
             raise HttpError(503, "overloaded_http", f"the HTTP layer is overloaded (event loop {self.loop_lag * 1e3:.0f} ms late)",
                             {"Retry-After": str(b.retry_after())})
 
+    def anytime_check(self, request: Request, o: Outcome) -> Outcome:
+        """Count an anytime answer (tier-0 or later answer given because the deadline came), or turn it into the
+        503 the caller prefers (``--no-anytime``, or ``X-Anytime: off`` on the request)."""
+        if not (o.ok and o.prediction is not None and o.prediction.trace.anytime):
+            return o
+        endpoint = ROUTES.get(request.url.path, "other")
+        if not self.cfg.anytime or request.headers.get(ANYTIME_HEADER, "").strip().lower() in ("0", "off", "false", "no"):
+            self.metrics.anytime.labels(endpoint, "refused").inc()
+            return Outcome(503, reason="deadline", message="the deadline came before the cascade finished and anytime answers are off")
+        self.metrics.anytime.labels(endpoint, "answered").inc()
+        return o
+
     def deadline(self, request: Request, default_ms: float) -> float:
         ms = parse_deadline_ms(request.headers.get(DEADLINE_HEADER), default_ms, self.cfg.max_deadline_ms)
         # the answer still has to get through the event loop: leave it the current lag (at most a quarter)
@@ -469,14 +508,14 @@ class Server:
     async def read_payload(self, request: Request, kind: str) -> tuple[list[Any], dict | None]:
         """Items (base64 strings or bytes) and the JSON object, by content type. kind: single | batch | synapse."""
         ctype = media_type(request.headers.get("content-type"))
-        if ctype == "application/json" or ctype.endswith("+json") or (kind == "synapse" and ctype in ("", "text/plain")):
+        if ctype == "application/json" or ctype.endswith("+json"):
             body = await request.body()
             doc = await asyncio.get_running_loop().run_in_executor(None, json_object, body)  # big JSON: off the event loop
             if kind == "batch":
                 return list(images_field(doc, min(self.cfg.max_batch_images, self.cfg.max_queue))), doc
             return [image_field(doc)], doc
         if kind == "synapse":
-            raise HttpError(415, "unsupported_media_type", f"POST /streetvision takes application/json, not {ctype or 'no content type'!r}")
+            raise HttpError(415, "unsupported_media_type", f"POST /streetvision takes application/json only, not {ctype or 'no content type'!r}")
         if ctype == "multipart/form-data":
             items = await self._multipart(request)
             if kind == "single" and len(items) != 1:
@@ -512,6 +551,14 @@ class Server:
         if len(items) > cap:
             raise HttpError(413, "too_many_images", f"{len(items)} images in one request; at most {cap}")
         return items
+
+
+ANYTIME_HEADER = "x-anytime"  # response: "true" when an answer came early (deadline); request: "off" prefers a 503
+
+
+def _anytime_header(outcomes: Sequence[Outcome]) -> dict[str, str]:
+    early = any(o.ok and o.prediction is not None and o.prediction.trace.anytime for o in outcomes)
+    return {"X-Anytime": "true" if early else "false"}
 
 
 def _pixels(size: tuple[int, int]) -> int:
@@ -556,10 +603,12 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
             watcher.cancel()
             server.stop()
 
-    app = FastAPI(title="roadcascade", version="0.1.0", lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load Swagger UI / ReDoc scripts from a third-party CDN; /openapi.json stays
+    app = FastAPI(title="roadcascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Is there roadwork in this street image? An adaptive cascade behind a multi-stage micro-batcher.")
     app.state.server = server
-    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes, body_timeout_s=cfg.conn.body_timeout_s)
+    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes, body_timeout_s=cfg.conn.body_timeout_s,
+                       api_key=cfg.api_key, open_health=cfg.open_health)
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, e: HttpError) -> JSONResponse:
@@ -580,6 +629,7 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
                 (o,) = await server.infer([img], deadline)
         finally:
             res.done()
+        o = server.anytime_check(request, o)
         if not o.ok:
             raise outcome_error(o)
         return o, doc
@@ -588,7 +638,7 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
               summary="P(roadwork) of one image, with its trace")
     async def predict(request: Request) -> Response:
         o, _ = await one_image(request, "single", cfg.default_deadline_ms)
-        return Response(_json_bytes(prediction_json(o)), media_type="application/json")
+        return Response(_json_bytes(prediction_json(o)), media_type="application/json", headers=_anytime_header([o]))
 
     @app.post("/v1/predict/batch", responses=ERRORS, openapi_extra=_body_doc(BatchRequest),
               summary="Many images in one request; per-image results (a bad image gets its own error entry)")
@@ -611,14 +661,15 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
             if isinstance(d, BadImage):
                 server.metrics.image_error("predict_batch", d.reason)
                 results[i] = HttpError.from_bad_image(d).body()
+        outcomes: list[Outcome] = []
         if good:
-            outcomes = await server.infer([decoded[i] for i in good], deadline)  # type: ignore[misc]
+            outcomes = [server.anytime_check(request, o) for o in await server.infer([decoded[i] for i in good], deadline)]  # type: ignore[misc]
             for i, o in zip(good, outcomes):
                 results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
                 if 400 <= o.status < 500:  # bad input found in the GPU batch
                     server.metrics.image_error("predict_batch", o.reason)
         request.state.n_images = sum(1 for r in results if "probability" in r)
-        return Response(_json_bytes({"results": results}), media_type="application/json")
+        return Response(_json_bytes({"results": results}), media_type="application/json", headers=_anytime_header(outcomes))
 
     @app.post("/streetvision", response_model=ImageSynapse, responses=ERRORS, openapi_extra=_body_doc(ImageSynapse, multipart=False),
               summary="NATIX StreetVision miner endpoint: the ImageSynapse back with prediction in [0, 1]")
@@ -626,23 +677,23 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
         o, doc = await one_image(request, "synapse", cfg.streetvision_deadline_ms)
         assert doc is not None
         p = float(min(1.0, max(0.0, prediction_json(o)["probability"])))
-        return Response(_json_bytes({**doc, "prediction": p}), media_type="application/json")
+        return Response(_json_bytes({**doc, "prediction": p}), media_type="application/json", headers=_anytime_header([o]))
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> JSONResponse:
-        if server.phase == "failed":
-            return JSONResponse({"status": "failed", "error": server.error}, status_code=503)
+        if server.phase == "failed":  # the cause is in the server log; nothing internal (paths) goes out
+            return JSONResponse({"status": "failed", "error": server.error.split(":", 1)[0]}, status_code=503)
         return JSONResponse({"status": "ok", "phase": server.phase})
 
     @app.get("/readyz", summary="Readiness: models loaded and warmed up")
     async def readyz(request: Request) -> JSONResponse:
         if not server.ready:
             request.state.reason = "not_ready"
-            return JSONResponse({"ready": False, "phase": server.phase, "error": server.error}, status_code=503,
+            return JSONResponse({"ready": False, "phase": server.phase, "error": server.error.split(":", 1)[0]}, status_code=503,
                                 headers={"Retry-After": "1"})
         c = server.cascade
         assert c is not None
-        return JSONResponse({"ready": True, "tiers": c.tier_names, "warmup_ms": server.warmup_ms, "bundle": server.bundle_meta})
+        return JSONResponse({"ready": True, "tiers": c.tier_names, "warmup_ms": server.warmup_ms})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

@@ -40,6 +40,12 @@ def serve(
     max_headers: int = typer.Option(100, min=1, help="header lines per request (431 past it)"),
     request_mpx: float = typer.Option(100.0, min=1.0, help="decoded megapixels one request may hold (413 past it)"),
     server_mpx: float = typer.Option(200.0, min=1.0, help="decoded megapixels all requests together may hold (503 past it)"),
+    api_key: Optional[str] = typer.Option(None, envvar="ROADCASCADE_API_KEY", show_default=False,
+                                          help="require this key (Authorization: Bearer <key> or X-API-Key) on every "
+                                          "endpoint but the dashboard page and, with --open-health, /healthz /readyz /metrics"),
+    open_health: bool = typer.Option(True, help="/healthz, /readyz and /metrics answer without the API key"),
+    anytime: bool = typer.Option(True, help="answer from the tiers that ran when the deadline comes (X-Anytime: true); "
+                                 "--no-anytime answers 503 instead"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch intra-op threads (default: torch's)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     warmup: bool = typer.Option(True, help="warm every tier up before /readyz turns 200"),
@@ -62,7 +68,8 @@ def serve(
                           conn=ConnLimits(max_header_bytes=max_header_kb * 1024, max_headers=max_headers,
                                           header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
                                           max_connections=max(256, 8 * max_queue)),
-                          request_pixels=int(request_mpx * 1e6), server_pixels=int(server_mpx * 1e6))
+                          request_pixels=int(request_mpx * 1e6), server_pixels=int(server_mpx * 1e6),
+                          api_key=api_key or None, open_health=open_health, anytime=anytime)
     except ValueError as e:
         _fail(str(e))
     if malloc_arenas:
@@ -72,7 +79,11 @@ def serve(
 
         torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]note:[/yellow] listening on {host}, not only on loopback")
+        if cfg.api_key:
+            console.print(f"[yellow]note:[/yellow] listening on {host}, not only on loopback (API key required)")
+        else:
+            console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
+                          f"{host}:{port} can use this server; set --api-key or ROADCASCADE_API_KEY")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(bundle, cfg, device=device)
     uvicorn.Server(server_config(app, host, port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)).run()

@@ -53,6 +53,9 @@ class ServeConfig:
     max_loop_lag_ms: float = 250.0  # past this event-loop lag, refuse new requests before reading them (503)
     admit_budget_fraction: float = 0.8  # admit only if tier 0 is predicted done within this share of the time left
     conn: ConnLimits = field(default_factory=ConnLimits)  # header limits, header/body read timeouts (protocol.py)
+    api_key: str | None = field(default=None, repr=False)  # required (Bearer or X-API-Key) on everything but open paths
+    open_health: bool = True  # /healthz, /readyz and /metrics answer without the key
+    anytime: bool = True  # answer from the tiers that ran when the deadline comes (marked X-Anytime: true); False: 503
     request_pixels: int = 100_000_000  # decoded pixels one request may hold (413 too_many_pixels past it)
     server_pixels: int = 200_000_000  # decoded pixels all requests together may hold (503 overloaded past it)
 
@@ -84,4 +87,7 @@ class ServeConfig:
              f"request_pixels ({self.request_pixels:,}) must be >= decode_limits.max_pixels ({self.decode_limits.max_pixels:,})")
         need(self.server_pixels >= self.request_pixels,
              f"server_pixels ({self.server_pixels:,}) must be >= request_pixels ({self.request_pixels:,})")
+        need(self.api_key is None or (isinstance(self.api_key, str) and 16 <= len(self.api_key) <= 4096 and self.api_key.isprintable()
+                                       and self.api_key.isascii()),
+             "api_key must be 16..4096 printable ASCII characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         need(self.stats_window_s > 0, f"stats_window_s must be > 0 (got {self.stats_window_s!r})")

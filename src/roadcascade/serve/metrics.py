@@ -59,6 +59,9 @@ class ServeMetrics(BatcherEvents):
                                  ["tier"], registry=r)
         self.spec = Counter("roadcascade_speculation", "Speculative tier runs: images started, used, wasted, failed", ["event"], registry=r)
         self.spec_active = Gauge("roadcascade_speculation_active", "1 while load-adaptive speculation is on", registry=r)
+        self.anytime = Counter("roadcascade_anytime_answers", "Answers that came early because the deadline came "
+                               "(answered), or were turned into a 503 because anytime answers are off (refused)",
+                               ["endpoint", "event"], registry=r)
         self.tier_errors = Counter("roadcascade_tier_errors", "Exceptions raised inside a tier", ["tier"], registry=r)
         self.ready = Gauge("roadcascade_ready", "1 once models are loaded and warmed up", registry=r)
         self.loop_lag = Gauge("roadcascade_event_loop_lag_seconds", "How late the HTTP event loop runs (smoothed)", registry=r)
