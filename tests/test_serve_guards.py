@@ -317,3 +317,38 @@ def test_many_slow_clients_then_no_false_500s(server):
     assert codes and set(codes) == {200}
     time.sleep(0.3)
     assert fivexx(url) == before
+
+
+def test_decoding_counts_against_the_deadline_and_gives_its_pixels_back(server, monkeypatch):
+    url, _, srv = server
+    real = srv._decode_all
+
+    def slow(items, res):
+        time.sleep(0.6)
+        return real(items, res)
+
+    monkeypatch.setattr(srv, "_decode_all", slow)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/predict", json={"image": GOOD}, headers={"X-Deadline-Ms": "150"}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["reason"] == "deadline" and "decoded" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 0.55  # answered at the deadline, not when decoding ended
+    end = time.monotonic() + 3
+    while srv.pixels.used and time.monotonic() < end:  # the decode job still holds its pixels until it ends
+        time.sleep(0.02)
+    assert srv.pixels.used == 0
+
+
+def test_json_is_parsed_off_the_event_loop(server, monkeypatch):
+    from roadcascade.serve import app as app_module
+
+    url, _, _ = server
+    threads: list[str] = []
+    real = app_module.json_object
+
+    def spy(body: bytes):
+        threads.append(threading.current_thread().name)
+        return real(body)
+
+    monkeypatch.setattr(app_module, "json_object", spy)
+    assert httpx.post(url + "/v1/predict", json={"image": GOOD}, timeout=10).status_code == 200
+    assert threads and threads[0] != "uvicorn"  # live_server runs the event loop in the thread named "uvicorn"
