@@ -5,7 +5,8 @@
    and the server's 5xx count afterwards;
 2. slow headers: N connections trickle header bytes; what they got and when;
 3. pixel bombs: K concurrent /streetvision requests, each a ~700-byte lossless WebP declaring 4000x4000;
-   statuses and the server's peak RSS (VmHWM).
+   statuses and the server's peak RSS (VmHWM);
+4. batch bombs: B concurrent /v1/predict/batch requests of 64 such images each (a 60 KB body); the same.
 
 Loopback only, every part bounded in time. Run it with the code under test on PYTHONPATH, e.g.
 
@@ -142,6 +143,21 @@ async def pixel_bombs(srv: ServerProcess, k: int) -> dict:
             "peak_rss_mb_after": round(peak_rss_mb(srv.proc.pid), 1)}
 
 
+async def batch_bombs(srv: ServerProcess, b: int, per: int = 64) -> dict:
+    image = bomb_image()
+    rss0 = peak_rss_mb(srv.proc.pid)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=max(1, b))) as c:
+        async def one() -> int:
+            try:
+                return (await c.post("/v1/predict/batch", json={"images": [image] * per})).status_code
+            except httpx.HTTPError:
+                return 0
+        t0 = time.monotonic()
+        codes = await asyncio.gather(*[one() for _ in range(b)])
+    return {"requests": b, "images_each": per, "status_counts": dict(Counter(codes)), "seconds": round(time.monotonic() - t0, 2),
+            "peak_rss_mb_before": round(rss0, 1), "peak_rss_mb_after": round(peak_rss_mb(srv.proc.pid), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True)
@@ -149,7 +165,8 @@ def main() -> None:
     ap.add_argument("--every-s", type=float, default=5.0)
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--bombs", type=int, default=64)
-    ap.add_argument("--parts", default="bodies,headers,bombs")
+    ap.add_argument("--batch-bombs", type=int, default=1)
+    ap.add_argument("--parts", default="bodies,headers,bombs,batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--serve-args", default="")
     ap.add_argument("--json", type=Path)
@@ -164,6 +181,8 @@ def main() -> None:
             rep["slow_headers"] = asyncio.run(slow_headers(srv, a.slow, a.every_s, a.duration))
         if "bombs" in a.parts:
             rep["pixel_bombs"] = asyncio.run(pixel_bombs(srv, a.bombs))
+        if "batch" in a.parts:
+            rep["batch_bombs"] = asyncio.run(batch_bombs(srv, a.batch_bombs))
         rep["server_5xx_total"] = fivexx(srv)
         rep["ready_after"] = httpx.get(srv.url + "/readyz", timeout=10).status_code
     print(json.dumps(rep, indent=1))
