@@ -673,10 +673,13 @@ def test_jpeg_scan_cut_before_its_rows_with_an_end_marker_is_truncated(w, h, pro
     assert e.value.reason == "truncated" and e.value.http_status == 400
 
 
-def test_baseline_jpeg_cut_halfway_with_an_end_marker_is_truncated():
-    data = _jpeg_of(640, 480)
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("frac", [0.3, 0.5, 0.9, 0.99])
+def test_jpeg_cut_partway_with_an_end_marker_is_truncated(progressive, frac):
+    data = _jpeg_of(640, 480, progressive)
+    assert decode_bytes(data).shape == (480, 640, 3)
     with pytest.raises(BadImage) as e:
-        decode_bytes(data[: len(data) // 2] + b"\xff\xd9")
+        decode_bytes(data[: int(len(data) * frac)] + b"\xff\xd9")
     assert e.value.reason == "truncated"
 
 
@@ -707,3 +710,12 @@ def test_image_size_reads_the_header_only():
     assert image_size(data[:700]) == (640, 480)  # no pixel decoded: a cut scan does not matter here
     with pytest.raises(BadImage):
         image_size(b"%PDF-1.4 hello")
+
+
+def test_check_jpeg_scan_size_without_decoding():
+    from roadcascade.images import check_jpeg_scan_size
+    data = _jpeg_of(640, 480)
+    check_jpeg_scan_size(data)
+    with pytest.raises(BadImage) as e:
+        check_jpeg_scan_size(data[:631] + b"\xff\xd9")
+    assert e.value.reason == "truncated"

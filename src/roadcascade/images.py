@@ -59,6 +59,7 @@ __all__ = [
     "decode_path",
     "encode_base64_jpeg",
     "encode_jpeg",
+    "check_jpeg_scan_size",
     "image_size",
     "to_rgb",
 ]
@@ -484,9 +485,11 @@ def _open(data: bytes, limits: DecodeLimits, fmt: str) -> Image.Image:
 # libjpeg meets an end-of-image marker in the middle of a scan with a warning ("premature end of data
 # segment") and fills every block still missing with zero coefficients (flat grey 128); PIL never reports
 # the warning, so a 633-byte file whose header says 4000x4000 decodes to a 48 MB grey image. Two checks:
-# a lower bound on the entropy-coded data (exact: every Huffman-coded block costs bits) and, for
-# sequential JPEGs whose corner came out flat 128, a second decode with filler before the end marker: a
-# complete scan never reads past its last block, so only a truncated one decodes differently.
+# a lower bound on the entropy-coded data (exact: every Huffman-coded block costs bits) and a second
+# decode with filler before the end marker (a complete scan never reads past its last block, so only a
+# truncated one decodes differently): for sequential JPEGs only when a corner came out flat 128 (what the
+# fill looks like), for progressive ones always (a cut scan leaves no flat region; twice the decode time).
+# Not caught: a file cut exactly at a scan or restart-interval boundary and then ended with an EOI.
 _SOF_BASELINE: Final = frozenset({0xC0, 0xC1})  # sequential Huffman: >= 2 bits per block (DC code + EOB)
 _SOF_PROGRESSIVE: Final = 0xC2  # progressive Huffman: the first DC scan costs >= 1 bit per block
 _JPEG_FILLER: Final = bytes((i * 89 + 17) % 255 for i in range(512))  # varied bits, never 0xFF (a marker)
@@ -548,17 +551,30 @@ def _flat_grey_corner(rgb: np.ndarray) -> bool:
     return any(bool((c == 128).all()) for c in (rgb[-2:, -2:], rgb[:2, :2], rgb[:2, -2:], rgb[-2:, :2]))
 
 
-def _check_jpeg_complete(data: bytes, img: Image.Image, rgb: np.ndarray, what: str) -> None:
-    """Raise ``truncated`` when the JPEG's scans end (at an end marker) before its declared blocks do."""
+def check_jpeg_scan_size(data: bytes, what: str = "JPEG data") -> None:
+    """``BadImage("truncated")`` when a JPEG holds fewer scan bytes than its declared size needs at the very least
+    (no pixel decoded: for paths that hand the bytes to another decoder, e.g. the GPU's)."""
     frame = _jpeg_frame(data)
-    if frame is None:
-        return
+    if frame is not None:
+        _check_scan_bits(data, frame, what)
+
+
+def _check_scan_bits(data: bytes, frame: _JpegFrame, what: str) -> None:
     have = 8 * (len(data) - frame.scan_start)
     need = _jpeg_min_bits(frame)
     if have < need:
         raise _bad("truncated", f"{what} is truncated: {frame.width}x{frame.height} needs at least {need // 8:,} bytes "
                                 f"of scan data, the file has {have // 8:,}")
-    if frame.sof not in _SOF_BASELINE or not _flat_grey_corner(rgb):
+
+
+def _check_jpeg_complete(data: bytes, img: Image.Image, rgb: np.ndarray, what: str) -> None:
+    """Raise ``truncated`` when the JPEG's scans end (at an end marker) before its declared blocks do."""
+    frame = _jpeg_frame(data)
+    if frame is None:
+        return
+    _check_scan_bits(data, frame, what)
+    suspicious = frame.sof == _SOF_PROGRESSIVE or (frame.sof in _SOF_BASELINE and _flat_grey_corner(rgb))
+    if not suspicious:
         return
     end = data.rfind(b"\xff\xd9")
     if end < frame.scan_start:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..images import BadImage, DecodeLimits, base64_bytes, decode_base64, decode_bytes
+from ..images import BadImage, DecodeLimits, base64_bytes, check_jpeg_scan_size, decode_base64, decode_bytes
 
 DEADLINE_HEADER = "x-deadline-ms"
 
@@ -142,4 +142,7 @@ def prepare_item(item: Any, limits: DecodeLimits, gpu: bool) -> np.ndarray | byt
         raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
     from ..gpu import jpeg_gpu_info
 
-    return data if jpeg_gpu_info(data, limits) is not None else decode_bytes(data, limits)
+    if jpeg_gpu_info(data, limits) is None:
+        return decode_bytes(data, limits)
+    check_jpeg_scan_size(data)  # the GPU decoder does not see truncation that ends at an EOI
+    return data
