@@ -352,3 +352,37 @@ def test_json_is_parsed_off_the_event_loop(server, monkeypatch):
     monkeypatch.setattr(app_module, "json_object", spy)
     assert httpx.post(url + "/v1/predict", json={"image": GOOD}, timeout=10).status_code == 200
     assert threads and threads[0] != "uvicorn"  # live_server runs the event loop in the thread named "uvicorn"
+
+
+def test_a_request_still_running_when_graceful_shutdown_ends_gets_the_json_503_live():
+    import uvicorn
+
+    from roadcascade.serve.protocol import server_config
+
+    app = create_app(sleep_cascade(t0_ms=4000, t1_ms=0), ServeConfig(max_batch=1, warmup=False))
+    srv = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="warning", access_log=False, lifespan="on",
+                                       timeout_graceful_shutdown=1))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    end = time.monotonic() + 30
+    while not srv.started:
+        assert t.is_alive() and time.monotonic() < end
+        time.sleep(0.02)
+    url = "http://127.0.0.1:%d" % srv.servers[0].sockets[0].getsockname()[1]
+    while httpx.get(url + "/readyz").status_code != 200:
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    got: dict = {}
+
+    def call() -> None:
+        r = httpx.post(url + "/v1/predict", json={"image": GOOD}, headers={"X-Deadline-Ms": "20000"}, timeout=15)
+        got.update(status=r.status_code, ctype=r.headers.get("content-type"), body=r.text)
+
+    c = threading.Thread(target=call)
+    c.start()
+    time.sleep(0.5)  # the request is inside the 4 s tier
+    srv.should_exit = True
+    c.join(15)
+    t.join(15)
+    assert got["status"] == 503 and got["ctype"] == "application/json", got
+    assert json.loads(got["body"])["error"]["reason"] == "shutting_down"
