@@ -386,3 +386,22 @@ def test_a_request_still_running_when_graceful_shutdown_ends_gets_the_json_503_l
     t.join(15)
     assert got["status"] == 503 and got["ctype"] == "application/json", got
     assert json.loads(got["body"])["error"]["reason"] == "shutting_down"
+
+
+def test_a_client_gone_while_its_image_is_in_the_model_is_a_499_not_a_200():
+    app = create_app(sleep_cascade(t0_ms=600, t1_ms=0), ServeConfig(max_batch=1, warmup=False))
+    with live_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"image": GOOD}).encode()
+        s = sock((host, int(port)))
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Deadline-Ms: 20000\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.2)  # the whole body is in; the tier sleeps 600 ms
+        s.close()
+        end = time.monotonic() + 5
+        while metric(url, "roadcascade_requests_total", endpoint="predict", status="499") < 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert metric(url, "roadcascade_requests_total", endpoint="predict", status="499") == 1
+        assert metric(url, "roadcascade_requests_total", endpoint="predict", status="200") == 0
+        assert httpx.post(url + "/v1/predict", json={"image": GOOD}, headers={"X-Deadline-Ms": "20000"}, timeout=10).status_code == 200
+        assert metric(url, "roadcascade_requests_total", endpoint="predict", status="200") == 1

@@ -170,6 +170,7 @@ class ServeMiddleware:
         async def send_(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 sent["status"] = msg["status"]
+                state["answered"] = True
             await send(msg)
 
         async def reply(status: int, reason: str, message: str) -> None:
@@ -199,7 +200,7 @@ class ServeMiddleware:
                     await _drain(receive, length)
                 await reply(413, "too_large", f"the body has {length:,} bytes; at most {self.max_body:,}")
                 return
-            await self.app(scope, self._receiver(receive, state), send_)
+            await self.app(scope, self._receiver(receive, state, watch=endpoint in PREDICTION_ENDPOINTS), send_)
         except _BodyTooLarge:
             if not sent["status"]:
                 await _drain(receive, DRAIN_FACTOR * self.max_body - state.get("body_seen", 0))
@@ -217,13 +218,19 @@ class ServeMiddleware:
             if not sent["status"]:
                 await reply(500, "internal", f"internal error ({type(e).__name__}); the server goes on")
         finally:
-            status = sent["status"] or (CLIENT_CLOSED if state.get("reason") == "client_disconnect" else 500)
+            watcher = state.pop("watcher", None)
+            if watcher is not None:
+                watcher.cancel()
+            gone = state.get("gone") or (not sent["status"] and state.get("reason") == "client_disconnect")
+            status = CLIENT_CLOSED if gone else sent["status"] or 500
             self.metrics.request(endpoint, status, state.get("reason", ""), time.perf_counter() - t0,
                                  state.get("n_images", 0))
 
-    def _receiver(self, receive: Receive, state: dict) -> Receive:
+    def _receiver(self, receive: Receive, state: dict, watch: bool = False) -> Receive:
         """``receive`` with the body-size limit and the body-read deadline (only until the body is complete:
-        later receives wait for a disconnect and must not time out)."""
+        later receives wait for a disconnect and must not time out). With ``watch``, once the body is read a
+        task waits for the client to go away before its answer (counted as 499, not as the status sent into
+        the void)."""
         end = time.monotonic() + self.body_timeout_s
         state["body_seen"] = 0
         done = False
@@ -241,6 +248,8 @@ class ServeMiddleware:
                 if state["body_seen"] > self.max_body:
                     raise _BodyTooLarge()
                 done = not msg.get("more_body", False)
+                if done and watch:
+                    state["watcher"] = asyncio.ensure_future(_watch_disconnect(receive, state))
             elif msg["type"] == "http.disconnect":
                 state["reason"] = "client_disconnect"
             return msg
@@ -248,7 +257,14 @@ class ServeMiddleware:
         return receive_
 
 
+async def _watch_disconnect(receive: Receive, state: dict) -> None:
+    msg = await receive()  # uvicorn answers http.disconnect when the client goes, or once the response is complete
+    if msg["type"] == "http.disconnect" and not state.get("answered"):
+        state["gone"], state["reason"] = True, "client_disconnect"
+
+
 CLIENT_CLOSED = 499  # the client went away before its answer (nginx's code); never counted as a 5xx
+PREDICTION_ENDPOINTS = frozenset({"predict", "predict_batch", "streetvision"})
 DRAIN_FACTOR = 2  # read and discard up to 2x the body limit before a 413, so that the client can read it
 DRAIN_SECONDS = 2.0
 
