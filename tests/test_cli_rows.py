@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, random_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,7 +29,7 @@ def dataset(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     rows = ["file,label,split,source,boxes"]
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+        (root / "images" / f"{i}.jpg").write_bytes(jpeg_bytes(random_image(rng)))
         rows.append(f"images/{i}.jpg,{i % 2},test,src{i % 2},[]")
     (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     rows += ["images/missing.jpg,1,test,src1,[]", "images/corrupt.jpg,0,test,src0,[]", "images/0.jpg,maybe,test,src0,[]"]
@@ -71,7 +72,7 @@ def hostile_names(tmp_path: Path) -> list[Path]:
     out = []
     for n in names:
         p = tmp_path / n
-        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(p, format="PNG")
+        Image.fromarray(random_image(rng, 32, 40)).save(p, format="PNG")
         out.append(p)
     bad = tmp_path / "bad\r\x1b]0;title\x07.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")

@@ -4,14 +4,12 @@ docs pages, the loopback warning; anytime answers marked, counted and refusable 
 from __future__ import annotations
 
 import base64
-import io
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes
 from fastapi.testclient import TestClient
-from PIL import Image
 from typer.testing import CliRunner
 
 from roadcascade.serve import ServeConfig, create_app
@@ -22,9 +20,7 @@ KEY = "k" * 20 + "-secret-0123456789"
 
 
 def b64jpeg(rgb: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=75)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(jpeg_bytes(rgb, quality=75)).decode()
 
 
 EASY, HARD = b64jpeg(grey(10)), b64jpeg(grey(128))

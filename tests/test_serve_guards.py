@@ -16,8 +16,8 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
+from conftest import jpeg_bytes
 from PIL import Image
 
 from roadcascade.serve import ServeConfig, create_app
@@ -30,17 +30,11 @@ from roadcascade.serve.testing import grey, live_server, sleep_cascade
 HEADER_S, BODY_S = 0.6, 1.0
 
 
-def jpeg(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=75)
-    return buf.getvalue()
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-GOOD = b64(jpeg(grey(20)))
+GOOD = b64(jpeg_bytes(grey(20), quality=75))
 
 
 @pytest.fixture(scope="module")
