@@ -47,7 +47,7 @@ def test_the_key_is_required_and_compared_in_constant_time(keyed, monkeypatch):
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer " + KEY[:-1]}, {"Authorization": "Basic " + KEY}):
         r = keyed.post("/v1/predict", json={"image": EASY}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["reason"] == "unauthorized" and "Bearer" in r.headers["www-authenticate"]
-    for path in ("/streetvision", "/v1/predict/batch", "/v1/stats", "/openapi.json"):
+    for path in ("/streetvision", "/v1/predict/batch", "/openapi.json"):
         assert keyed.post(path, json={}).status_code == 401 or keyed.get(path).status_code == 401
     assert keyed.post("/v1/predict", json={"image": EASY}, headers={"Authorization": "Bearer " + KEY}).status_code == 200
     assert keyed.post("/v1/predict", json={"image": EASY}, headers={"X-API-Key": KEY}).status_code == 200
@@ -55,11 +55,12 @@ def test_the_key_is_required_and_compared_in_constant_time(keyed, monkeypatch):
     m = keyed.get("/metrics").text  # open by default, like /healthz and /readyz
     assert 'roadcascade_errors_total{endpoint="predict",reason="unauthorized"} 4.0' in m
     assert keyed.get("/healthz").status_code == 200 and keyed.get("/").status_code == 200
+    assert keyed.get("/v1/stats").status_code == 200  # the dashboard's live numbers, open like /metrics
 
 
 def test_health_and_metrics_can_be_closed_too():
     with TestClient(create_app(sleep_cascade(), ServeConfig(warmup_rounds=1, api_key=KEY, open_health=False))) as c:
-        for path in ("/healthz", "/readyz", "/metrics"):
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/stats"):
             assert c.get(path).status_code == 401
         ready(c, {"X-API-Key": KEY})
         assert c.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200

@@ -124,7 +124,7 @@ def _http_problem(scope: Scope) -> tuple[int, str, str] | None:
     return None
 
 
-OPEN_HEALTH = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_HEALTH = frozenset({"/healthz", "/readyz", "/metrics", "/v1/stats"})  # /v1/stats: the dashboard's numbers (counts only)
 
 
 def _auth_problem(scope: Scope, api_key: bytes | None, open_health: bool) -> tuple[int, str, str] | None:
