@@ -649,3 +649,73 @@ def test_base64_jpeg_round_trip_keeps_shape(rgb: np.ndarray, quality: int) -> No
     text = encode_base64_jpeg(rgb, quality)
     assert text.isascii() and "\n" not in text
     assert decode_base64(text).shape == rgb.shape
+
+
+# ------------------------------------------------------------------------------ strict JPEG completeness (#14)
+def _jpeg_of(w: int, h: int, progressive: bool = False, noise: bool = True) -> bytes:
+    rng = np.random.default_rng(w * h)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if noise else np.full((h, w, 3), (200, 30, 30), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=75, progressive=progressive)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,progressive,noise", [(4000, 4000, False, False), (4000, 4000, True, False),
+                                                   (640, 480, False, True), (640, 480, True, True)])
+def test_jpeg_scan_cut_before_its_rows_with_an_end_marker_is_truncated(w, h, progressive, noise):
+    from roadcascade.images import DecodeLimits
+    data = _jpeg_of(w, h, progressive, noise)
+    limits = DecodeLimits(max_pixels=16_000_000, max_side=10_000)
+    assert decode_bytes(data, limits).shape == (h, w, 3)
+    cut = data[:631] + b"\xff\xd9"  # 633 bytes: header + a sliver of scan + EOI (PIL alone fills the rest with grey)
+    with pytest.raises(BadImage) as e:
+        decode_bytes(cut, limits)
+    assert e.value.reason == "truncated" and e.value.http_status == 400
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("frac", [0.3, 0.5, 0.9, 0.99])
+def test_jpeg_cut_partway_with_an_end_marker_is_truncated(progressive, frac):
+    data = _jpeg_of(640, 480, progressive)
+    assert decode_bytes(data).shape == (480, 640, 3)
+    with pytest.raises(BadImage) as e:
+        decode_bytes(data[: int(len(data) * frac)] + b"\xff\xd9")
+    assert e.value.reason == "truncated"
+
+
+def test_complete_jpegs_with_flat_grey_corners_still_decode():
+    for v in (128, 127):
+        arr = np.full((64, 80, 3), v, np.uint8)
+        data = encode(Image.fromarray(arr), "JPEG", quality=75)
+        out = decode_bytes(data)
+        assert out.shape == (64, 80, 3) and abs(int(out[-1, -1, 0]) - v) <= 1
+
+
+def test_load_truncated_images_is_switched_back_off():
+    from PIL import ImageFile
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        data = _jpeg_of(64, 48)
+        with pytest.raises(BadImage) as e:
+            decode_bytes(data[: len(data) // 2])
+        assert e.value.reason == "truncated" and ImageFile.LOAD_TRUNCATED_IMAGES is False
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def test_image_size_reads_the_header_only():
+    from roadcascade.images import image_size
+    data = _jpeg_of(640, 480)
+    assert image_size(data) == (640, 480)
+    assert image_size(data[:700]) == (640, 480)  # no pixel decoded: a cut scan does not matter here
+    with pytest.raises(BadImage):
+        image_size(b"%PDF-1.4 hello")
+
+
+def test_check_jpeg_scan_size_without_decoding():
+    from roadcascade.images import check_jpeg_scan_size
+    data = _jpeg_of(640, 480)
+    check_jpeg_scan_size(data)
+    with pytest.raises(BadImage) as e:
+        check_jpeg_scan_size(data[:631] + b"\xff\xd9")
+    assert e.value.reason == "truncated"

@@ -150,3 +150,12 @@ def test_prepare_item_routes_plain_jpegs_as_bytes(images):
     np.testing.assert_array_equal(prepare_item(images[0], limits, gpu=False), rgb)
     with pytest.raises(BadImage):
         prepare_item(12, limits, gpu=True)
+
+
+def test_a_jpeg_cut_short_and_ended_with_an_eoi_is_refused_before_the_gpu_batch(client):
+    rgb = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=75)
+    cut = buf.getvalue()[:631] + b"\xff\xd9"  # header + a sliver of scan + EOI: nvJPEG / libjpeg fill the rest with grey
+    r = client.post("/v1/predict", json={"image": b64(cut)})
+    assert r.status_code == 400 and r.json()["error"]["reason"] == "truncated"

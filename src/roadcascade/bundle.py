@@ -9,6 +9,7 @@ fitted on; the metrics it reached; the training config) plus one ``.safetensors`
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ from .detect import tier as _detector_tier, yolox as _coco_tier  # noqa: F401,E4
 FORMAT = "roadcascade.bundle/1"
 
 
-class BundleError(ValueError):
-    """A bundle that cannot be read, with what is wrong."""
+from .bundle_check import LIMITS, BundleError, check_doc, check_files, parse_json, read_regular, record_hashes, regular_file
+
+__all__ = ["FORMAT", "Bundle", "BundleError"]
 
 
 @dataclass
@@ -44,8 +46,9 @@ class Bundle:
             "torch": torch.__version__,
             "python": platform.python_version(),
             **self.cascade.to_config(out),
-            **self.meta,
+            **{k: v for k, v in self.meta.items() if k != "weights_sha256"},
         }
+        doc = record_hashes(doc, out)  # SHA-256 of every weights file, checked at load
         tmp = out / "bundle.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2, default=_jsonable))
         tmp.replace(out / "bundle.json")
@@ -54,20 +57,33 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "Bundle":
+        """Load and check a bundle: schema and ranges of bundle.json, files confined to the bundle directory,
+        weights hashes where recorded. Any problem is a :class:`BundleError` naming the field or file."""
         path = Path(path)
-        doc_path = path / "bundle.json" if path.is_dir() else path
-        if not doc_path.exists():
-            raise BundleError(f"no bundle at {path} (expected {doc_path}); train one with `roadcascade train`")
-        try:
-            doc = json.loads(doc_path.read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{doc_path}: not valid JSON ({e})") from e
-        if doc.get("format") != FORMAT:
-            raise BundleError(f"{doc_path}: format {doc.get('format')!r}, this version reads {FORMAT!r}")
+        root, name = (path, "bundle.json") if path.is_dir() else (path.parent, path.name)
+        if not (root / name).exists() and not (root / name).is_symlink():
+            raise BundleError(f"no bundle at {path} (expected {root / name}); train one with `roadcascade train`")
+        doc = parse_json(read_regular(regular_file(root, name, name, LIMITS.max_json_bytes), name, LIMITS.max_json_bytes))
+        from .cascade import FUSIONS, RULES, TIERS
+
+        check_doc(doc, FORMAT, set(TIERS), set(RULES), set(FUSIONS))
+        check_files(doc, root)
         dev = torch.device(device) if isinstance(device, str) else device
-        cascade = Cascade.from_config(doc, doc_path.parent, dev)
+        cascade = _build_cascade(doc, Path(os.path.realpath(root)), dev)
         meta = {k: v for k, v in doc.items() if k not in ("tiers", "exits", "format")}
-        return cls(cascade=cascade, meta=meta, path=doc_path.parent)
+        return cls(cascade=cascade, meta=meta, path=root)
+
+
+def _build_cascade(doc: dict, root: Path, device: torch.device | None) -> Cascade:
+    """The cascade of a checked bundle.json; a failure inside a tier's loader (a tensor of the wrong shape, a model
+    name the zoo does not know, a corrupt weights file) is a BundleError naming the tier."""
+    try:
+        return Cascade.from_config(doc, root, device)
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one BundleError
+        which = ", ".join(repr(t.get("name")) for t in doc["tiers"])
+        raise BundleError(f"bundle.json: the cascade ({which}) could not be built: {type(e).__name__}: {str(e)[:300]}") from e
 
 
 def _jsonable(o: Any) -> Any:

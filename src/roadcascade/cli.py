@@ -151,12 +151,17 @@ def eval_cmd(
     n_views: int = typer.Option(4, min=1, help="challenge views per image"),
     batch_size: int = typer.Option(32, min=1),
     max_images: Optional[int] = typer.Option(None, help="evaluate a stratified subset"),
+    strict: bool = typer.Option(False, help="stop at the first bad row (missing or corrupt image, bad label) "
+                                "instead of recording it in the report and going on"),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Evaluate a bundle the way a validator would; print a summary, write JSON and HTML."""
+    """Evaluate a bundle the way a validator would; print a summary, write JSON and HTML. Bad rows are listed
+    in the JSON (``bad_rows``) and left out of the metrics, unless --strict."""
     from .bundle import Bundle, BundleError
     from .data import DataError, open_dataset
     from .evaluate import evaluate, public
+    from .images import BadImage
+    from .predict_out import printable
     from .preprocess import pick_device
     from .report import write_html
 
@@ -164,12 +169,21 @@ def eval_cmd(
         _fail("--views must be clean or challenge")
     try:
         b = Bundle.load(bundle, device=pick_device(device))
-        ds = open_dataset(data, split).subset(max_images)
+        ds = open_dataset(data, split, strict=strict).subset(max_images)
     except (BundleError, DataError, FileNotFoundError) as e:
         _fail(str(e))
-    with progress_bar() as cb:
-        rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb)
+    try:
+        with progress_bar() as cb:
+            rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb, strict=strict)
+    except (BadImage, OSError) as e:  # --strict: the first bad row stops the run
+        _fail(f"bad row: {printable(str(e))} (without --strict it is recorded and skipped)")
     _print_summary([(f"{split} / {views}", rep)])
+    if rep.get("n_bad"):
+        reasons: dict[str, int] = {}
+        for r in rep["bad_rows"]:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        console.print(f"[yellow]{rep['n_bad']} bad row(s) skipped[/yellow]: {json.dumps(reasons)}"
+                      + (f" (listed in {json_out})" if json_out else " (pass --json to list them)"))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(public(rep), indent=2))
@@ -184,31 +198,25 @@ def predict(
     images: list[Path] = typer.Argument(..., help="image files"),
     bundle: Path = typer.Option(DEFAULT_QUICKSTART / "bundle", help="bundle directory"),
     trace: bool = typer.Option(False, help="also print each image's trace"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line: file, probability, label (or error)"),
+    batch_size: int = typer.Option(32, min=1, help="images decoded and predicted at a time (output streams per batch)"),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Print P(roadwork) for image files (calibrated and folded: > 0.5 means roadwork)."""
+    """Print P(roadwork) for image files (calibrated and folded: > 0.5 means roadwork). Tab-separated lines
+    (file names with control characters escaped) or JSON lines; exit code 1 if any image was bad."""
     from .bundle import Bundle, BundleError
-    from .images import BadImage, decode_path
+    from .predict_out import predict_lines
     from .preprocess import pick_device
 
     try:
         b = Bundle.load(bundle, device=pick_device(device))
     except (BundleError, FileNotFoundError) as e:
         _fail(str(e))
-    ok, decoded = [], []
     bad = 0
-    for p in images:
-        try:
-            decoded.append(decode_path(p))
-            ok.append(p)
-        except BadImage as e:
-            bad += 1
-            print(f"{p}\terror\t{e.reason}: {e}")
-    for p, pr in zip(ok, b.cascade.predict(decoded) if decoded else []):
-        line = f"{p}\t{pr.probability:.4f}\t{'roadwork' if pr.label else 'none'}"
-        if trace:
-            line += "\t" + json.dumps(pr.trace.as_dict())
-        print(line)
+    for i in range(0, len(images), batch_size):
+        for line, ok in predict_lines(b.cascade, images[i:i + batch_size], trace, as_json):
+            bad += not ok
+            print(line, flush=True)
     if bad:
         raise typer.Exit(1)
 

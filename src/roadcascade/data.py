@@ -49,6 +49,7 @@ class Sample:
 class Dataset:
     name: str
     samples: list[Sample]
+    bad: list[dict] = field(default_factory=list)  # rows skipped when opened leniently: {key, split, row, reason, message}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -65,7 +66,8 @@ class Dataset:
             return self
         if name not in self.splits:
             raise DataError(f"split {name!r} not in {self.name}; present: {', '.join(self.splits)}")
-        return Dataset(f"{self.name}:{name}", [s for s in self.samples if s.split == name])
+        return Dataset(f"{self.name}:{name}", [s for s in self.samples if s.split == name],
+                       [b for b in self.bad if b.get("split") in (name, None)])
 
     def subset(self, n: int | None, seed: int = 0) -> "Dataset":
         """A stratified random subset of n samples (all of them if n is None or >= len)."""
@@ -78,7 +80,7 @@ class Dataset:
             cls_idx = np.flatnonzero(y == c)
             k = int(round(n * len(cls_idx) / len(self)))
             idx += list(rng.choice(cls_idx, size=min(k, len(cls_idx)), replace=False))
-        return Dataset(f"{self.name}[{n}]", [self.samples[i] for i in sorted(idx)])
+        return Dataset(f"{self.name}[{n}]", [self.samples[i] for i in sorted(idx)], self.bad)
 
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.int64)
@@ -103,18 +105,21 @@ def default_data_root() -> Path:
     return candidates[0]
 
 
-def load_manifest(root: Path) -> Dataset:
+def load_manifest(root: Path, strict: bool = True) -> Dataset:
+    """``manifest.csv`` rows; a malformed row or a label other than 0/1 is a DataError, or with ``strict=False``
+    a record in ``Dataset.bad`` (the row is skipped)."""
     man = root / "manifest.csv"
-    samples = []
+    samples, bad = [], []
     with open(man, newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):
             try:
-                label = int(row["label"])
-                boxes = tuple(tuple(float(v) for v in b) for b in json.loads(row.get("boxes") or "[]"))
-            except (KeyError, ValueError, TypeError) as e:
-                raise DataError(f"{man}: row {i + 2} is malformed ({e})") from e
-            if label not in (0, 1):
-                raise DataError(f"{man}: row {i + 2} has label {label}; expected 0 or 1")
+                label, boxes = _manifest_row(man, i, row)
+            except DataError as e:
+                if strict:
+                    raise
+                bad.append({"key": str(row.get("file"))[:300], "split": row.get("split") or "all", "row": i + 2,
+                            "reason": "bad_label" if isinstance(e, BadLabel) else "bad_row", "message": str(e)[:300]})
+                continue
             samples.append(
                 Sample(
                     key=row["file"],
@@ -125,7 +130,27 @@ def load_manifest(root: Path) -> Dataset:
                     path=root / row["file"],
                 )
             )
-    return Dataset(root.name, samples)
+    return Dataset(root.name, samples, bad)
+
+
+class BadLabel(DataError):
+    """A manifest row whose label is not 0 or 1."""
+
+
+def _manifest_row(man: Path, i: int, row: dict) -> tuple[int, tuple]:
+    try:
+        label = int(row["label"])
+    except (KeyError, ValueError, TypeError):
+        raise BadLabel(f"{man}: row {i + 2} has label {str(row.get('label'))[:40]!r}; expected 0 or 1") from None
+    try:
+        boxes = tuple(tuple(float(v) for v in b) for b in json.loads(row.get("boxes") or "[]"))
+        if not row.get("file"):
+            raise ValueError("no file name")
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{man}: row {i + 2} is malformed ({e})") from e
+    if label not in (0, 1):
+        raise BadLabel(f"{man}: row {i + 2} has label {label}; expected 0 or 1")
+    return label, boxes
 
 
 def _folder_samples(root: Path, split: str) -> list[Sample]:
@@ -186,8 +211,9 @@ def load_parquet(path: Path, image_column: str = "image", label_column: str = "l
     return Dataset(path.stem, samples)
 
 
-def open_dataset(spec: str | os.PathLike | None = None, split: str | None = None) -> Dataset:
-    """Open a manifest directory, an image folder, or parquet file(s); optionally one split."""
+def open_dataset(spec: str | os.PathLike | None = None, split: str | None = None, strict: bool = True) -> Dataset:
+    """Open a manifest directory, an image folder, or parquet file(s); optionally one split. ``strict=False``:
+    malformed manifest rows are skipped and listed in ``Dataset.bad`` instead of failing the whole data set."""
     root = Path(spec) if spec else default_data_root()
     if not root.exists():
         hint = f" (set --data or ${DATA_ENV})" if spec is None else ""
@@ -195,7 +221,7 @@ def open_dataset(spec: str | os.PathLike | None = None, split: str | None = None
     if root.is_file() and root.suffix == ".parquet":
         ds = load_parquet(root)
     elif root.is_dir() and (root / "manifest.csv").exists():
-        ds = load_manifest(root)
+        ds = load_manifest(root, strict=strict)
     elif root.is_dir() and any(root.rglob("*.parquet")):
         ds = load_parquet(root)
     elif root.is_dir():

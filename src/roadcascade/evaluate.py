@@ -16,7 +16,7 @@ import torch
 from .bundle import Bundle
 from .challenge import ChallengeConfig, challenge_views
 from .data import Dataset
-from .images import decode_bytes, encode_jpeg
+from .images import BadImage, decode_bytes, encode_jpeg
 from .metrics import DASHCAM_SOURCES, percentiles, reliability, summarize
 
 Progress = Callable[[str, int, int], None]
@@ -39,19 +39,26 @@ def view_seed(split: str | None, seed: int | None) -> int:
     return DEFAULT_VIEW_SEEDS.get(split or "", 0)
 
 
-def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int = 224, progress: Progress | None = None) -> list[EvalItem]:
-    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75."""
+def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int = 224, progress: Progress | None = None,
+               bad: list[dict] | None = None) -> list[EvalItem]:
+    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75. With a
+    ``bad`` list, an image that is missing or does not decode is recorded there and skipped (else it raises)."""
     if views not in ("clean", "challenge"):
         raise ValueError(f"views must be 'clean' or 'challenge', not {views!r}")
     items: list[EvalItem] = []
     cfg = ChallengeConfig(size=size, jpeg_quality=None)  # encoded once below, as the validator does
     for i, s in enumerate(ds.samples):
-        if views == "clean":
-            data = s.data if s.data is not None else s.path.read_bytes()  # type: ignore[union-attr]
-            items.append(EvalItem(s.key, s.label, s.source, data))
-        else:
-            for j, v in enumerate(challenge_views(s.load(), seed=seed, key=s.key, n=n_views, cfg=cfg)):
-                items.append(EvalItem(f"{s.key}#v{j}", s.label, s.source, encode_jpeg(v, 75)))
+        try:
+            if views == "clean":
+                data = s.data if s.data is not None else s.path.read_bytes()  # type: ignore[union-attr]
+                items.append(EvalItem(s.key, s.label, s.source, data))
+            else:
+                for j, v in enumerate(challenge_views(s.load(), seed=seed, key=s.key, n=n_views, cfg=cfg)):
+                    items.append(EvalItem(f"{s.key}#v{j}", s.label, s.source, encode_jpeg(v, 75)))
+        except (OSError, BadImage) as e:
+            if bad is None:
+                raise
+            bad.append(bad_row(s.key, e))
         if progress:
             progress(f"prepare {views} views", i + 1, len(ds))
     return items
@@ -62,9 +69,32 @@ def _group_metrics(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict:
     return {"n": s.n, "pos": int(y[mask].sum()), "mcc": s.mcc, "accuracy": s.accuracy, "confusion": s.confusion}
 
 
+def bad_row(key: str, e: BaseException) -> dict:
+    """A skipped image for the report: missing (file not there) or its BadImage reason."""
+    if isinstance(e, BadImage):
+        reason = "missing" if e.reason == "not_found" else e.reason
+    else:
+        reason = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+    return {"key": key, "reason": reason, "message": str(e)[:300]}
+
+
+def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None) -> tuple[list[EvalItem], list[np.ndarray]]:
+    if bad is None:
+        return list(chunk), [decode_bytes(it.payload) for it in chunk]
+    kept, arrays = [], []
+    for it in chunk:
+        try:
+            arrays.append(decode_bytes(it.payload))
+            kept.append(it)
+        except BadImage as e:
+            bad.append(bad_row(it.key, e))
+    return kept, arrays
+
+
 def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None,
-                   baselines: bool = True) -> dict:
-    """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits."""
+                   bad: list[dict] | None = None, baselines: bool = True) -> dict:
+    """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits. With a ``bad`` list,
+    an item that does not decode is recorded there and left out (else it raises)."""
     cascade = bundle.cascade
     from .gpu import maybe_gpu_cascade  # the GPU fast path when CUDA is present (ROADCASCADE_GPU=0 turns it off)
 
@@ -73,16 +103,23 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
         batch_size = max(batch_size, 4 * gc.cfg.proc_min)
     probs, calib, lat, exits, rules, gfl = [], [], [], [], [], []
     busy = 0.0
+    kept: list[EvalItem] = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         t0 = time.perf_counter()
         if gc is not None:
             preds = gc.predict([it.payload for it in chunk])
-            bad = next((p for p in preds if isinstance(p, Exception)), None)
-            if bad is not None:
-                raise bad
+            failed = [(it, p) for it, p in zip(chunk, preds) if isinstance(p, Exception)]
+            if failed:
+                if bad is None:
+                    raise failed[0][1]
+                bad.extend(bad_row(it.key, p) for it, p in failed)
+                chunk = [it for it, p in zip(chunk, preds) if not isinstance(p, Exception)]
+                preds = [p for p in preds if not isinstance(p, Exception)]
         else:
-            preds = cascade.predict([decode_bytes(it.payload) for it in chunk])
+            chunk, arrays = _decode_chunk(chunk, bad)
+            preds = cascade.predict(arrays) if arrays else []
+        kept += chunk
         dt = (time.perf_counter() - t0) * 1e3
         busy += dt
         lat += [dt] * len(chunk)
@@ -94,6 +131,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
             gfl.append(sum(pr.trace.gflops.values()) if pr.trace.gflops else float("nan"))
         if progress:
             progress("evaluate", min(i + batch_size, len(items)), len(items))
+    items = kept
     y = np.array([it.label for it in items], dtype=np.int64)
     p = np.array(probs, dtype=np.float64)
     src = np.array([it.source for it in items])
@@ -128,12 +166,16 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
 
 
 def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: int | None = None, n_views: int = 4,
-             batch_size: int = 32, progress: Progress | None = None) -> dict:
+             batch_size: int = 32, progress: Progress | None = None, strict: bool = True) -> dict:
+    """``strict=False``: bad rows (the data set's own, missing or undecodable images) are listed in the report's
+    ``bad_rows`` and left out of the metrics; ``strict`` stops at the first."""
     seed_ = view_seed(split, seed) if views == "challenge" else None
-    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress)
-    res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress)
+    bad: list[dict] | None = None if strict else list(ds.bad)
+    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress, bad=bad)
+    res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress, bad=bad)
     meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views, "view_seed": seed_,
-            "n_images": len(ds), "n_views_per_image": n_views if views == "challenge" else 1}
+            "n_images": len(ds), "n_views_per_image": n_views if views == "challenge" else 1,
+            "n_bad": len(bad or []), "bad_rows": bad or []}
     return {**meta, **res}
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Final, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 __all__ = [
     "REASONS",
@@ -59,6 +59,8 @@ __all__ = [
     "decode_path",
     "encode_base64_jpeg",
     "encode_jpeg",
+    "check_jpeg_scan_size",
+    "image_size",
     "to_rgb",
 ]
 
@@ -451,6 +453,8 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
 
 def _decode_pil(img: Image.Image, limits: DecodeLimits, what: str) -> np.ndarray:
     """Check limits on a (lazily) opened image, load its current frame, orient it, convert to RGB."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned PIL's grey fill on: truncated files must stay errors
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     _check_format(img, limits)
     width, height = img.size
     _check_size(width, height, limits)
@@ -475,6 +479,113 @@ def _open(data: bytes, limits: DecodeLimits, fmt: str) -> Image.Image:
         raise _bad("not_image", f"input is not a recognised image ({', '.join(limits.formats)} accepted)") from exc
     except Exception as exc:  # noqa: BLE001 - every PIL failure becomes a BadImage
         raise _classify(exc, what) from exc
+
+
+# --------------------------------------------------------------------------------------------- JPEG completeness
+# libjpeg meets an end-of-image marker in the middle of a scan with a warning ("premature end of data
+# segment") and fills every block still missing with zero coefficients (flat grey 128); PIL never reports
+# the warning, so a 633-byte file whose header says 4000x4000 decodes to a 48 MB grey image. Two checks:
+# a lower bound on the entropy-coded data (exact: every Huffman-coded block costs bits) and a second
+# decode with filler before the end marker (a complete scan never reads past its last block, so only a
+# truncated one decodes differently): for sequential JPEGs only when a corner came out flat 128 (what the
+# fill looks like), for progressive ones always (a cut scan leaves no flat region; twice the decode time).
+# Not caught: a file cut exactly at a scan or restart-interval boundary and then ended with an EOI.
+_SOF_BASELINE: Final = frozenset({0xC0, 0xC1})  # sequential Huffman: >= 2 bits per block (DC code + EOB)
+_SOF_PROGRESSIVE: Final = 0xC2  # progressive Huffman: the first DC scan costs >= 1 bit per block
+_JPEG_FILLER: Final = bytes((i * 89 + 17) % 255 for i in range(512))  # varied bits, never 0xFF (a marker)
+
+
+@dataclass(frozen=True)
+class _JpegFrame:
+    sof: int
+    width: int
+    height: int
+    sampling: tuple[tuple[int, int], ...]  # (h, v) per component
+    scan_start: int  # offset of the first SOS marker
+
+
+def _jpeg_frame(data: bytes) -> _JpegFrame | None:
+    """The frame header and the first scan's offset, or None when the header cannot be walked."""
+    pos, size, sof, dims, sampling = 2, len(data), 0, (0, 0), ()
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        if pos + 4 > size or data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xDA:
+            return _JpegFrame(sof, dims[0], dims[1], sampling, pos) if sof else None
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 10 <= size:
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            n = data[pos + 9]
+            comps = data[pos + 10:pos + 10 + 3 * n]
+            sof, dims = marker, (width, height)
+            sampling = tuple((comps[i + 1] >> 4, comps[i + 1] & 15) for i in range(0, len(comps) - 2, 3))
+        pos += 2 + length
+    return None
+
+
+def _jpeg_min_bits(f: _JpegFrame) -> int:
+    """A lower bound on the entropy-coded bits a complete image of this frame needs (0: no bound known)."""
+    if not f.sampling or f.width <= 0 or f.height <= 0 or min(min(s) for s in f.sampling) < 1:
+        return 0
+    hmax, vmax = max(h for h, _ in f.sampling), max(v for _, v in f.sampling)
+
+    def blocks(h: int, v: int) -> int:
+        return math.ceil(math.ceil(f.width * h / hmax) / 8) * math.ceil(math.ceil(f.height * v / vmax) / 8)
+
+    if f.sof in _SOF_BASELINE:
+        return 2 * sum(blocks(h, v) for h, v in f.sampling)
+    if f.sof == _SOF_PROGRESSIVE:
+        return blocks(*f.sampling[0])
+    return 0  # arithmetic coding, lossless: no cheap bound
+
+
+def _flat_grey_corner(rgb: np.ndarray) -> bool:
+    """Whether a 2x2 corner of ``rgb`` is exactly 128 (where libjpeg's fill for missing blocks shows)."""
+    return any(bool((c == 128).all()) for c in (rgb[-2:, -2:], rgb[:2, :2], rgb[:2, -2:], rgb[-2:, :2]))
+
+
+def check_jpeg_scan_size(data: bytes, what: str = "JPEG data") -> None:
+    """``BadImage("truncated")`` when a JPEG holds fewer scan bytes than its declared size needs at the very least
+    (no pixel decoded: for paths that hand the bytes to another decoder, e.g. the GPU's)."""
+    frame = _jpeg_frame(data)
+    if frame is not None:
+        _check_scan_bits(data, frame, what)
+
+
+def _check_scan_bits(data: bytes, frame: _JpegFrame, what: str) -> None:
+    have = 8 * (len(data) - frame.scan_start)
+    need = _jpeg_min_bits(frame)
+    if have < need:
+        raise _bad("truncated", f"{what} is truncated: {frame.width}x{frame.height} needs at least {need // 8:,} bytes "
+                                f"of scan data, the file has {have // 8:,}")
+
+
+def _check_jpeg_complete(data: bytes, img: Image.Image, rgb: np.ndarray, what: str) -> None:
+    """Raise ``truncated`` when the JPEG's scans end (at an end marker) before its declared blocks do."""
+    frame = _jpeg_frame(data)
+    if frame is None:
+        return
+    _check_scan_bits(data, frame, what)
+    suspicious = frame.sof == _SOF_PROGRESSIVE or (frame.sof in _SOF_BASELINE and _flat_grey_corner(rgb))
+    if not suspicious:
+        return
+    end = data.rfind(b"\xff\xd9")
+    if end < frame.scan_start:
+        return
+    try:
+        with Image.open(io.BytesIO(data[:end] + _JPEG_FILLER + data[end:]), formats=("JPEG",)) as again:
+            other = to_rgb(_apply_orientation(again))
+    except Exception:  # noqa: BLE001 - the filler was read as scan data: the scan was cut short
+        other = None
+    if other is None or other.shape != rgb.shape or not np.array_equal(other, rgb):
+        raise _bad("truncated", f"{what} is truncated: its scan ends before the last of its {frame.width}x{frame.height} pixels")
 
 
 # --------------------------------------------------------------------------------------------- to_rgb
@@ -561,8 +672,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- decoders
-def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
-    """Decode encoded image bytes to ``H x W x 3`` uint8 RGB, or raise :class:`BadImage`."""
+def _open_checked(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, str]:
+    """The checks before any pixel is decoded, and the lazily opened image (header read only)."""
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -579,9 +690,29 @@ def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndar
         raise _bad("unsupported_format", f"{fmt} images are not accepted (allowed: {', '.join(limits.formats)})")
     if fmt:
         _precheck(fmt, data)
-    img = _open(data, limits, fmt)
+    return _open(data, limits, fmt), fmt
+
+
+def image_size(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(width, height)`` declared by the image header, checked against ``limits``, without decoding a pixel
+    (PIL reads the size lazily). A server uses it to budget decoded memory before decoding; ``BadImage`` as
+    :func:`decode_bytes` would raise it for a bad header."""
+    img, _ = _open_checked(data, limits)
     with img:
-        return _decode_pil(img, limits, f"{_canonical_format(img.format) or fmt or 'image'} data")
+        _check_format(img, limits)
+        _check_size(*img.size, limits)
+        return img.size
+
+
+def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+    """Decode encoded image bytes to ``H x W x 3`` uint8 RGB, or raise :class:`BadImage`."""
+    img, fmt = _open_checked(data, limits)
+    with img:
+        what = f"{_canonical_format(img.format) or fmt or 'image'} data"
+        rgb = _decode_pil(img, limits, what)
+        if _canonical_format(img.format) == "JPEG":
+            _check_jpeg_complete(bytes(data), img, rgb, what)
+        return rgb
 
 
 def _strip_data_url(raw: bytes) -> bytes:

@@ -7,14 +7,15 @@ start-up, so ``/healthz`` answers at once and ``/readyz`` turns 200 only when th
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..cascade import Cascade
-from ..images import BadImage
+from ..images import BadImage, image_size
 from .batcher import MultiStageBatcher
+from .budget import PixelBudget, Reservation
 from .config import ServeConfig
-from .inputs import DEADLINE_HEADER, HttpError, decode_item, image_field, prepare_item, images_field, json_object, media_type, parse_deadline_ms
+from .inputs import (DEADLINE_HEADER, HttpError, decode_item, image_field, images_field, item_bytes, json_object, media_type,
+                     parse_deadline_ms, prepare_item)
 from .messages import Outcome
 from .metrics import ServeMetrics
 
@@ -101,16 +105,57 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    pass
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-class ServeMiddleware:
-    """Arrival time, body-size limit before the body is read, metrics for every request, and a JSON
-    500 for an unexpected exception (the server goes on)."""
+def _http_problem(scope: Scope) -> tuple[int, str, str] | None:
+    """HTTP/0.9 (or an unknown version) and an HTTP/1.1 request without exactly one Host header are refused."""
+    version = scope.get("http_version", "1.1")
+    if version not in ("1.0", "1.1"):
+        return 505, "bad_http_version", f"HTTP/{version[:8]} is not served; use HTTP/1.1"
+    hosts = sum(1 for k, _ in scope.get("headers", []) if k == b"host")
+    if version == "1.1" and hosts != 1:
+        return 400, "bad_host", f"an HTTP/1.1 request needs exactly one Host header (got {hosts})"
+    return None
 
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+OPEN_HEALTH = frozenset({"/healthz", "/readyz", "/metrics", "/v1/stats"})  # /v1/stats: the dashboard's numbers (counts only)
+
+
+def _auth_problem(scope: Scope, api_key: bytes | None, open_health: bool) -> tuple[int, str, str] | None:
+    """With a key, every path but the dashboard page, its static files and (when open) health and metrics needs
+    ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (compared in constant time)."""
+    if api_key is None:
+        return None
+    path = scope.get("path", "")
+    if path == "/" or path.startswith("/static/") or (open_health and path in OPEN_HEALTH):
+        return None
+    given = b""
+    for k, v in scope.get("headers", []):
+        if k == b"x-api-key":
+            given = v.strip()
+        elif k == b"authorization" and v[:7].lower() == b"bearer ":
+            given = v[7:].strip()
+    if given and hmac.compare_digest(given, api_key):
+        return None
+    return 401, "unauthorized", "this server needs an API key: Authorization: Bearer <key> or X-API-Key: <key>"
+
+
+class ServeMiddleware:
+    """Arrival time, HTTP version and Host checks, body-size limit before the body is read, a body-read
+    timeout (408), metrics for every request, client disconnects counted as such (499, never a 5xx, no
+    traceback), a JSON 503 for a request cut by shutdown, and a JSON 500 for an unexpected exception (the
+    server goes on)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, max_body: int, body_timeout_s: float = 30.0,
+                 api_key: str | None = None, open_health: bool = True):
+        self.app, self.metrics, self.max_body, self.body_timeout_s = app, metrics, max_body, body_timeout_s
+        self.api_key, self.open_health = (api_key.encode() if api_key else None), open_health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,6 +170,7 @@ class ServeMiddleware:
         async def send_(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 sent["status"] = msg["status"]
+                state["answered"] = True
             await send(msg)
 
         async def reply(status: int, reason: str, message: str) -> None:
@@ -132,14 +178,21 @@ class ServeMiddleware:
             body = _json_bytes({"error": {"reason": reason, "message": message, "status": status}})
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
+            if status == 503:
+                headers.append((b"retry-after", b"1"))
+            if status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="roadcascade"'))
             await send_({"type": "http.response.start", "status": status, "headers": headers})
             await send_({"type": "http.response.body", "body": body})
 
+        problem = _http_problem(scope) or _auth_problem(scope, self.api_key, self.open_health)
         try:
             length = _content_length(scope)
         except ValueError as e:  # a malformed Content-Length (uvicorn's parsers usually refuse it first)
-            await reply(400, "bad_request", str(e)[:200])
-            self.metrics.request(endpoint, 400, "bad_request", time.perf_counter() - t0)
+            problem = problem or (400, "bad_request", str(e)[:200])
+        if problem is not None:
+            await reply(*problem)
+            self.metrics.request(endpoint, problem[0], problem[1], time.perf_counter() - t0)
             return
         try:
             if length is not None and length > self.max_body:
@@ -147,32 +200,71 @@ class ServeMiddleware:
                     await _drain(receive, length)
                 await reply(413, "too_large", f"the body has {length:,} bytes; at most {self.max_body:,}")
                 return
-            seen = 0
-
-            async def receive_() -> Message:
-                nonlocal seen
-                msg = await receive()
-                if msg["type"] == "http.request":
-                    seen += len(msg.get("body", b""))
-                    if seen > self.max_body:
-                        raise _BodyTooLarge()
-                return msg
-
-            await self.app(scope, receive_, send_)
+            await self.app(scope, self._receiver(receive, state, watch=endpoint in PREDICTION_ENDPOINTS), send_)
         except _BodyTooLarge:
             if not sent["status"]:
-                await _drain(receive, DRAIN_FACTOR * self.max_body - seen)
+                await _drain(receive, DRAIN_FACTOR * self.max_body - state.get("body_seen", 0))
                 await reply(413, "too_large", f"the body is larger than {self.max_body:,} bytes")
+        except _BodyTimeout:
+            if not sent["status"]:
+                await reply(408, "body_timeout", f"the request body took longer than {self.body_timeout_s:g} s")
+        except ClientDisconnect:
+            state["reason"] = "client_disconnect"
+        except asyncio.CancelledError:  # uvicorn cancels what is still running when graceful shutdown ends
+            if not sent["status"]:
+                await reply(503, "shutting_down", "the server is shutting down; retry")
         except Exception as e:
             log.exception("unhandled error on %s", scope.get("path"))
             if not sent["status"]:
                 await reply(500, "internal", f"internal error ({type(e).__name__}); the server goes on")
         finally:
-            status = sent["status"] or 500
+            watcher = state.pop("watcher", None)
+            if watcher is not None:
+                watcher.cancel()
+            gone = state.get("gone") or (not sent["status"] and state.get("reason") == "client_disconnect")
+            status = CLIENT_CLOSED if gone else sent["status"] or 500
             self.metrics.request(endpoint, status, state.get("reason", ""), time.perf_counter() - t0,
                                  state.get("n_images", 0))
 
+    def _receiver(self, receive: Receive, state: dict, watch: bool = False) -> Receive:
+        """``receive`` with the body-size limit and the body-read deadline (only until the body is complete:
+        later receives wait for a disconnect and must not time out). With ``watch``, once the body is read a
+        task waits for the client to go away before its answer (counted as 499, not as the status sent into
+        the void)."""
+        end = time.monotonic() + self.body_timeout_s
+        state["body_seen"] = 0
+        done = False
 
+        async def receive_() -> Message:
+            nonlocal done
+            if done:
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, end - time.monotonic()))
+            except TimeoutError:
+                raise _BodyTimeout() from None
+            if msg["type"] == "http.request":
+                state["body_seen"] += len(msg.get("body", b""))
+                if state["body_seen"] > self.max_body:
+                    raise _BodyTooLarge()
+                done = not msg.get("more_body", False)
+                if done and watch:
+                    state["watcher"] = asyncio.ensure_future(_watch_disconnect(receive, state))
+            elif msg["type"] == "http.disconnect":
+                state["reason"] = "client_disconnect"
+            return msg
+
+        return receive_
+
+
+async def _watch_disconnect(receive: Receive, state: dict) -> None:
+    msg = await receive()  # uvicorn answers http.disconnect when the client goes, or once the response is complete
+    if msg["type"] == "http.disconnect" and not state.get("answered"):
+        state["gone"], state["reason"] = True, "client_disconnect"
+
+
+CLIENT_CLOSED = 499  # the client went away before its answer (nginx's code); never counted as a 5xx
+PREDICTION_ENDPOINTS = frozenset({"predict", "predict_batch", "streetvision"})
 DRAIN_FACTOR = 2  # read and discard up to 2x the body limit before a 413, so that the client can read it
 DRAIN_SECONDS = 2.0
 
@@ -225,6 +317,7 @@ class Server:
         self.error = ""
         self.warmup_ms: dict = {}
         self._decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rc-decode")
+        self.pixels = PixelBudget(config.server_pixels)  # decoded pixels held by requests (budget.py)
         self._loader: threading.Thread | None = None
         self.loop_lag = 0.0  # seconds: how late the event loop runs what it schedules (EMA)
         self.pending = 0  # prediction requests between the precheck and their answer (reading, decoding, queued)
@@ -335,26 +428,78 @@ class Server:
             raise HttpError(503, "overloaded_http", f"the HTTP layer is overloaded (event loop {self.loop_lag * 1e3:.0f} ms late)",
                             {"Retry-After": str(b.retry_after())})
 
+    def anytime_check(self, request: Request, o: Outcome) -> Outcome:
+        """Count an anytime answer (tier-0 or later answer given because the deadline came), or turn it into the
+        503 the caller prefers (``--no-anytime``, or ``X-Anytime: off`` on the request)."""
+        if not (o.ok and o.prediction is not None and o.prediction.trace.anytime):
+            return o
+        endpoint = ROUTES.get(request.url.path, "other")
+        if not self.cfg.anytime or request.headers.get(ANYTIME_HEADER, "").strip().lower() in ("0", "off", "false", "no"):
+            self.metrics.anytime.labels(endpoint, "refused").inc()
+            return Outcome(503, reason="deadline", message="the deadline came before the cascade finished and anytime answers are off")
+        self.metrics.anytime.labels(endpoint, "answered").inc()
+        return o
+
     def deadline(self, request: Request, default_ms: float) -> float:
         ms = parse_deadline_ms(request.headers.get(DEADLINE_HEADER), default_ms, self.cfg.max_deadline_ms)
         # the answer still has to get through the event loop: leave it the current lag (at most a quarter)
         return request.state.arrived + ms / 1e3 - min(self.loop_lag, ms / 4e3)
 
-    async def decode(self, items: Sequence[Any]) -> list[np.ndarray | BadImage]:
-        """Decode in the decode threads; bad items come back as BadImage (never raised from here)."""
-        limits = self.cfg.decode_limits
-        gpu = self.gpu is not None  # plain JPEGs stay bytes: the GPU batch decodes them
+    @contextmanager
+    def admitted(self, request: Request, n: int = 1) -> Iterator[None]:
+        """Count a request in progress from the moment its body is read (a slow body holds a connection, not
+        an admission slot) until it is answered."""
+        self.precheck(request, n)
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
-        def run() -> list[np.ndarray | bytes | BadImage]:
-            out: list[np.ndarray | bytes | BadImage] = []
-            for it in items:
-                try:
-                    out.append(prepare_item(it, limits, gpu) if gpu else decode_item(it, limits))
-                except BadImage as e:
-                    out.append(e)
-            return out
+    async def decode(self, items: Sequence[Any], deadline: float, res: Reservation) -> list[np.ndarray | BadImage]:
+        """Decode in the decode threads, within the request's pixel budget and deadline; bad items come back as
+        BadImage. ``res`` holds the request's pixels: the decode job releases its share when it ends, the caller
+        when it has answered."""
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._decoder, self._decode_job, items, res)
+        except RuntimeError:  # the pool is shut down
+            res.done()
+            raise HttpError(503, "shutting_down", "the server is shutting down; retry", {"Retry-After": "1"}) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise HttpError(503, "deadline", "the images could not be decoded before the deadline", {"Retry-After": "1"}) from None
 
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, run)
+    def _decode_job(self, items: Sequence[Any], res: Reservation) -> list[np.ndarray | BadImage]:
+        try:
+            return self._decode_all(items, res)
+        finally:
+            res.done()
+
+    def _decode_all(self, items: Sequence[Any], res: Reservation) -> list[np.ndarray | BadImage]:
+        """In a decode thread: bytes and declared sizes first (no pixel decoded), then the budget, then pixels."""
+        limits, gpu = self.cfg.decode_limits, self.gpu is not None
+        out: list[Any] = []
+        for it in items:
+            try:
+                data = item_bytes(it, limits)
+                out.append((data, _pixels(image_size(data, limits))))
+            except BadImage as e:
+                out.append(e)
+        total = sum(x[1] for x in out if not isinstance(x, BadImage))
+        if total > self.cfg.request_pixels:
+            raise HttpError(413, "too_many_pixels", f"the images of this request declare {total:,} pixels; at most "
+                            f"{self.cfg.request_pixels:,} per request")
+        if not res.take(total):
+            raise HttpError(503, "overloaded", f"decoded-pixel budget in use ({self.pixels.used:,} of {self.pixels.total:,} "
+                            f"pixels); retry", {"Retry-After": "1"})
+        decoded: list[np.ndarray | bytes | BadImage] = []
+        for x in out:
+            try:
+                decoded.append(x if isinstance(x, BadImage) else prepare_item(x[0], limits, gpu) if gpu else decode_item(x[0], limits))
+            except BadImage as e:
+                decoded.append(e)
+        return decoded  # type: ignore[return-value]
 
     async def infer(self, images: Sequence[np.ndarray], deadline: float) -> list[Outcome]:
         """Submit images to the batcher (all or none) and wait for their outcomes."""
@@ -379,13 +524,14 @@ class Server:
     async def read_payload(self, request: Request, kind: str) -> tuple[list[Any], dict | None]:
         """Items (base64 strings or bytes) and the JSON object, by content type. kind: single | batch | synapse."""
         ctype = media_type(request.headers.get("content-type"))
-        if ctype == "application/json" or ctype.endswith("+json") or (kind == "synapse" and ctype in ("", "text/plain")):
-            doc = json_object(await request.body())
+        if ctype == "application/json" or ctype.endswith("+json"):
+            body = await request.body()
+            doc = await asyncio.get_running_loop().run_in_executor(None, json_object, body)  # big JSON: off the event loop
             if kind == "batch":
                 return list(images_field(doc, min(self.cfg.max_batch_images, self.cfg.max_queue))), doc
             return [image_field(doc)], doc
         if kind == "synapse":
-            raise HttpError(415, "unsupported_media_type", f"POST /streetvision takes application/json, not {ctype or 'no content type'!r}")
+            raise HttpError(415, "unsupported_media_type", f"POST /streetvision takes application/json only, not {ctype or 'no content type'!r}")
         if ctype == "multipart/form-data":
             items = await self._multipart(request)
             if kind == "single" and len(items) != 1:
@@ -421,6 +567,18 @@ class Server:
         if len(items) > cap:
             raise HttpError(413, "too_many_images", f"{len(items)} images in one request; at most {cap}")
         return items
+
+
+ANYTIME_HEADER = "x-anytime"  # response: "true" when an answer came early (deadline); request: "off" prefers a 503
+
+
+def _anytime_header(outcomes: Sequence[Outcome]) -> dict[str, str]:
+    early = any(o.ok and o.prediction is not None and o.prediction.trace.anytime for o in outcomes)
+    return {"X-Anytime": "true" if early else "false"}
+
+
+def _pixels(size: tuple[int, int]) -> int:
+    return int(size[0]) * int(size[1])
 
 
 def _resolve(fut: asyncio.Future, outcome: Outcome) -> None:
@@ -461,10 +619,12 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
             watcher.cancel()
             server.stop()
 
-    app = FastAPI(title="roadcascade", version="0.1.0", lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load Swagger UI / ReDoc scripts from a third-party CDN; /openapi.json stays
+    app = FastAPI(title="roadcascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Is there roadwork in this street image? An adaptive cascade behind a multi-stage micro-batcher.")
     app.state.server = server
-    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes)
+    app.add_middleware(ServeMiddleware, metrics=server.metrics, max_body=cfg.max_body_bytes, body_timeout_s=cfg.conn.body_timeout_s,
+                       api_key=cfg.api_key, open_health=cfg.open_health)
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, e: HttpError) -> JSONResponse:
@@ -472,18 +632,20 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def one_image(request: Request, kind: str, default_ms: float) -> tuple[Outcome, dict | None]:
-        server.precheck(request)
-        server.pending += 1
+        server.precheck(request)  # refuse before reading a body nobody could serve; counts nothing
+        deadline = server.deadline(request, default_ms)
+        items, doc = await server.read_payload(request, kind)
+        res = Reservation(server.pixels)
         try:
-            deadline = server.deadline(request, default_ms)
-            items, doc = await server.read_payload(request, kind)
-            (img,) = await server.decode(items)
-            if isinstance(img, BadImage):
-                raise HttpError.from_bad_image(img)
-            request.state.n_images = 1
-            (o,) = await server.infer([img], deadline)
+            with server.admitted(request):
+                (img,) = await server.decode(items, deadline, res)
+                if isinstance(img, BadImage):
+                    raise HttpError.from_bad_image(img)
+                request.state.n_images = 1
+                (o,) = await server.infer([img], deadline)
         finally:
-            server.pending -= 1
+            res.done()
+        o = server.anytime_check(request, o)
         if not o.ok:
             raise outcome_error(o)
         return o, doc
@@ -492,36 +654,38 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
               summary="P(roadwork) of one image, with its trace")
     async def predict(request: Request) -> Response:
         o, _ = await one_image(request, "single", cfg.default_deadline_ms)
-        return Response(_json_bytes(prediction_json(o)), media_type="application/json")
+        return Response(_json_bytes(prediction_json(o)), media_type="application/json", headers=_anytime_header([o]))
 
     @app.post("/v1/predict/batch", responses=ERRORS, openapi_extra=_body_doc(BatchRequest),
               summary="Many images in one request; per-image results (a bad image gets its own error entry)")
     async def predict_batch(request: Request) -> Response:
         server.precheck(request)
-        server.pending += 1
-        try:
-            return await _predict_batch(request)
-        finally:
-            server.pending -= 1
-
-    async def _predict_batch(request: Request) -> Response:
         deadline = server.deadline(request, cfg.default_deadline_ms)
         items, _ = await server.read_payload(request, "batch")
-        decoded = await server.decode(items)
+        res = Reservation(server.pixels)
+        try:
+            with server.admitted(request, len(items)):
+                return await _predict_batch(request, items, deadline, res)
+        finally:
+            res.done()
+
+    async def _predict_batch(request: Request, items: list[Any], deadline: float, res: Reservation) -> Response:
+        decoded = await server.decode(items, deadline, res)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
         results: list[dict] = [{}] * len(decoded)
         for i, d in enumerate(decoded):
             if isinstance(d, BadImage):
                 server.metrics.image_error("predict_batch", d.reason)
                 results[i] = HttpError.from_bad_image(d).body()
+        outcomes: list[Outcome] = []
         if good:
-            outcomes = await server.infer([decoded[i] for i in good], deadline)  # type: ignore[misc]
+            outcomes = [server.anytime_check(request, o) for o in await server.infer([decoded[i] for i in good], deadline)]  # type: ignore[misc]
             for i, o in zip(good, outcomes):
                 results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
                 if 400 <= o.status < 500:  # bad input found in the GPU batch
                     server.metrics.image_error("predict_batch", o.reason)
         request.state.n_images = sum(1 for r in results if "probability" in r)
-        return Response(_json_bytes({"results": results}), media_type="application/json")
+        return Response(_json_bytes({"results": results}), media_type="application/json", headers=_anytime_header(outcomes))
 
     @app.post("/streetvision", response_model=ImageSynapse, responses=ERRORS, openapi_extra=_body_doc(ImageSynapse, multipart=False),
               summary="NATIX StreetVision miner endpoint: the ImageSynapse back with prediction in [0, 1]")
@@ -529,23 +693,23 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
         o, doc = await one_image(request, "synapse", cfg.streetvision_deadline_ms)
         assert doc is not None
         p = float(min(1.0, max(0.0, prediction_json(o)["probability"])))
-        return Response(_json_bytes({**doc, "prediction": p}), media_type="application/json")
+        return Response(_json_bytes({**doc, "prediction": p}), media_type="application/json", headers=_anytime_header([o]))
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> JSONResponse:
-        if server.phase == "failed":
-            return JSONResponse({"status": "failed", "error": server.error}, status_code=503)
+        if server.phase == "failed":  # the cause is in the server log; nothing internal (paths) goes out
+            return JSONResponse({"status": "failed", "error": server.error.split(":", 1)[0]}, status_code=503)
         return JSONResponse({"status": "ok", "phase": server.phase})
 
     @app.get("/readyz", summary="Readiness: models loaded and warmed up")
     async def readyz(request: Request) -> JSONResponse:
         if not server.ready:
             request.state.reason = "not_ready"
-            return JSONResponse({"ready": False, "phase": server.phase, "error": server.error}, status_code=503,
+            return JSONResponse({"ready": False, "phase": server.phase, "error": server.error.split(":", 1)[0]}, status_code=503,
                                 headers={"Retry-After": "1"})
         c = server.cascade
         assert c is not None
-        return JSONResponse({"ready": True, "tiers": c.tier_names, "warmup_ms": server.warmup_ms, "bundle": server.bundle_meta})
+        return JSONResponse({"ready": True, "tiers": c.tier_names, "warmup_ms": server.warmup_ms})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

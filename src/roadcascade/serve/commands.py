@@ -34,6 +34,18 @@ def serve(
                             "as one batched stage) when CUDA is there; use --max-batch 64..256 with it"),
     max_body_mb: float = typer.Option(16.0, min=0.01, help="largest request body, MiB (413 past it, before reading it)"),
     decode_threads: int = typer.Option(2, min=1, help="threads decoding images"),
+    header_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client has to send its request headers (408 past it)"),
+    body_timeout_s: float = typer.Option(30.0, min=0.1, help="seconds a client has to send its request body (408 past it)"),
+    max_header_kb: int = typer.Option(32, min=1, help="request line + headers, KiB (431 past it)"),
+    max_headers: int = typer.Option(100, min=1, help="header lines per request (431 past it)"),
+    request_mpx: float = typer.Option(100.0, min=1.0, help="decoded megapixels one request may hold (413 past it)"),
+    server_mpx: float = typer.Option(200.0, min=1.0, help="decoded megapixels all requests together may hold (503 past it)"),
+    api_key: Optional[str] = typer.Option(None, envvar="ROADCASCADE_API_KEY", show_default=False,
+                                          help="require this key (Authorization: Bearer <key> or X-API-Key) on every "
+                                          "endpoint but the dashboard page and, with --open-health, /healthz /readyz /metrics"),
+    open_health: bool = typer.Option(True, help="/healthz, /readyz and /metrics answer without the API key"),
+    anytime: bool = typer.Option(True, help="answer from the tiers that ran when the deadline comes (X-Anytime: true); "
+                                 "--no-anytime answers 503 instead"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch intra-op threads (default: torch's)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     warmup: bool = typer.Option(True, help="warm every tier up before /readyz turns 200"),
@@ -45,13 +57,19 @@ def serve(
 
     from .app import create_app
     from .config import ServeConfig
+    from .protocol import ConnLimits, server_config
 
     if not (bundle / "bundle.json").exists() and not (bundle.is_file() and bundle.suffix == ".json"):
         _fail(f"no bundle at {bundle} (expected {bundle / 'bundle.json'}); train one with `roadcascade quickstart`")
     try:
         cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, default_deadline_ms=deadline_ms,
                           streetvision_deadline_ms=streetvision_deadline_ms, speculate=speculate, gpu=gpu,
-                          max_body_bytes=int(max_body_mb * 2**20), decode_threads=decode_threads, warmup=warmup)
+                          max_body_bytes=int(max_body_mb * 2**20), decode_threads=decode_threads, warmup=warmup,
+                          conn=ConnLimits(max_header_bytes=max_header_kb * 1024, max_headers=max_headers,
+                                          header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                                          max_connections=max(256, 8 * max_queue)),
+                          request_pixels=int(request_mpx * 1e6), server_pixels=int(server_mpx * 1e6),
+                          api_key=api_key or None, open_health=open_health, anytime=anytime)
     except ValueError as e:
         _fail(str(e))
     if malloc_arenas:
@@ -61,11 +79,14 @@ def serve(
 
         torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]note:[/yellow] listening on {host}, not only on loopback")
+        if cfg.api_key:
+            console.print(f"[yellow]note:[/yellow] listening on {host}, not only on loopback (API key required)")
+        else:
+            console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
+                          f"{host}:{port} can use this server; set --api-key or ROADCASCADE_API_KEY")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(bundle, cfg, device=device)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30,
-                limit_concurrency=max(256, 8 * max_queue), timeout_graceful_shutdown=5)
+    uvicorn.Server(server_config(app, host, port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)).run()
 
 
 def _cap_malloc_arenas(n: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..images import DecodeLimits
+from .protocol import ConnLimits
 
 SPECULATE_MODES = ("auto", "on", "off")
 GPU_MODES = ("auto", "on", "off")
@@ -51,6 +52,12 @@ class ServeConfig:
     answer_grace_ms: float = 10_000.0  # safety net: a request never waits longer than deadline + this
     max_loop_lag_ms: float = 250.0  # past this event-loop lag, refuse new requests before reading them (503)
     admit_budget_fraction: float = 0.8  # admit only if tier 0 is predicted done within this share of the time left
+    conn: ConnLimits = field(default_factory=ConnLimits)  # header limits, header/body read timeouts (protocol.py)
+    api_key: str | None = field(default=None, repr=False)  # required (Bearer or X-API-Key) on everything but open paths
+    open_health: bool = True  # /healthz, /readyz and /metrics answer without the key
+    anytime: bool = True  # answer from the tiers that ran when the deadline comes (marked X-Anytime: true); False: 503
+    request_pixels: int = 100_000_000  # decoded pixels one request may hold (413 too_many_pixels past it)
+    server_pixels: int = 200_000_000  # decoded pixels all requests together may hold (503 overloaded past it)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -76,4 +83,11 @@ class ServeConfig:
         need(self.warmup_rounds >= 1, f"warmup_rounds must be >= 1 (got {self.warmup_rounds!r})")
         need(0 < self.admit_budget_fraction <= 1, f"admit_budget_fraction must be in (0, 1] (got {self.admit_budget_fraction!r})")
         need(self.max_loop_lag_ms > 0, f"max_loop_lag_ms must be > 0 (got {self.max_loop_lag_ms!r})")
+        need(self.request_pixels >= self.decode_limits.max_pixels,
+             f"request_pixels ({self.request_pixels:,}) must be >= decode_limits.max_pixels ({self.decode_limits.max_pixels:,})")
+        need(self.server_pixels >= self.request_pixels,
+             f"server_pixels ({self.server_pixels:,}) must be >= request_pixels ({self.request_pixels:,})")
+        need(self.api_key is None or (isinstance(self.api_key, str) and 16 <= len(self.api_key) <= 4096 and self.api_key.isprintable()
+                                       and self.api_key.isascii()),
+             "api_key must be 16..4096 printable ASCII characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         need(self.stats_window_s > 0, f"stats_window_s must be > 0 (got {self.stats_window_s!r})")

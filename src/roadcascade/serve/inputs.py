@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..images import BadImage, DecodeLimits, base64_bytes, decode_base64, decode_bytes
+from ..images import BadImage, DecodeLimits, base64_bytes, check_jpeg_scan_size, decode_base64, decode_bytes
 
 DEADLINE_HEADER = "x-deadline-ms"
 
@@ -62,11 +62,24 @@ def parse_deadline_ms(value: str | None, default_ms: float, max_ms: float) -> fl
     return min(ms, max_ms)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"the number {text[:40]} does not fit in a float")
+    return x
+
+
 def parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN, Infinity and numbers that overflow a float (1e400) are refused here (400), before
+    any inference, instead of failing the answer that echoes them."""
     if not body:
         raise HttpError(400, "empty", "the request body is empty")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise HttpError(400, "bad_json", f"the body is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
 
@@ -98,6 +111,15 @@ def images_field(doc: dict, max_images: int) -> list[str]:
     return v
 
 
+def item_bytes(item: Any, limits: DecodeLimits) -> bytes:
+    """The encoded image of one item (raw bytes, or base64 text decoded); ``BadImage`` for anything else."""
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, str):
+        return base64_bytes(item, limits)
+    raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
+
+
 def decode_item(item: Any, limits: DecodeLimits) -> np.ndarray:
     """Decode one base64 string or raw bytes; ``BadImage`` for bad content (and for a non-string item)."""
     if isinstance(item, (bytes, bytearray)):
@@ -120,4 +142,7 @@ def prepare_item(item: Any, limits: DecodeLimits, gpu: bool) -> np.ndarray | byt
         raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
     from ..gpu import jpeg_gpu_info
 
-    return data if jpeg_gpu_info(data, limits) is not None else decode_bytes(data, limits)
+    if jpeg_gpu_info(data, limits) is None:
+        return decode_bytes(data, limits)
+    check_jpeg_scan_size(data)  # the GPU decoder does not see truncation that ends at an EOI
+    return data

@@ -23,7 +23,7 @@ disable_created_metrics()  # no *_created series: half the exposition, nothing a
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0, 9.0, 15.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 TIER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
-ENDPOINTS = ("predict", "predict_batch", "streetvision", "healthz", "readyz", "metrics", "dashboard", "stats", "docs", "other")
+ENDPOINTS = ("predict", "predict_batch", "streetvision", "healthz", "readyz", "metrics", "dashboard", "stats", "docs", "connection", "other")
 
 
 @dataclass
@@ -59,6 +59,9 @@ class ServeMetrics(BatcherEvents):
                                  ["tier"], registry=r)
         self.spec = Counter("roadcascade_speculation", "Speculative tier runs: images started, used, wasted, failed", ["event"], registry=r)
         self.spec_active = Gauge("roadcascade_speculation_active", "1 while load-adaptive speculation is on", registry=r)
+        self.anytime = Counter("roadcascade_anytime_answers", "Answers that came early because the deadline came "
+                               "(answered), or were turned into a 503 because anytime answers are off (refused)",
+                               ["endpoint", "event"], registry=r)
         self.tier_errors = Counter("roadcascade_tier_errors", "Exceptions raised inside a tier", ["tier"], registry=r)
         self.ready = Gauge("roadcascade_ready", "1 once models are loaded and warmed up", registry=r)
         self.loop_lag = Gauge("roadcascade_event_loop_lag_seconds", "How late the HTTP event loop runs (smoothed)", registry=r)
@@ -99,6 +102,11 @@ class ServeMetrics(BatcherEvents):
                         b.lat.append(seconds * 1e3)
                 else:
                     b.errors += 1
+
+    def connection_refused(self, status: int, reason: str) -> None:
+        """A request refused by the connection guard (protocol.py) before the app saw it: 408, 431, 400."""
+        self.requests.labels("connection", str(status)).inc()
+        self.errors.labels("connection", reason).inc()
 
     def image_error(self, endpoint: str, reason: str) -> None:
         """A bad image inside an otherwise good batch request."""

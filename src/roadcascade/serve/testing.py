@@ -101,8 +101,10 @@ def live_server(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60
     import httpx
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           lifespan="on", timeout_graceful_shutdown=2))
+    from .protocol import server_config
+
+    server = uvicorn.Server(server_config(app, host, port, log_level="warning", access_log=False, lifespan="on",
+                                          timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     end = time.monotonic() + timeout
