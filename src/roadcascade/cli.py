@@ -231,11 +231,13 @@ def synth(
     cutouts: bool = typer.Option(True, "--cutouts/--no-cutouts", help="cones cut from the boxed train images"),
     drawn: bool = typer.Option(True, "--drawn/--no-drawn", help="procedurally drawn roadwork objects"),
     road_signs: bool = typer.Option(True, "--road-signs/--no-road-signs", help="road-works sign crops"),
+    portrait: float = typer.Option(0.35, min=0.0, max=1.0, help="share of frames cut to a portrait window (a phone held upright)"),
 ) -> None:
     """Synthesise dashcam roadwork: objects pasted into real train-split dashcam frames, with matched negatives."""
     from .synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(n=n, seed=seed, data=data, signs=signs, cutouts=cutouts, drawn=drawn, road_signs=road_signs)
+    cfg = SynthConfig(n=n, seed=seed, data=data, signs=signs, cutouts=cutouts, drawn=drawn, road_signs=road_signs,
+                      portrait=portrait)
     with progress_bar() as cb:
         try:
             synthesize(cfg, out, log=console.print, progress=cb)

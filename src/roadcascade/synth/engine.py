@@ -46,6 +46,7 @@ class SynthConfig:
     road_signs: bool = True  # road-works sign crops
     distractors_in_positives: float = 0.35
     occlusion: float = 0.15  # probability that an object is partly hidden
+    portrait: float = 0.35  # probability of a portrait (phone held upright) window around the pasted objects
     jpeg_quality: int = 90
     max_cutouts: int = 600
 
@@ -218,6 +219,30 @@ def synth_one(bg: np.ndarray, positive: bool, rng: np.random.Generator, banks: B
     return img, pasted
 
 
+def portrait_frame(img: np.ndarray, pasted: list[Pasted], rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, list[Pasted]]:
+    """A portrait window (width 0.56-0.8 of the height, a phone held upright) of the frame, placed around
+    a pasted object: a roadwork one in a positive, any in a negative, so where the window sits says nothing
+    about the label. Boxes are clipped to the window; objects less than half inside are dropped. The frame
+    comes back unchanged when it is already narrow or a positive would lose all of its roadwork."""
+    H, W = img.shape[:2]
+    cw = int(round(H * rng.uniform(0.56, 0.8)))
+    anchors = [p for p in pasted if p.roadwork] if positive else pasted
+    if cw >= W or not anchors:
+        return img, pasted
+    a = anchors[int(rng.integers(len(anchors)))].box
+    cx = (a[0] + a[2]) / 2 + rng.uniform(-0.3, 0.3) * cw
+    x0 = int(np.clip(round(cx - cw / 2), 0, W - cw))
+    kept = []
+    for p in pasted:
+        x1, y1, x2, y2 = p.box
+        nx1, nx2 = max(x1, x0), min(x2, x0 + cw)
+        if nx2 - nx1 >= 0.5 * (x2 - x1):
+            kept.append(Pasted(p.kind, p.roadwork, (nx1 - x0, y1, nx2 - x0, y2), p.source))
+    if positive and not any(p.roadwork for p in kept):
+        return img, pasted
+    return np.ascontiguousarray(img[:, x0 : x0 + cw]), kept
+
+
 # ----------------------------------------------------------------------------- writing the set
 
 
@@ -244,6 +269,9 @@ def synthesize(cfg: SynthConfig, out: str | Path, log: Log = print, progress: Ca
             cache[bi] = bg  # the negative of the pair reuses the decoded frame
         positive = i % 2 == 0
         img, pasted = synth_one(bg, positive, np.random.default_rng([cfg.seed, i]), banks, cfg)
+        frame_rng = np.random.default_rng([cfg.seed, i, 1])
+        if frame_rng.random() < cfg.portrait:
+            img, pasted = portrait_frame(img, pasted, frame_rng, positive)
         H, W = img.shape[:2]
         name = f"images/synth-{cfg.seed}-{i:05d}.jpg"
         (out / name).write_bytes(encode_jpeg(img, cfg.jpeg_quality))
@@ -295,8 +323,9 @@ def contact_sheet(items: list[tuple[np.ndarray, int]], path: Path, cols: int = 8
         return
     tiles = []
     for img, lab in items:
-        t = cv2.resize(img, (int(img.shape[1] * h / img.shape[0]), h), interpolation=cv2.INTER_AREA)
-        t = cv2.resize(t, (int(h * 1.7), h)) if t.shape[1] != int(h * 1.7) else t
+        r = cv2.resize(img, (min(int(h * 1.7), max(1, int(img.shape[1] * h / img.shape[0]))), h), interpolation=cv2.INTER_AREA)
+        t = np.zeros((h, int(h * 1.7), 3), np.uint8)  # letterboxed: a portrait frame keeps its shape
+        t[:, (t.shape[1] - r.shape[1]) // 2 : (t.shape[1] - r.shape[1]) // 2 + r.shape[1]] = r
         cv2.putText(t, "ROADWORK" if lab else "none", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 255, 0) if lab else (200, 200, 200), 1, cv2.LINE_AA)
         tiles.append(t)
     tw = tiles[0].shape[1]
