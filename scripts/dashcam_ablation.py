@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("ROADCASCADE_GPU", "0")  # the plain runtime: many processes share one GPU here
 
-RECIPE = dict(model="lite0", input_size=160, epochs=6)  # the quickstart recipe
+RECIPE = dict(model="lite0", input_size=160, epochs=6, balance_sources=True)  # the quickstart recipe + balanced sampling (as measured)
 SYNTH_SETS = {"full": {}, "no_cutouts": {"cutouts": False}, "no_drawn": {"drawn": False}, "no_signs": {"road_signs": False}}
 JOBS = {
     "baseline": dict(synth=None, style_p=0.0, balance_sources=False),
@@ -41,6 +41,13 @@ JOBS = {
     "full_style80_e12": dict(synth="full", style_p=0.8, epochs=12),
     "style_320": dict(synth=None, style_p=0.5, input_size=320, eval_size=320, epochs=12),
     "lite0_320_s1": dict(synth="full", style_p=0.5, input_size=320, eval_size=320, epochs=12, seed=1),
+    # round 4: which train / eval resolution pair at quickstart cost (each model evaluated at several sizes)
+    "r160": dict(synth="full", style_p=0.5, eval_sizes=(224, 288, 352)),
+    "r160_s1": dict(synth="full", style_p=0.5, seed=1, eval_sizes=(224, 288, 352)),
+    "r224": dict(synth="full", style_p=0.5, input_size=224, eval_size=224, eval_sizes=(224, 288, 352)),
+    "r224_s1": dict(synth="full", style_p=0.5, input_size=224, eval_size=224, seed=1, eval_sizes=(224, 288, 352)),
+    "r160_base": dict(synth=None, style_p=0.0, balance_sources=False, eval_sizes=(224, 288, 352)),
+    "r256_e4": dict(synth="full", style_p=0.5, input_size=256, eval_size=256, epochs=4, eval_sizes=(256, 320)),
     "lite2_320": dict(synth="full", style_p=0.5, model="lite2", input_size=320, eval_size=320, epochs=12),
 }
 
@@ -65,6 +72,7 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     spec = {**RECIPE, **JOBS[name]}
     synth = spec.pop("synth")
     seed = spec.pop("seed", 0)
+    eval_sizes = spec.pop("eval_sizes", None)
     extra = (synth_dirs[synth],) if synth else ()
     quick_kw = dict(max_train=80, max_val=40, max_steps=3, epochs=1) if quick else {}
     cfg = TrainConfig(**{**spec, **quick_kw}, extra_train=extra, num_workers=workers, seed=seed)
@@ -73,10 +81,22 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     train(cfg, bdir, log=lambda m: None)
     b = Bundle.load(bdir, device=pick_device("auto"))
     test = open_dataset(None, "test").subset(60 if quick else None)
-    row = {"job": name, "config": {**spec, "synth": synth}, "train_s": round(time.perf_counter() - t0, 1)}
-    for views in ("clean", "challenge"):
-        rep = public(evaluate(b, test, views, "test"))
-        row[f"test_{views}"] = {k: rep[k] for k in ("mcc", "accuracy", "auroc", "ece")} | {"dashcam": rep.get("dashcam")}
+    row = {"job": name, "config": {**spec, "synth": synth, "seed": seed}, "train_s": round(time.perf_counter() - t0, 1)}
+    row.update(_score(b, test))
+    for size in eval_sizes or ():  # the same weights and calibration, run at another input size
+        b.cascade.tiers[0].input_size = size
+        row[f"eval{size}"] = _score(b, test, views=("challenge",))
+    return row
+
+
+def _score(b, test, views=("clean", "challenge")) -> dict:
+    from roadcascade.evaluate import evaluate, public
+    from roadcascade.realcam import realcam_report
+
+    row = {}
+    for v in views:
+        rep = public(evaluate(b, test, v, "test"))
+        row[f"test_{v}"] = {k: rep[k] for k in ("mcc", "accuracy", "auroc", "ece")} | {"dashcam": rep.get("dashcam")}
     row["realcam"] = realcam_report(b)
     return row
 
@@ -107,6 +127,12 @@ def main() -> None:
                 r = {"job": j, "error": repr(e)}
             rows.append(r)
             rc = r.get("realcam")
+            for k, sub in sorted(r.items()):
+                if k.startswith("eval") and isinstance(sub, dict):
+                    q = sub["realcam"]
+                    print(f"{j:14s} @{k[4:]}: test-challenge MCC {sub['test_challenge']['mcc']:.4f}  night-dev recall "
+                          f"{q['night_dev']['recall']:.3f}  dashcam FPR {q['dashcam_negatives']['fpr']:.3f}  joint MCC "
+                          f"{q['joint']['mcc']:.3f} AUROC {q['joint']['auroc']:.3f}", flush=True)
             if rc:
                 print(f"{j:14s} test-challenge MCC {r['test_challenge']['mcc']:.4f}  night-dev recall {rc['night_dev']['recall']:.3f}  "
                       f"dashcam FPR {rc['dashcam_negatives']['fpr']:.3f}  joint MCC {rc['joint']['mcc']:.3f}  ({r['train_s']} s)", flush=True)

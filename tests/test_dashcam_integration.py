@@ -63,3 +63,18 @@ def test_cli_eval_dashcam_and_synth(run, tmp_path):
     bad = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "s"), "--n", "2", "--data", str(data),
                                    "--no-cutouts", "--no-drawn", "--no-road-signs"])
     assert bad.exit_code == 2 and "no roadwork object source" in bad.output
+
+
+def test_quickstart_retrains_when_the_recipe_changes(run, tmp_path):
+    from dataclasses import replace
+
+    from roadcascade.cli import _recipe_changes
+
+    base, res, _ = run
+    cfg = TrainConfig(**{k: v for k, v in res.bundle.meta["train"].items() if k in TrainConfig.__dataclass_fields__})
+    assert _recipe_changes(base / "bundle", cfg) == ""
+    assert _recipe_changes(base / "bundle", replace(cfg, input_size=320)) == "input_size"
+    assert _recipe_changes(base / "bundle", replace(cfg, extra_train=(), style_p=0.0)) == "extra_train, style_p"
+    assert _recipe_changes(tmp_path, cfg) == ""  # nothing cached: nothing to compare
+    (tmp_path / "bundle.json").write_text("{not json")
+    assert _recipe_changes(tmp_path, cfg) == "unreadable bundle.json"

@@ -567,11 +567,17 @@ def adopt_stage1(bundle_dir: Path, stage1_dir: Path, log: Log = print) -> None:
 
 
 def quickstart_tiers(stage1_dir: Path) -> str:
-    """The quickstart's tiers: the stage-1 network at 128 px (a third of the compute) in front of itself at 224.
+    """The quickstart's tiers: the stage-1 network at about half its input size (a third to a quarter of the
+    compute) in front of itself at its input size (224 for the default recipe: lite0@128 -> lite0@224).
 
     Test-time views (``tta(...)``) are left out here to keep the quickstart within 15 minutes on 2 CPU cores;
     ``roadcascade build`` takes them (and stronger tiers) when compute allows."""
-    return f"lite0@128:{stage1_dir},lite0@224:{stage1_dir}"
+    doc = json.loads((Path(stage1_dir) / "bundle.json").read_text())
+    tier = doc["tiers"][0]
+    size = int(tier.get("input_size", 224))
+    small = max(64, 32 * round(size * 0.57 / 32))
+    model = tier.get("model_name") or tier.get("model") or "lite0"
+    return f"{model}@{small}:{stage1_dir},{model}@{size}:{stage1_dir}"
 
 
 def quickstart_cascade(stage1_dir: Path, out: Path, data: str | None = None, device: str = "auto", budget: str = "35%",

@@ -30,6 +30,9 @@ DEFAULT_QUICKSTART = Path("runs/quickstart")
 # night-dev recall and cost dashcam false positives (docs/PERFORMANCE.md, "Dashcam roadwork"); they pay at 320 px.
 QUICKSTART_SYNTH = 0
 QUICKSTART_STYLE_P = 0.0
+QUICKSTART_EPOCHS = 6
+QUICKSTART_INPUT = 160  # training resolution
+QUICKSTART_EVAL = None  # stage-1 inference resolution (None: the model's, 224 for lite0)
 
 
 @contextmanager
@@ -232,12 +235,13 @@ def synth(
     drawn: bool = typer.Option(True, "--drawn/--no-drawn", help="procedurally drawn roadwork objects"),
     road_signs: bool = typer.Option(True, "--road-signs/--no-road-signs", help="road-works sign crops"),
     portrait: float = typer.Option(0.35, min=0.0, max=1.0, help="share of frames cut to a portrait window (a phone held upright)"),
+    min_height: float = typer.Option(0.02, min=0.0, max=0.5, help="smallest pasted object, as a share of the frame height"),
 ) -> None:
     """Synthesise dashcam roadwork: objects pasted into real train-split dashcam frames, with matched negatives."""
     from .synth import SynthConfig, synthesize
 
     cfg = SynthConfig(n=n, seed=seed, data=data, signs=signs, cutouts=cutouts, drawn=drawn, road_signs=road_signs,
-                      portrait=portrait)
+                      portrait=portrait, min_height=min_height)
     with progress_bar() as cb:
         try:
             synthesize(cfg, out, log=console.print, progress=cb)
@@ -278,8 +282,9 @@ def quickstart(
     out: Path = typer.Option(DEFAULT_QUICKSTART, help="run directory"),
     data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
     retrain: bool = typer.Option(False, help="train even if a bundle is cached"),
-    epochs: int = typer.Option(6, min=1, help="training epochs"),
-    input_size: int = typer.Option(160, help="training resolution (inference runs at the model's 224)"),
+    epochs: int = typer.Option(QUICKSTART_EPOCHS, min=1, help="training epochs"),
+    input_size: int = typer.Option(QUICKSTART_INPUT, help="training resolution"),
+    eval_size: Optional[int] = typer.Option(QUICKSTART_EVAL, help="inference resolution of stage 1 (the cascade runs it at about half, then at this)"),
     device: str = typer.Option("auto"),
     cascade: bool = typer.Option(True, "--cascade/--stage1-only", help="build a cascade from the stage-1 model (default)"),
     budget: str = typer.Option("35%", help="cascade compute budget (see `roadcascade build`)"),
@@ -309,9 +314,12 @@ def quickstart(
             from .synth import SynthConfig, ensure_synth
 
             extra = (str(ensure_synth(SynthConfig(n=synth, data=data), out / "synth", log=console.print, progress=cb)),)
-        if retrain or not (sdir / "bundle.json").exists():
-            cfg = TrainConfig(model="lite0", input_size=input_size, epochs=epochs, data=data, device=device,
-                              extra_train=extra, style_p=style_p)
+        cfg = TrainConfig(model="lite0", input_size=input_size, eval_size=eval_size, epochs=epochs, data=data, device=device,
+                          extra_train=extra, style_p=style_p, balance_sources=bool(extra))
+        stale = _recipe_changes(sdir, cfg)
+        if stale:
+            console.print(f"cached bundle {sdir} was trained with another recipe ({stale}): training again")
+        if retrain or stale or not (sdir / "bundle.json").exists():
             console.print(f"[bold]training[/bold] {cfg.model} for {epochs} epochs at {input_size}px -> {sdir}")
             run_train(cfg, sdir, progress=cb, log=console.print)
         else:
@@ -341,6 +349,24 @@ def quickstart(
     console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
                   + (f" (stage 1 alone: {out}/eval-test-*-stage1.json)" if cascade else "") + f"\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+
+
+_RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data")
+
+
+def _recipe_changes(bundle_dir: Path, cfg) -> str:
+    """The recipe fields in which a cached stage-1 bundle differs from ``cfg`` ("" when none, or no bundle)."""
+    doc = bundle_dir / "bundle.json"
+    if not doc.exists():
+        return ""
+    try:
+        old = json.loads(doc.read_text()).get("train") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unreadable bundle.json"
+    new = {"extra_train": list(cfg.extra_train), **{k: getattr(cfg, k) for k in _RECIPE_FIELDS if k != "extra_train"}}
+    defaults = {"extra_train": [], "style_p": 0.0, "balance_sources": False}  # bundles from before these fields
+    diff = [k for k in _RECIPE_FIELDS if old.get(k, defaults.get(k)) != new[k]]
+    return ", ".join(diff)
 
 
 # Sub-command modules of other parts: each exposes ``register(app, bench_app)``; one line each.

@@ -46,6 +46,7 @@ class SynthConfig:
     road_signs: bool = True  # road-works sign crops
     distractors_in_positives: float = 0.35
     occlusion: float = 0.15  # probability that an object is partly hidden
+    min_height: float = 0.02  # smallest object pasted, as a share of the frame's height (roadwork and distractors alike)
     portrait: float = 0.35  # probability of a portrait (phone held upright) window around the pasted objects
     jpeg_quality: int = 90
     max_cutouts: int = 600
@@ -177,11 +178,12 @@ def _paste_group(img: np.ndarray, scene: Scene, stats: FrameStats, kind: str, rn
     spots = sorted(_layout(kind, rng), key=lambda t: -t[1])  # far first: near objects cover far ones
     for lateral, dist in spots:
         nominal = place(scene, lateral, dist, _NOMINAL_M[kind], 0.6)
-        if not visible(nominal, scene, min_px=4.0, min_inside=0.3):
+        min_px = max(4.0, cfg.min_height * scene.height)
+        if not visible(nominal, scene, min_px=min_px, min_inside=0.3):
             continue
         patch = _make_patch(kind, int(np.ceil(nominal.height_px)), rng, banks)
         at = place(scene, lateral, dist, patch.height_m, patch.aspect)
-        if not visible(at, scene, min_px=4.0, min_inside=0.4):
+        if not visible(at, scene, min_px=min_px, min_inside=0.4):
             continue
         occ = rng.uniform(0.15, 0.5) if rng.random() < cfg.occlusion else 0.0
         box = paste(img, patch, at, rng, stats, occlude=occ)
