@@ -83,6 +83,18 @@ def _finish(canvas: np.ndarray, mask: np.ndarray, out_h: int) -> tuple[np.ndarra
     return rgb, np.clip(a, 0.0, 1.0)
 
 
+def _rect(canvas: np.ndarray, mask: np.ndarray, p1, p2, color) -> None:
+    """Fill a rectangle with ``color`` and mark it opaque."""
+    cv2.rectangle(canvas, p1, p2, color, -1)
+    cv2.rectangle(mask, p1, p2, 1, -1)
+
+
+def _circle(canvas: np.ndarray, mask: np.ndarray, centre, radius: int, color) -> None:
+    """Fill a disc with ``color`` and mark it opaque."""
+    cv2.circle(canvas, centre, radius, color, -1)
+    cv2.circle(mask, centre, radius, 1, -1)
+
+
 def _stripes(canvas: np.ndarray, mask: np.ndarray, color, angle: float, period: float, duty: float = 0.5) -> None:
     """Paint diagonal stripes of ``color`` over the masked area (in place)."""
     h, w = mask.shape
@@ -114,8 +126,7 @@ def draw_cone(rng: np.random.Generator, h: int) -> Patch:
         band[int(lo * H) : int(hi * H)] = 1
         canvas[(band > 0) & (mask > 0)] = white
     base_col = _jitter_color(rng, (35, 35, 35), 15) if rng.random() < 0.6 else body
-    cv2.rectangle(canvas, (0, H - base_h), (W - 1, H - 1), base_col, -1)
-    cv2.rectangle(mask, (0, H - base_h), (W - 1, H - 1), 1, -1)
+    _rect(canvas, mask, (0, H - base_h), (W - 1, H - 1), base_col)
     canvas = _shade(canvas, mask, rng)
     rgb, a = _finish(canvas, mask, h)
     return Patch(rgb, a, "cone", True, rng.uniform(0.5, 0.9))
@@ -128,8 +139,7 @@ def draw_barrel(rng: np.random.Generator, h: int) -> Patch:
     mask = np.zeros((H, W), np.uint8)
     body = _orange(rng)
     r = int(W * 0.12)
-    cv2.rectangle(canvas, (0, r), (W - 1, H - 1), body, -1)
-    cv2.rectangle(mask, (0, r), (W - 1, H - 1), 1, -1)
+    _rect(canvas, mask, (0, r), (W - 1, H - 1), body)
     cv2.ellipse(canvas, (W // 2, r), (W // 2, r), 0, 0, 360, body, -1)
     cv2.ellipse(mask, (W // 2, r), (W // 2, r), 0, 0, 360, 1, -1)
     white = _white(rng)
@@ -153,8 +163,7 @@ def draw_barrier(rng: np.random.Generator, h: int) -> Patch:
     leg_w = max(2, int(W * 0.04))
     leg_col = _jitter_color(rng, (200, 200, 200) if rng.random() < 0.5 else (60, 60, 60), 20)
     for x in (int(W * 0.12), int(W * 0.88) - leg_w):
-        cv2.rectangle(canvas, (x, 0), (x + leg_w, H - 1), leg_col, -1)
-        cv2.rectangle(mask, (x, 0), (x + leg_w, H - 1), 1, -1)
+        _rect(canvas, mask, (x, 0), (x + leg_w, H - 1), leg_col)
     board = np.zeros_like(mask)
     cv2.rectangle(board, (0, 0), (W - 1, board_h), 1, -1)
     color = (int(rng.uniform(200, 240)), int(rng.uniform(20, 60)), int(rng.uniform(20, 50))) if rng.random() < 0.5 else _orange(rng)
@@ -204,8 +213,7 @@ def draw_arrow_board(rng: np.random.Generator, h: int) -> Patch:
     canvas = np.zeros((H, W, 3), np.uint8)
     mask = np.zeros((H, W), np.uint8)
     panel_h = int(H * rng.uniform(0.5, 0.65))
-    cv2.rectangle(canvas, (0, 0), (W - 1, panel_h), _jitter_color(rng, (20, 20, 20), 8), -1)
-    cv2.rectangle(mask, (0, 0), (W - 1, panel_h), 1, -1)
+    _rect(canvas, mask, (0, 0), (W - 1, panel_h), _jitter_color(rng, (20, 20, 20), 8))
     lamp = _jitter_color(rng, (255, 190, 40), 20)
     r = max(2, int(min(W, panel_h) * 0.05))
     pts = []
@@ -224,14 +232,11 @@ def draw_arrow_board(rng: np.random.Generator, h: int) -> Patch:
         x = x if direction > 0 else W - x
         cv2.circle(canvas, (int(x), int(y)), r, lamp, -1)
     # trailer: a post and a dark box with wheels
-    cv2.rectangle(canvas, (int(W * 0.45), panel_h), (int(W * 0.55), int(H * 0.8)), (70, 70, 70), -1)
-    cv2.rectangle(mask, (int(W * 0.45), panel_h), (int(W * 0.55), int(H * 0.8)), 1, -1)
+    _rect(canvas, mask, (int(W * 0.45), panel_h), (int(W * 0.55), int(H * 0.8)), (70, 70, 70))
     tcol = _jitter_color(rng, (230, 200, 60) if rng.random() < 0.4 else (90, 90, 90), 25)
-    cv2.rectangle(canvas, (int(W * 0.1), int(H * 0.75)), (int(W * 0.9), int(H * 0.9)), tcol, -1)
-    cv2.rectangle(mask, (int(W * 0.1), int(H * 0.75)), (int(W * 0.9), int(H * 0.9)), 1, -1)
+    _rect(canvas, mask, (int(W * 0.1), int(H * 0.75)), (int(W * 0.9), int(H * 0.9)), tcol)
     for x in (0.25, 0.75):
-        cv2.circle(canvas, (int(W * x), int(H * 0.92)), int(H * 0.07), (15, 15, 15), -1)
-        cv2.circle(mask, (int(W * x), int(H * 0.92)), int(H * 0.07), 1, -1)
+        _circle(canvas, mask, (int(W * x), int(H * 0.92)), int(H * 0.07), (15, 15, 15))
     rgb, a = _finish(canvas, mask, h)
     return Patch(rgb, a, "arrow_board", True, rng.uniform(2.0, 3.0))
 
@@ -305,14 +310,11 @@ def draw_vehicle(rng: np.random.Generator, h: int) -> Patch:
     mask = np.zeros((H, W), np.uint8)
     col = _orange(rng) if rng.random() < 0.6 else _jitter_color(rng, (230, 190, 30) if rng.random() < 0.5 else (200, 40, 30), 20)
     roof = int(H * rng.uniform(0.0, 0.35))
-    cv2.rectangle(canvas, (int(W * 0.1), roof), (int(W * 0.9), int(H * 0.6)), col, -1)
-    cv2.rectangle(mask, (int(W * 0.1), roof), (int(W * 0.9), int(H * 0.6)), 1, -1)
-    cv2.rectangle(canvas, (0, int(H * 0.45)), (W - 1, int(H * 0.88)), col, -1)
-    cv2.rectangle(mask, (0, int(H * 0.45)), (W - 1, int(H * 0.88)), 1, -1)
+    _rect(canvas, mask, (int(W * 0.1), roof), (int(W * 0.9), int(H * 0.6)), col)
+    _rect(canvas, mask, (0, int(H * 0.45)), (W - 1, int(H * 0.88)), col)
     cv2.rectangle(canvas, (int(W * 0.16), roof + int(H * 0.06)), (int(W * 0.84), int(H * 0.42)), _jitter_color(rng, (40, 50, 60), 10), -1)
     for x in (0.2, 0.8):
-        cv2.circle(canvas, (int(W * x), int(H * 0.86)), int(H * 0.13), (15, 15, 15), -1)
-        cv2.circle(mask, (int(W * x), int(H * 0.86)), int(H * 0.13), 1, -1)
+        _circle(canvas, mask, (int(W * x), int(H * 0.86)), int(H * 0.13), (15, 15, 15))
     for x in (0.05, 0.85):  # lights
         cv2.rectangle(canvas, (int(W * x), int(H * 0.55)), (int(W * (x + 0.1)), int(H * 0.62)), (240, 230, 200), -1)
     canvas = _shade(canvas, mask, rng)
@@ -327,12 +329,9 @@ def draw_bin(rng: np.random.Generator, h: int) -> Patch:
     canvas = np.zeros((H, W, 3), np.uint8)
     mask = np.zeros((H, W), np.uint8)
     col = _orange(rng) if rng.random() < 0.5 else _jitter_color(rng, [(40, 110, 50), (40, 60, 150), (70, 70, 70), (200, 180, 40)][int(rng.integers(0, 4))], 15)
-    cv2.rectangle(canvas, (int(W * 0.05), int(H * 0.1)), (int(W * 0.95), int(H * 0.92)), col, -1)
-    cv2.rectangle(mask, (int(W * 0.05), int(H * 0.1)), (int(W * 0.95), int(H * 0.92)), 1, -1)
-    cv2.rectangle(canvas, (0, 0), (W - 1, int(H * 0.12)), tuple(int(c * 0.8) for c in col), -1)
-    cv2.rectangle(mask, (0, 0), (W - 1, int(H * 0.12)), 1, -1)
-    cv2.circle(canvas, (int(W * 0.25), int(H * 0.93)), int(H * 0.07), (15, 15, 15), -1)
-    cv2.circle(mask, (int(W * 0.25), int(H * 0.93)), int(H * 0.07), 1, -1)
+    _rect(canvas, mask, (int(W * 0.05), int(H * 0.1)), (int(W * 0.95), int(H * 0.92)), col)
+    _rect(canvas, mask, (0, 0), (W - 1, int(H * 0.12)), tuple(int(c * 0.8) for c in col))
+    _circle(canvas, mask, (int(W * 0.25), int(H * 0.93)), int(H * 0.07), (15, 15, 15))
     canvas = _shade(canvas, mask, rng)
     rgb, a = _finish(canvas, mask, h)
     return Patch(rgb, a, "bin", False, rng.uniform(0.9, 1.2))
@@ -343,8 +342,7 @@ def draw_ball(rng: np.random.Generator, h: int) -> Patch:
     H = max(6, h) * SS
     canvas = np.zeros((H, H, 3), np.uint8)
     mask = np.zeros((H, H), np.uint8)
-    cv2.circle(canvas, (H // 2, H // 2), H // 2 - 1, _orange(rng), -1)
-    cv2.circle(mask, (H // 2, H // 2), H // 2 - 1, 1, -1)
+    _circle(canvas, mask, (H // 2, H // 2), H // 2 - 1, _orange(rng))
     canvas = _shade(canvas, mask, rng)
     rgb, a = _finish(canvas, mask, h)
     return Patch(rgb, a, "ball", False, rng.uniform(0.2, 0.7))
