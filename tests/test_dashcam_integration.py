@@ -78,3 +78,13 @@ def test_quickstart_retrains_when_the_recipe_changes(run, tmp_path):
     assert _recipe_changes(tmp_path, cfg) == ""  # nothing cached: nothing to compare
     (tmp_path / "bundle.json").write_text("{not json")
     assert _recipe_changes(tmp_path, cfg) == "unreadable bundle.json"
+
+
+def test_realcam_html_table_escapes_and_counts():
+    from roadcascade.realcam import realcam_html
+
+    r = {"night_dev": {"n": 33, "recall": 6 / 33, "median_p": 0.05, "exit_rates": [0.75, 0.25]},
+         "dashcam_negatives": {"n": 143, "fpr": 2 / 143}, "joint": {"mcc": 0.4, "auroc": 0.9}}
+    page = realcam_html({"<b>x</b>": r})
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert "(6/33)" in page and "(2/143)" in page and "0.75, 0.25" in page

@@ -297,7 +297,7 @@ def quickstart(
     from .data import open_dataset
     from .evaluate import evaluate, public
     from .preprocess import pick_device
-    from .realcam import default_night_dev, format_realcam, realcam_report
+    from .realcam import default_night_dev, format_realcam, realcam_html, realcam_report
     from .report import write_html
     from .train import TrainConfig, train as run_train
 
@@ -341,7 +341,7 @@ def quickstart(
             for path, suffix, label in runs:
                 realcam[label.strip() or "deployed"] = realcam_report(Bundle.load(path, device=pick_device(device)), progress=cb)
             (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
-    html = write_html(reps, out / "report.html",
+    html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
                       title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
     for name, r in realcam.items():

@@ -56,3 +56,20 @@ def format_realcam(name: str, r: dict) -> str:
     return (f"{name}: night-dev recall {nd['recall']:.3f} ({round(nd['recall'] * nd['n'])}/{nd['n']}), "
             f"dashcam FPR on {dn['split']} {dn['fpr']:.3f} ({round(dn['fpr'] * dn['n'])}/{dn['n']}), "
             f"joint MCC {j['mcc']:.3f}, AUROC {j['auroc']:.3f}")
+
+
+def realcam_html(reports: dict[str, dict]) -> str:
+    """An HTML table of :func:`realcam_report` results (one row per bundle), for the quickstart report."""
+    import html
+
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{r['night_dev']['recall']:.3f} ({round(r['night_dev']['recall'] * r['night_dev']['n'])}"
+        f"/{r['night_dev']['n']})</td><td>{r['night_dev']['median_p']:.3f}</td>"
+        f"<td>{', '.join(f'{x:.2f}' for x in r['night_dev']['exit_rates'])}</td>"
+        f"<td>{r['dashcam_negatives']['fpr']:.3f} ({round(r['dashcam_negatives']['fpr'] * r['dashcam_negatives']['n'])}"
+        f"/{r['dashcam_negatives']['n']})</td><td>{r['joint']['mcc']:.3f}</td><td>{r['joint']['auroc']:.3f}</td></tr>"
+        for name, r in reports.items())
+    return ("<h2>Real dashcam frames</h2><p>Night-dev: real night phone-dashcam roadwork frames (selection and reporting "
+            "only, never training). Dashcam negatives: camvid and gtsdb label 0 of the test split. Clean images.</p>"
+            "<table><tr><th>bundle</th><th>night-dev recall</th><th>median p</th><th>night-dev exit rates per tier</th>"
+            f"<th>dashcam FPR</th><th>joint MCC</th><th>joint AUROC</th></tr>{rows}</table>")
