@@ -303,7 +303,8 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
         net = nets[(src, spec_model)]
         return ClassifierTier(name=f"{spec_model}@{size}", model_name=spec_model, model=net.model, input_size=size,
                               mean=net.mean, std=net.std, calibrator=TemperatureCalibrator(),
-                              gflops=zoo_gflops(spec_model, size), device=device, batch_size=cfg.batch_size)
+                              gflops=zoo_gflops(spec_model, size), device=device, batch_size=cfg.batch_size,
+                              squares=net.squares)
 
     # -- val challenge views, exactly as eval makes them ------------------------------------------
     ds, items, images, y, groups = _val_items(cfg, progress)

@@ -165,6 +165,8 @@ def check_classifier(t: dict, f: str, lim: BundleLimits) -> None:
     check_norm(t.get("mean"), f + ".mean", positive=False)
     check_norm(t.get("std"), f + ".std", positive=True)
     check_calibration(t.get("calibration"), f + ".calibration")
+    if "squares" in t:
+        _need(_int(t["squares"], 1, 8), f + ".squares", "an int in [1, 8]", t["squares"])
 
 
 def check_tier(t: Any, f: str, known: set[str], lim: BundleLimits) -> None:

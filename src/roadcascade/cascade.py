@@ -137,6 +137,27 @@ class Tier(ABC):
     def from_config(cls, cfg: dict, bundle_dir: Path, device: torch.device) -> "Tier": ...
 
 
+SQUARE_TOLERANCE = 1.1  # images closer to square than this aspect ratio are seen whole
+
+
+def square_views(images: Sequence[np.ndarray], k: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each image as ``k`` squares of side min(h, w) spread evenly along its long side (an image within
+    ``SQUARE_TOLERANCE`` of square stays one view), and the index of the image each view belongs to."""
+    views: list[np.ndarray] = []
+    owner: list[int] = []
+    for i, im in enumerate(images):
+        h, w = im.shape[:2]
+        s = min(h, w)
+        if max(h, w) <= SQUARE_TOLERANCE * s:
+            views.append(im)
+            owner.append(i)
+            continue
+        for off in np.linspace(0, max(h, w) - s, k).round().astype(int):
+            views.append(im[off : off + s] if h > w else im[:, off : off + s])
+            owner.append(i)
+    return views, np.asarray(owner, dtype=np.int64)
+
+
 @register_tier
 class ClassifierTier(Tier):
     """Any zoo model at any input size, returning one roadwork logit, temperature-calibrated."""
@@ -155,15 +176,31 @@ class ClassifierTier(Tier):
         gflops: float,
         device: torch.device | None = None,
         batch_size: int = 64,
+        squares: int = 1,
     ):
+        if not 1 <= int(squares) <= 8:
+            raise ValueError(f"squares must be in [1, 8], got {squares}")
+        self.squares = int(squares)
         self.name, self.model_name, self.input_size = name, model_name, int(input_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.calibrator, self.gflops, self.batch_size = calibrator, float(gflops), batch_size
         self.device = device or pick_device()
         self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """One logit per image. With ``squares`` k > 1 a non-square image is seen as k aspect-preserving
+        squares along its long side (no stretching: a portrait phone frame squeezed to a square makes every
+        object wider than anything in training) and the largest logit counts; square images are unchanged."""
+        if self.squares == 1:
+            return self._logits(images)
+        views, owner = square_views(images, self.squares)
+        z = self._logits(views)
+        out = np.full(len(images), -np.inf, dtype=z.dtype)
+        np.maximum.at(out, owner, z)
+        return out
+
+    @torch.inference_mode()
+    def _logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch_size):
             x = to_batch(images[i : i + self.batch_size], self.input_size, self.mean, self.std).to(self.device)
@@ -191,6 +228,7 @@ class ClassifierTier(Tier):
             "std": list(self.std),
             "gflops": self.gflops,
             "calibration": self.calibrator.to_dict(),
+            **({"squares": self.squares} if self.squares > 1 else {}),
         }
 
     @classmethod
@@ -213,6 +251,7 @@ class ClassifierTier(Tier):
             std=cfg["std"],
             calibrator=TemperatureCalibrator.from_dict(cfg["calibration"]),
             gflops=cfg.get("gflops", 0.0),
+            squares=cfg.get("squares", 1),
             device=device,
         )
 

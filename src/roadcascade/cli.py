@@ -33,6 +33,7 @@ QUICKSTART_STYLE_P = 0.0
 QUICKSTART_EPOCHS = 6
 QUICKSTART_INPUT = 160  # training resolution
 QUICKSTART_EVAL = None  # stage-1 inference resolution (None: the model's, 224 for lite0)
+QUICKSTART_SQUARES = 3  # non-square frames seen as 3 aspect-preserving squares, max-pooled (docs/DASHCAM.md)
 
 
 @contextmanager
@@ -93,6 +94,7 @@ def train(
     synth_share: float = typer.Option(0.4, min=0.0, max=1.0, help="share of each epoch drawn from --extra-train sets"),
     style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
     balance_sources: bool = typer.Option(False, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
+    squares: int = typer.Option(1, min=1, max=8, help="the bundle sees a non-square image as this many aspect-preserving squares, max-pooled (1: stretched)"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
     from .train import TrainConfig, train as run_train
@@ -115,7 +117,7 @@ def train(
     cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8, batch_size=batch_size or 32,
                       lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data, max_train=max_train,
                       max_val=max_val, max_steps=max_steps, threads=threads, extra_train=tuple(extra_train),
-                      synth_share=synth_share, style_p=style_p, balance_sources=balance_sources)
+                      synth_share=synth_share, style_p=style_p, balance_sources=balance_sources, squares=squares)
     with progress_bar() as cb:
         try:
             res = run_train(cfg, out, progress=cb, log=console.print)
@@ -290,6 +292,7 @@ def quickstart(
     budget: str = typer.Option("35%", help="cascade compute budget (see `roadcascade build`)"),
     synth: int = typer.Option(QUICKSTART_SYNTH, min=0, help="synthetic dashcam images to train on (cached in OUT/synth; 0: none)"),
     style_p: float = typer.Option(QUICKSTART_STYLE_P, min=0.0, max=1.0, help="dashcam style transform probability in training"),
+    squares: int = typer.Option(QUICKSTART_SQUARES, min=1, max=8, help="see a non-square image as this many aspect-preserving squares, max-pooled (1: stretch it to a square)"),
 ) -> None:
     """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, evaluate
     test clean + challenge and real dashcam frames (night-dev recall, dashcam false positives), report."""
@@ -315,7 +318,7 @@ def quickstart(
 
             extra = (str(ensure_synth(SynthConfig(n=synth, data=data), out / "synth", log=console.print, progress=cb)),)
         cfg = TrainConfig(model="lite0", input_size=input_size, eval_size=eval_size, epochs=epochs, data=data, device=device,
-                          extra_train=extra, style_p=style_p, balance_sources=bool(extra))
+                          extra_train=extra, style_p=style_p, balance_sources=bool(extra), squares=squares)
         stale = _recipe_changes(sdir, cfg)
         if stale:
             console.print(f"cached bundle {sdir} was trained with another recipe ({stale}): training again")
@@ -351,7 +354,7 @@ def quickstart(
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
 
 
-_RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data")
+_RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data", "squares")
 
 
 def _recipe_changes(bundle_dir: Path, cfg) -> str:
@@ -364,7 +367,7 @@ def _recipe_changes(bundle_dir: Path, cfg) -> str:
     except (OSError, json.JSONDecodeError, AttributeError):
         return "unreadable bundle.json"
     new = {"extra_train": list(cfg.extra_train), **{k: getattr(cfg, k) for k in _RECIPE_FIELDS if k != "extra_train"}}
-    defaults = {"extra_train": [], "style_p": 0.0, "balance_sources": False}  # bundles from before these fields
+    defaults = {"extra_train": [], "style_p": 0.0, "balance_sources": False, "squares": 1}  # bundles from before these fields
     diff = [k for k in _RECIPE_FIELDS if old.get(k, defaults.get(k)) != new[k]]
     return ", ".join(diff)
 

@@ -877,7 +877,8 @@ class GpuCascade:
             self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda else 0)
         self.engines: list[_ClassifierEngine | None] = []
         for k, tier in enumerate(cascade.tiers):
-            if type(tier) is ClassifierTier:
+            # a tier that pools over square views of non-square images runs its own code (the generic path)
+            if type(tier) is ClassifierTier and tier.squares == 1:
                 comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
                 self.engines.append(_ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
             else:

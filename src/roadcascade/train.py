@@ -63,6 +63,7 @@ class TrainConfig:
     balance_sources: bool = False
     style_p: float = 0.0
     epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
+    squares: int = 1  # the bundle's tier sees a non-square image as this many aspect-preserving squares (max-pooled)
 
 
 @dataclass
@@ -313,7 +314,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     name = f"{cfg.model}@{eval_size}"
     tier = ClassifierTier(
         name=name, model_name=cfg.model, model=ema.float().cpu(), input_size=eval_size, mean=mean, std=std,
-        calibrator=calibrator, gflops=gflops(cfg.model, eval_size), device=torch.device("cpu"),
+        calibrator=calibrator, gflops=gflops(cfg.model, eval_size), device=torch.device("cpu"), squares=cfg.squares,
     )
     cascade = Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
     seconds = time.perf_counter() - t_start

@@ -1,0 +1,97 @@
+"""Aspect-preserving square views for non-square images (ClassifierTier(squares=k)): the geometry, the
+max-pooling, the bundle round trip and validation, and the GPU runtime (on the CPU) agreeing with it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from roadcascade.bundle import Bundle, BundleError
+from roadcascade.calibration import TemperatureCalibrator
+from roadcascade.cascade import SQUARE_TOLERANCE, Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion, square_views
+from roadcascade.zoo import create_model
+
+
+def _img(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(4, 300), st.integers(4, 300)), min_size=1, max_size=6), st.integers(2, 5))
+def test_square_views_geometry(shapes, k):
+    images = [_img(h, w, i) for i, (h, w) in enumerate(shapes)]
+    views, owner = square_views(images, k)
+    assert len(views) == len(owner) and sorted(set(owner.tolist())) == list(range(len(images)))
+    for i, im in enumerate(images):
+        mine = [v for v, o in zip(views, owner) if o == i]
+        h, w = im.shape[:2]
+        if max(h, w) <= SQUARE_TOLERANCE * min(h, w):  # near-square: the image itself, once
+            assert len(mine) == 1 and mine[0] is im
+            continue
+        assert len(mine) == k
+        s = min(h, w)
+        assert all(v.shape == (s, s, 3) for v in mine)
+        # the first and last squares sit at the two ends of the long side, and together they cover it
+        if h > w:
+            assert np.array_equal(mine[0], im[:s]) and np.array_equal(mine[-1], im[h - s :])
+        else:
+            assert np.array_equal(mine[0], im[:, :s]) and np.array_equal(mine[-1], im[:, w - s :])
+
+
+def _tier(squares: int, size: int = 48) -> ClassifierTier:
+    torch.manual_seed(0)
+    model = create_model("test_tiny", num_classes=1, pretrained=False)
+    cal = TemperatureCalibrator.from_dict({"temperature": 0.01, "threshold": 0.5})
+    return ClassifierTier("tiny@48", "test_tiny", model, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cal, 0.01,
+                          device=torch.device("cpu"), squares=squares)
+
+
+def test_logits_are_the_max_over_square_views():
+    t1, t3 = _tier(1), _tier(3)
+    images = [_img(60, 150, 1), _img(64, 64, 2), _img(200, 90, 3)]
+    z3 = t3.logits(images)
+    views, owner = square_views(images, 3)
+    zv = t1.logits(views)  # the same network, one logit per view
+    for i in range(len(images)):
+        assert z3[i] == pytest.approx(zv[owner == i].max(), abs=1e-6)
+    assert z3[1] == pytest.approx(t1.logits([images[1]])[0], abs=1e-6)  # a square image is seen as before
+    assert z3[0] != pytest.approx(t1.logits([images[0]])[0], abs=1e-4)  # a wide one is not stretched any more
+
+
+def test_squares_round_trip_and_validation(tmp_path):
+    casc = Cascade([_tier(3)], [ExitPoint(LastTierFusion(), 0.5, FinalRule())])
+    Bundle(casc, {}).save(tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert doc["tiers"][0]["squares"] == 3
+    back = Bundle.load(tmp_path / "b", device="cpu")
+    assert back.cascade.tiers[0].squares == 3
+    img = [_img(50, 120, 5)]
+    assert back.cascade.predict(img)[0].probability == pytest.approx(casc.predict(img)[0].probability, abs=1e-6)
+    Bundle(Cascade([_tier(1)], [ExitPoint(LastTierFusion(), 0.5, FinalRule())]), {}).save(tmp_path / "plain")
+    assert "squares" not in json.loads((tmp_path / "plain" / "bundle.json").read_text())["tiers"][0]  # old format kept
+    for bad in (0, 9, "3", 2.5):
+        doc["tiers"][0]["squares"] = bad
+        (tmp_path / "b" / "bundle.json").write_text(json.dumps(doc))
+        with pytest.raises(BundleError, match="squares"):
+            Bundle.load(tmp_path / "b", device="cpu")
+    with pytest.raises(ValueError, match="squares"):
+        _tier(0)
+
+
+def test_gpu_runtime_on_cpu_agrees_with_square_pooling():
+    from roadcascade.gpu import GpuCascade
+    from roadcascade.images import decode_bytes, encode_jpeg
+
+    casc = Cascade([_tier(3)], [ExitPoint(LastTierFusion(), 0.5, FinalRule())])
+    payloads = [encode_jpeg(_img(h, w, i), 90) for i, (h, w) in enumerate(((48, 120), (64, 64), (130, 50)))]
+    gc = GpuCascade(casc, device="cpu")
+    try:
+        got = gc.predict(payloads)
+    finally:
+        gc.close()
+    ref = casc.predict([decode_bytes(p) for p in payloads])
+    for g, r in zip(got, ref):
+        assert g.probability == pytest.approx(r.probability, abs=1e-6) and g.label == r.label
