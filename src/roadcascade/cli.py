@@ -149,6 +149,8 @@ def eval_cmd(
     html_out: Optional[Path] = typer.Option(None, "--html", help="write an HTML report here"),
     seed: Optional[int] = typer.Option(None, help="challenge view seed (default 0 on val, 1 on test)"),
     n_views: int = typer.Option(4, min=1, help="challenge views per image"),
+    protocol: str = typer.Option("v2.0.4", help="challenge protocol: v2.0.4 (crops), letterbox (2026-04-06: "
+                                 "ResizeWithPadding), native (2026-05-03: native size, JPEG q75 only; one view per image)"),
     batch_size: int = typer.Option(32, min=1),
     max_images: Optional[int] = typer.Option(None, help="evaluate a stratified subset"),
     strict: bool = typer.Option(False, help="stop at the first bad row (missing or corrupt image, bad label) "
@@ -165,8 +167,12 @@ def eval_cmd(
     from .preprocess import pick_device
     from .report import write_html
 
+    from .challenge import PROTOCOLS
+
     if views not in ("clean", "challenge"):
         _fail("--views must be clean or challenge")
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     try:
         b = Bundle.load(bundle, device=pick_device(device))
         ds = open_dataset(data, split, strict=strict).subset(max_images)
@@ -174,10 +180,11 @@ def eval_cmd(
         _fail(str(e))
     try:
         with progress_bar() as cb:
-            rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb, strict=strict)
+            rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb, strict=strict,
+                           protocol=protocol)
     except (BadImage, OSError) as e:  # --strict: the first bad row stops the run
         _fail(f"bad row: {printable(str(e))} (without --strict it is recorded and skipped)")
-    _print_summary([(f"{split} / {views}", rep)])
+    _print_summary([(f"{split} / {views}" + (f" ({protocol})" if views == "challenge" else ""), rep)])
     if rep.get("n_bad"):
         reasons: dict[str, int] = {}
         for r in rep["bad_rows"]:

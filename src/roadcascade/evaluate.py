@@ -40,13 +40,17 @@ def view_seed(split: str | None, seed: int | None) -> int:
 
 
 def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int = 224, progress: Progress | None = None,
-               bad: list[dict] | None = None) -> list[EvalItem]:
-    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75. With a
-    ``bad`` list, an image that is missing or does not decode is recorded there and skipped (else it raises)."""
+               bad: list[dict] | None = None, protocol: str = "v2.0.4") -> list[EvalItem]:
+    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75, made under the
+    challenge ``protocol`` (``challenge.PROTOCOLS``; ``native`` sends each image once, at its own size, since its views
+    are all the same). With a ``bad`` list, an image that is missing or does not decode is recorded there and skipped
+    (else it raises)."""
     if views not in ("clean", "challenge"):
         raise ValueError(f"views must be 'clean' or 'challenge', not {views!r}")
     items: list[EvalItem] = []
-    cfg = ChallengeConfig(size=size, jpeg_quality=None)  # encoded once below, as the validator does
+    cfg = ChallengeConfig(size=size, jpeg_quality=None, protocol=protocol)  # encoded once below, as the validator does
+    if protocol == "native":
+        n_views = 1  # no augmentation: every view of an image would be the same request
     for i, s in enumerate(ds.samples):
         try:
             if views == "clean":
@@ -166,15 +170,22 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
 
 
 def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: int | None = None, n_views: int = 4,
-             batch_size: int = 32, progress: Progress | None = None, strict: bool = True) -> dict:
+             batch_size: int = 32, progress: Progress | None = None, strict: bool = True, protocol: str = "v2.0.4") -> dict:
     """``strict=False``: bad rows (the data set's own, missing or undecodable images) are listed in the report's
-    ``bad_rows`` and left out of the metrics; ``strict`` stops at the first."""
-    seed_ = view_seed(split, seed) if views == "challenge" else None
+    ``bad_rows`` and left out of the metrics; ``strict`` stops at the first. ``protocol``: how challenge views are
+    made (``challenge.PROTOCOLS``), recorded in the report (None for clean views)."""
+    ChallengeConfig(protocol=protocol)  # ValueError for an unknown protocol, before any work
+    challenge = views == "challenge"
+    seed_ = view_seed(split, seed) if challenge else None
+    if challenge and protocol == "native":
+        n_views = 1
     bad: list[dict] | None = None if strict else list(ds.bad)
-    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress, bad=bad)
+    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress, bad=bad,
+                       protocol=protocol)
     res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress, bad=bad)
-    meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views, "view_seed": seed_,
-            "n_images": len(ds), "n_views_per_image": n_views if views == "challenge" else 1,
+    meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views,
+            "protocol": protocol if challenge else None, "view_seed": seed_,
+            "n_images": len(ds), "n_views_per_image": n_views if challenge else 1,
             "n_bad": len(bad or []), "bad_rows": bad or []}
     return {**meta, **res}
 
