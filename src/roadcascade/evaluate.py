@@ -82,13 +82,14 @@ def bad_row(key: str, e: BaseException) -> dict:
     return {"key": key, "reason": reason, "message": str(e)[:300]}
 
 
-def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None) -> tuple[list[EvalItem], list[np.ndarray]]:
+def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None,
+                  min_size: int | None = None) -> tuple[list[EvalItem], list[np.ndarray]]:
     if bad is None:
-        return list(chunk), [decode_bytes(it.payload) for it in chunk]
+        return list(chunk), [decode_bytes(it.payload, min_size=min_size) for it in chunk]
     kept, arrays = [], []
     for it in chunk:
         try:
-            arrays.append(decode_bytes(it.payload))
+            arrays.append(decode_bytes(it.payload, min_size=min_size))
             kept.append(it)
         except BadImage as e:
             bad.append(bad_row(it.key, e))
@@ -96,10 +97,13 @@ def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None) -> tuple[li
 
 
 def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None,
-                   bad: list[dict] | None = None, baselines: bool = True) -> dict:
+                   bad: list[dict] | None = None, baselines: bool = True, reduced_decode: bool = True) -> dict:
     """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits. With a ``bad`` list,
-    an item that does not decode is recorded there and left out (else it raises)."""
+    an item that does not decode is recorded there and left out (else it raises). ``reduced_decode``: on the CPU
+    path, JPEGs much larger than the tiers need are decoded at 1/2..1/8 scale (``Cascade.decode_size``), as the
+    server does; False decodes every image at full size."""
     cascade = bundle.cascade
+    min_size = cascade.decode_size() if reduced_decode else None
     from .gpu import maybe_gpu_cascade  # the GPU fast path when CUDA is present (ROADCASCADE_GPU=0 turns it off)
 
     gc = maybe_gpu_cascade(cascade)
@@ -121,7 +125,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
                 chunk = [it for it, p in zip(chunk, preds) if not isinstance(p, Exception)]
                 preds = [p for p in preds if not isinstance(p, Exception)]
         else:
-            chunk, arrays = _decode_chunk(chunk, bad)
+            chunk, arrays = _decode_chunk(chunk, bad, min_size)
             preds = cascade.predict(arrays) if arrays else []
         kept += chunk
         dt = (time.perf_counter() - t0) * 1e3
@@ -149,6 +153,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
         "latency_ms": percentiles(np.array(lat)),
         "throughput_img_s": float(len(items) / (busy / 1e3)) if busy > 0 else float("nan"),
         "batch_size": batch_size,
+        "decode_min_size": min_size if gc is None else None,  # the CPU path's reduced-size JPEG decode (None: full size)
         "device": dev if dev != "cuda" else f"cuda ({torch.cuda.get_device_name()})",
         "threads": torch.get_num_threads(),
         "per_source": {s: _group_metrics(y, p, src == s) for s in sorted(set(src.tolist()))},
