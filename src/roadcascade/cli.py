@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput, CPU decode of native-size images.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 out_console = Console(width=None if Console().is_terminal else 160)  # tables stay readable in logs and CI
@@ -356,6 +356,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "roadcascade.detect.commands",
     "roadcascade.serve.commands",
     "roadcascade.gpu_commands",
+    "roadcascade.native_commands",
 )
 
 
