@@ -312,3 +312,45 @@ def test_server_and_predict_decode_reduced(tmp_path):
     import json
 
     assert ok and json.loads(line)["probability"] == pytest.approx(want, abs=1e-9)
+
+
+def test_parse_sizes():
+    from roadcascade.native_commands import parse_sizes
+
+    assert parse_sizes("1920x1080, 4032X3024") == [(1920, 1080), (4032, 3024)]
+    for bad in ("", "1920", "1920x", "0x10", "axb", "10x10x10"):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+
+
+def test_bench_decode_command(tmp_path):
+    """``roadcascade bench decode`` end to end on a tiny bundle and small payloads: every number is there and sane."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from roadcascade.cli import app
+    from roadcascade.serve.testing import tiny_bundle
+
+    bdir = tiny_bundle(tmp_path / "tiny")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(_jpeg(_scene(224, 300, i)))
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--n", "3",
+                                 "--sizes", "640x360,1024x768", "--repeats", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("roadcascade ") and doc["n_photos"] == 3
+    assert [s["name"] for s in doc["sets"]] == ["640x360", "1024x768"]
+    for s in doc["sets"]:
+        assert s["n"] == 3 and s["min_size"] == 64
+        assert min(s["decoded_shape_reduced"]) >= 64
+        for k in ("decode_full_img_s", "decode_reduced_img_s", "e2e_full_img_s", "e2e_reduced_img_s"):
+            assert s[k] > 0
+        assert s["decode_speedup"] == pytest.approx(s["decode_reduced_img_s"] / s["decode_full_img_s"])
+        assert 0 <= s["agreement"]["agreement"] <= 1 and s["agreement"]["n"] == 3
+    assert tuple(doc["sets"][0]["decoded_shape_reduced"]) == (90, 160)  # 360 // 64 = 5 -> 1/4
+    bad = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--sizes", "big"])
+    assert bad.exit_code != 0
