@@ -205,3 +205,36 @@ def test_make_items_follow_the_protocol(tmp_path):
     assert all(decode_bytes(it.payload).shape == (224, 224, 3) for it in boxed)
     with pytest.raises(ValueError, match="protocol"):
         make_items(ds, "challenge", seed=0, protocol="bogus")
+
+
+# ------------------------------------------------------------------------------------ training augmentation
+def test_training_augmentation_follows_the_protocol():
+    from roadcascade.train import AugmentedSet, TrainConfig, augment, view_set
+
+    img = _bright(180, 320, 9)
+    for protocol in PROTOCOLS:
+        for seed in range(12):
+            out = augment(img, np.random.default_rng(seed), 96, clean_prob=0.0, protocol=protocol)
+            assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+    # the default is v2.0.4, draw for draw
+    a = augment(img, np.random.default_rng(5), 96, 0.0)
+    b = augment(img, np.random.default_rng(5), 96, 0.0, protocol="v2.0.4")
+    assert np.array_equal(a, b)
+    # letterbox training views keep their black bands (a 16:9 image in a square: top and bottom, h-flips keep them)
+    boxed = [augment(img, np.random.default_rng(s), 96, 0.0, protocol="letterbox") for s in range(8)]
+    assert all(v[:10].mean() < 12 and v[-10:].mean() < 12 for v in boxed)
+    ds = AugmentedSet([img], np.array([1]), 96, 0.0, seed=0, protocol="native")
+    x, _ = ds[0]
+    assert tuple(x.shape) == (3, 96, 96)
+    with pytest.raises(ValueError, match="protocol"):
+        TrainConfig(protocol="v3")
+    assert TrainConfig().protocol == "v2.0.4"
+
+    class _S:
+        key, label = "k", 1
+
+    class _D:
+        samples = [_S()]
+
+    views, y = view_set(_D(), [img], 3, 0, 112, protocol="native")
+    assert len(views) == 3 and all(v.shape == img.shape for v in views) and y.tolist() == [1, 1, 1]

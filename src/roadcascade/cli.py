@@ -90,6 +90,7 @@ def train(
     synth_share: float = typer.Option(0.4, min=0.0, max=1.0, help="share of each epoch drawn from --extra-train sets"),
     style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
     balance_sources: bool = typer.Option(False, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
+    protocol: str = typer.Option("v2.0.4", help="challenge protocol of the augmentation and val views: v2.0.4 | letterbox | native"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
     from .train import TrainConfig, train as run_train
@@ -109,10 +110,14 @@ def train(
         return
     if task != "classify":
         _fail(f"--task must be classify or detect, not {task!r}")
-    cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8, batch_size=batch_size or 32,
-                      lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data, max_train=max_train,
-                      max_val=max_val, max_steps=max_steps, threads=threads, extra_train=tuple(extra_train),
-                      synth_share=synth_share, style_p=style_p, balance_sources=balance_sources)
+    try:
+        cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8,
+                          batch_size=batch_size or 32, lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data,
+                          max_train=max_train, max_val=max_val, max_steps=max_steps, threads=threads,
+                          extra_train=tuple(extra_train), synth_share=synth_share, style_p=style_p,
+                          balance_sources=balance_sources, protocol=protocol)
+    except ValueError as e:
+        _fail(str(e))
     with progress_bar() as cb:
         try:
             res = run_train(cfg, out, progress=cb, log=console.print)
