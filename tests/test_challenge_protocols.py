@@ -238,3 +238,35 @@ def test_training_augmentation_follows_the_protocol():
 
     views, y = view_set(_D(), [img], 3, 0, 112, protocol="native")
     assert len(views) == 3 and all(v.shape == img.shape for v in views) and y.tolist() == [1, 1, 1]
+
+
+def test_eval_cli_records_the_protocol(tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from roadcascade.cli import app
+    from roadcascade.serve.testing import tiny_bundle
+
+    bdir = tiny_bundle(tmp_path / "tiny")
+    root = tmp_path / "imgs"
+    for cls, seeds in (("roadwork", (1, 2)), ("none", (3, 4))):
+        (root / cls).mkdir(parents=True)
+        for s in seeds:
+            Image.fromarray(_bright(120, 200, s)).save(root / cls / f"{s}.jpg")
+    runner = CliRunner()
+    for protocol, n in (("v2.0.4", 8), ("letterbox", 8), ("native", 4)):
+        out = tmp_path / f"{protocol}.json"
+        r = runner.invoke(app, ["eval", "--bundle", str(bdir), "--data", str(root), "--split", "all", "--views", "challenge",
+                                "--n-views", "2", "--protocol", protocol, "--json", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(out.read_text())
+        assert doc["protocol"] == protocol and doc["n"] == n and doc["n_views_per_image"] == n // 4
+    clean = tmp_path / "clean.json"
+    r = runner.invoke(app, ["eval", "--bundle", str(bdir), "--data", str(root), "--split", "all", "--json", str(clean),
+                            "--device", "cpu"])
+    assert r.exit_code == 0 and json.loads(clean.read_text())["protocol"] is None
+    r = runner.invoke(app, ["eval", "--bundle", str(bdir), "--data", str(root), "--split", "all", "--views", "challenge",
+                            "--protocol", "v9"])
+    assert r.exit_code != 0 and "protocol" in r.output
