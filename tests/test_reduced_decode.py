@@ -354,3 +354,16 @@ def test_bench_decode_command(tmp_path):
     assert tuple(doc["sets"][0]["decoded_shape_reduced"]) == (90, 160)  # 360 // 64 = 5 -> 1/4
     bad = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--sizes", "big"])
     assert bad.exit_code != 0
+    neither = CliRunner().invoke(app, ["bench", "decode", "--bundle", str(bdir)])
+    assert neither.exit_code != 0
+    both = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--split", "test", "--bundle", str(bdir)])
+    assert both.exit_code != 0
+    root = tmp_path / "ds"
+    for cls in ("roadwork", "none"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "a.jpg").write_bytes(_jpeg(_scene(224, 300, len(cls))))
+    r = CliRunner().invoke(app, ["bench", "decode", "--split", "all", "--data", str(root), "--bundle", str(bdir), "--n", "2",
+                                 "--sizes", "640x360", "--repeats", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["n_photos"] == 2 and doc["photos"].startswith("split all") and doc["sets"][0]["n"] == 2

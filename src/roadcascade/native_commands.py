@@ -39,7 +39,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def bench_decode_command(
-    images: Path = typer.Option(..., help="folder of real photos (JPEG) to upscale into the payload sets"),
+    images: Optional[Path] = typer.Option(None, help="folder of real photos (JPEG) to upscale into the payload sets"),
+    split: Optional[str] = typer.Option(None, help="instead of --images: a stratified subset of this split of --data "
+                                        "(e.g. test: photos the bundle never trained on)"),
+    data: Optional[str] = typer.Option(None, help="dataset for --split (default StreetWork)"),
     bundle: Path = typer.Option(DEFAULT_BUNDLE, help="bundle to run end to end (a stage-1 bundle: its tier's input size "
                                 "is the decode size)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all numbers as JSON here"),
@@ -54,22 +57,30 @@ def bench_decode_command(
     import torch
 
     from .bundle import Bundle, BundleError
+    from .data import DataError, open_dataset
     from .native import bench_decode, native_payloads, photo_paths
 
     try:
         wh = parse_sizes(sizes)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--sizes") from None
+    if (images is None) == (split is None):
+        raise typer.BadParameter("give either --images DIR or --split S", param_hint="--images / --split")
     if threads:
         torch.set_num_threads(threads)
     try:
         b = Bundle.load(bundle, device="cpu")
-        paths = photo_paths(images, n)
-    except (BundleError, FileNotFoundError) as e:
+        if images is not None:
+            photos: list = photo_paths(images, n)
+            where = str(images)
+        else:
+            photos = [s.load() for s in open_dataset(data, split).subset(n, seed=3).samples]
+            where = f"split {split} of {data or 'StreetWork'}"
+    except (BundleError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
-    _log(f"{len(paths)} photos from {images}; bundle {bundle} (decode size {b.cascade.decode_size()})")
-    sets = native_payloads(paths, wh, quality)
+    _log(f"{len(photos)} photos from {where}; bundle {bundle} (decode size {b.cascade.decode_size()})")
+    sets = native_payloads(photos, wh, quality)
     rows = []
     for name, payloads in sets.items():
         r = bench_decode(b.cascade, name, payloads, repeats=repeats, batch=batch_size, log=_log)
@@ -80,8 +91,8 @@ def bench_decode_command(
               f"{r.e2e_reduced_img_s:.1f} img/s (x{r.e2e_speedup:.2f}); agreement {a.agreement:.4f} ({a.flips} flips), "
               f"mean |dp| {a.mean_abs_dp:.5f}, max |dp| {a.max_abs_dp:.4f}", flush=True)
     if json_out:
-        doc = {"command": "roadcascade " + " ".join(sys.argv[1:]), "bundle": str(bundle), "images": str(images),
-               "n_photos": len(paths), "quality": quality, "repeats": repeats, "batch_size": batch_size,
+        doc = {"command": "roadcascade " + " ".join(sys.argv[1:]), "bundle": str(bundle), "photos": where,
+               "n_photos": len(photos), "quality": quality, "repeats": repeats, "batch_size": batch_size,
                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
                "sets": [r.as_dict() for r in rows]}
         json_out.parent.mkdir(parents=True, exist_ok=True)
