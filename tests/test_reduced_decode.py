@@ -149,6 +149,7 @@ def test_every_decoder_takes_min_size(big, tmp_path):
     for bad in (0, -1, 2.5, True, "224"):
         with pytest.raises(ValueError):
             decode_bytes(data, min_size=bad)
+    assert np.array_equal(decode_bytes(data, min_size=np.int64(224)), want)  # numpy integers are integers
 
 
 # ------------------------------------------------------------------------------------ cascade and server sizes

@@ -12,9 +12,9 @@ The path of one input::
              PNG chunks, GIF blocks: millions of tiny segments would cost seconds in PIL's parsers)
           -> PIL.Image.open restricted to ``limits.formats`` (header only; bomb warning -> error)
           -> width/height (and TIFF tile size) checked against the limits BEFORE any pixel is decoded
+          -> (``min_size``, baseline JPEG only) ``Image.draft``: libjpeg will decode at 1/2, 1/4 or 1/8 scale,
+             the largest that still leaves ``min_size`` pixels on the short side (a later resize never upsamples)
           -> load (truncated data is an error: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is read, never set)
-          -> (``min_size``, JPEG only) ``Image.draft``: libjpeg decodes at 1/2, 1/4 or 1/8 scale, the largest
-             that still leaves ``min_size`` pixels on the short side (so a later resize never upsamples)
           -> EXIF orientation applied with the transposes of ``ImageOps.exif_transpose``, but without
              its unconditional copy and EXIF rewrite (a broken EXIF block means "no transpose")
           -> :func:`to_rgb` (mode conversion)
@@ -468,9 +468,17 @@ def draft_scale(width: int, height: int, min_size: int | None) -> int:
     return next((s for s in (8, 4, 2) if ratio >= s), 1)
 
 
-def _check_min_size(min_size: int | None) -> None:
-    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1):
+def _check_min_size(min_size: int | None) -> int | None:
+    """``min_size`` as a plain int (None stays None); ValueError unless a positive integer (bools refused)."""
+    if min_size is None:
+        return None
+    try:
+        m = operator.index(min_size)
+    except TypeError:
+        m = 0
+    if isinstance(min_size, bool) or m < 1:
         raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+    return m
 
 
 def _draft(img: Image.Image, min_size: int | None) -> None:
@@ -753,7 +761,7 @@ def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_siz
     decoded by libjpeg at 1/2, 1/4 or 1/8 scale (:func:`draft_scale`: the largest that keeps the short side
     >= ``min_size``), after every header check; the caller's resize then never upsamples. Other formats,
     progressive JPEGs (see :func:`_draft`) and None (the default) decode at full size."""
-    _check_min_size(min_size)
+    min_size = _check_min_size(min_size)
     img, fmt = _open_checked(data, limits)
     with img:
         what = f"{_canonical_format(img.format) or fmt or 'image'} data"
@@ -789,7 +797,7 @@ def decode_base64(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS, *, 
     outside the standard (or, used consistently, the URL-safe) alphabet is an error. The length is
     checked before decoding. ``min_size`` as in :func:`decode_bytes`.
     """
-    _check_min_size(min_size)
+    min_size = _check_min_size(min_size)
     return decode_bytes(base64_bytes(text, limits), limits, min_size=min_size)
 
 
@@ -835,7 +843,7 @@ def _b64decode_strict(payload: bytes) -> bytes:
 def decode_path(path: str | os.PathLike, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_size: int | None = None) -> np.ndarray:
     """Read and decode an image file. Non-regular files (directories, FIFOs, devices) are refused and
     the size is checked with ``fstat`` before anything is read. ``min_size`` as in :func:`decode_bytes`."""
-    _check_min_size(min_size)
+    min_size = _check_min_size(min_size)
     try:
         name = os.fspath(path)
     except TypeError as exc:
@@ -923,7 +931,7 @@ def decode_any(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_
     ``min_size`` (as in :func:`decode_bytes`) reduces encoded JPEGs (bytes, paths, base64, a not yet loaded PIL
     JPEG); arrays are returned at their size.
     """
-    _check_min_size(min_size)
+    min_size = _check_min_size(min_size)
     if isinstance(src, (bytes, bytearray, memoryview)):
         return decode_bytes(bytes(src), limits, min_size=min_size)
     if isinstance(src, np.ndarray):
