@@ -132,6 +132,11 @@ class Tier(ABC):
     def to_config(self, bundle_dir: Path) -> dict:
         """Describe the tier for bundle.json, writing its weights into bundle_dir."""
 
+    def decode_size(self) -> int | None:
+        """The short side (pixels) this tier needs of a decoded image: a reduced-size decode that keeps at least
+        this many never makes the tier upsample. None: the full decoded image (the safe default)."""
+        return None
+
     @classmethod
     @abstractmethod
     def from_config(cls, cfg: dict, bundle_dir: Path, device: torch.device) -> "Tier": ...
@@ -206,6 +211,9 @@ class ClassifierTier(Tier):
             x = to_batch(images[i : i + self.batch_size], self.input_size, self.mean, self.std).to(self.device)
             out.append(self.model(x).float().reshape(-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def decode_size(self) -> int:
+        return self.input_size  # the whole image is squashed to input_size x input_size
 
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
@@ -429,6 +437,13 @@ class Cascade:
 
     def predict_proba(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return np.array([p.probability for p in self.predict(images)], dtype=np.float64)
+
+    def decode_size(self) -> int | None:
+        """The short side a decode must keep for every tier an image may reach (the largest of the tiers'
+        :meth:`Tier.decode_size`; for a stage-1 bundle the first tier's input size), or None when some tier
+        needs the full image. Passed as ``min_size`` to the decoders of :mod:`roadcascade.images`."""
+        sizes = [t.decode_size() for t in self.tiers]
+        return None if any(s is None for s in sizes) else max(sizes)  # type: ignore[type-var]
 
     def mean_gflops(self, exit_rates: Sequence[float]) -> float:
         """Mean GFLOPs per image given the fraction of images exiting at each exit point."""

@@ -31,6 +31,16 @@ Images are ``H x W x 3`` ``uint8`` RGB numpy arrays throughout. Every function r
 Intermediate results are rounded to the nearest integer (the released code truncates; the
 difference is at most one grey level per step).
 
+Protocols (``ChallengeConfig.protocol``), the subnet's revisions of how a challenge image is made:
+
+* ``"v2.0.4"`` (default) -- everything above;
+* ``"letterbox"`` (2026-04-06) -- the centre crop (L0) and the RandomResizedCrop (L1+) are replaced by
+  ``ResizeWithPadding``: keep the aspect ratio, resize the long side to ``size`` (PIL bilinear,
+  antialiased) and pad centred to ``size x size`` with black. The L1 rotation (on the full image,
+  before the letterbox), the flips and the L2/L3 distortions are as in v2.0.4; no crop is drawn;
+* ``"native"`` (2026-05-03) -- no augmentation at all: the image at its native size, only the final
+  JPEG round trip at ``jpeg_quality`` (PIL's default 75). Nothing is drawn from the generator.
+
 Usage as an evaluation set: ``challenge_views(img, seed, key)`` (deterministic across calls,
 processes and machines). Usage as a training augmentation: ``ChallengeAugment()(img)`` or
 ``challenge_view(img, np.random.default_rng())`` (a fresh generator per call, fork safe).
@@ -59,9 +69,13 @@ __all__ = [
     "gaussian_noise_color",
     "gaussian_blur",
     "apply_distortion",
+    "PROTOCOLS",
     "ChallengeConfig",
     "ViewInfo",
     "level0",
+    "letterbox",
+    "letterbox_geometry",
+    "rotate_full",
     "random_resized_crop_params",
     "rotate_resized_crop",
     "jpeg_roundtrip",
@@ -267,9 +281,15 @@ def apply_distortion(img, kind: str, severity: int, rng: np.random.Generator | N
 # --------------------------------------------------------------------------------------------
 
 
+#: The subnet's challenge protocols (module docstring): v2.0.4 (Jan 2026), letterbox (2026-04-06),
+#: native (2026-05-03).
+PROTOCOLS: tuple[str, ...] = ("v2.0.4", "letterbox", "native")
+
+
 @dataclass(frozen=True)
 class ChallengeConfig:
-    """How challenge views are made. Defaults reproduce the v2.0.4 validator."""
+    """How challenge views are made. Defaults reproduce the v2.0.4 validator; ``protocol`` picks a
+    later revision (``PROTOCOLS``; ``size`` is unused by ``"native"``)."""
 
     size: int = 224
     level_probs: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25)
@@ -282,8 +302,11 @@ class ChallengeConfig:
     # NATIX.md (and the transform's declared setting) say bilinear; the released v2.0.4 code calls
     # torchvision's rotate without passing it on, so validators actually rotated with "nearest".
     rotation_interpolation: str = "bilinear"
+    protocol: str = "v2.0.4"
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if operator.index(self.size) < 1:
             raise ValueError(f"size must be >= 1, got {self.size!r}")
         probs = tuple(float(p) for p in self.level_probs)
@@ -312,7 +335,8 @@ class ViewInfo:
     ``rotation`` in degrees (counter-clockwise, 0.0 for L0); ``crop`` = (top, left, height, width)
     in the rotated full-resolution image (torchvision's (i, j, h, w)), None for L0; ``flips`` =
     (horizontal, vertical) as applied; ``severities`` = distortion kind -> severity drawn (0 = off),
-    in the order applied, empty for L0 and L1.
+    in the order applied, empty for L0 and L1. ``protocol`` is the config's; under ``"letterbox"``
+    ``crop`` is always None, under ``"native"`` the view is level 0 with nothing done but the JPEG.
     """
 
     level: int
@@ -320,6 +344,7 @@ class ViewInfo:
     crop: tuple[int, int, int, int] | None
     flips: tuple[bool, bool]
     severities: dict[str, int] = field(default_factory=dict)
+    protocol: str = "v2.0.4"
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +361,46 @@ def level0(img, size: int = 224) -> np.ndarray:
     top = int(round((h - m) / 2.0))
     left = int(round((w - m) / 2.0))
     return _resize_bilinear(a[top : top + m, left : left + m], size)
+
+
+def letterbox_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """``ResizeWithPadding``'s placement: (top, left, h, w) of the resized image inside the
+    ``size x size`` canvas. The long side becomes ``size``, the short side ``round(short * size /
+    long)`` (at least 1), centred (the odd pixel of padding goes to the bottom / right)."""
+    s = operator.index(size)
+    if height < 1 or width < 1 or s < 1:
+        raise ValueError(f"letterbox needs positive sizes, got {height}x{width} -> {size}")
+    if height >= width:
+        h, w = s, max(1, min(s, int(round(width * s / height))))
+    else:
+        h, w = max(1, min(s, int(round(height * s / width)))), s
+    return (s - h) // 2, (s - w) // 2, h, w
+
+
+def letterbox(img, size: int = 224) -> np.ndarray:
+    """``ResizeWithPadding`` (subnet revision of 2026-04-06): resize keeping the aspect ratio so the
+    long side is ``size`` (PIL bilinear, antialiased), then pad centred to ``size x size`` with black."""
+    a = _as_rgb(img)
+    top, left, h, w = letterbox_geometry(a.shape[0], a.shape[1], size)
+    if (h, w) == a.shape[:2]:
+        inner = a
+    else:
+        inner = np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BILINEAR))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[top : top + h, left : left + w] = inner
+    return out
+
+
+def rotate_full(img, angle: float, interpolation: str = "bilinear") -> np.ndarray:
+    """Rotate by ``angle`` degrees counter-clockwise about the image centre on the same canvas with
+    black fill (torchvision ``rotate(expand=False)``); the whole image, no crop."""
+    a = _as_rgb(img)
+    if angle == 0.0:
+        return a.copy()
+    H, W = a.shape[:2]
+    m = cv2.getRotationMatrix2D(((W - 1) / 2.0, (H - 1) / 2.0), float(angle), 1.0)
+    return cv2.warpAffine(a, m, (W, H), flags=_INTERP[interpolation], borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=(0, 0, 0))
 
 
 def random_resized_crop_params(
@@ -440,18 +505,26 @@ def challenge_view(
     cfg: ChallengeConfig = ChallengeConfig(),
     level: int | None = None,
 ) -> tuple[np.ndarray, ViewInfo]:
-    """One validator-style view of ``img`` (``cfg.size x cfg.size x 3`` uint8) and what was done.
+    """One validator-style view of ``img`` (``cfg.size x cfg.size x 3`` uint8; the image's own size
+    under the ``"native"`` protocol) and what was done.
 
     ``rng``: a numpy Generator (or an int seed; None = fresh OS entropy, for training).
     ``level``: force a level 0..3 instead of drawing it from ``cfg.level_probs``.
 
     Draw order: level, then (L1+) angle, crop, h-flip, v-flip (the flip draws are made even when
     ``as_released`` skips them, so both modes share every other draw), then each distortion's
-    severity followed by its own randomness (GNC noise).
+    severity followed by its own randomness (GNC noise). ``"letterbox"`` draws no crop; ``"native"``
+    draws nothing (``level`` must then be None or 0).
     """
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     a = _as_rgb(img)
+    if cfg.protocol == "native":
+        if level not in (None, 0) or isinstance(level, bool):
+            raise ValueError(f"the native protocol has no levels (level must be None or 0, got {level!r})")
+        out = a.copy() if cfg.jpeg_quality is None else jpeg_roundtrip(a, cfg.jpeg_quality)
+        return out, ViewInfo(level=0, rotation=0.0, crop=None, flips=(False, False), severities={}, protocol="native")
+    boxed = cfg.protocol == "letterbox"
     if level is None:
         level = _draw_level(rng, cfg.level_probs)
     else:
@@ -460,18 +533,21 @@ def challenge_view(
         level = int(level)
 
     if level == 0:
-        out = level0(a, cfg.size)
-        info = ViewInfo(level=0, rotation=0.0, crop=None, flips=(False, False), severities={})
+        out = letterbox(a, cfg.size) if boxed else level0(a, cfg.size)
+        info = ViewInfo(level=0, rotation=0.0, crop=None, flips=(False, False), severities={}, protocol=cfg.protocol)
     else:
         H, W = a.shape[:2]
         deg = float(cfg.rotation_deg)
         angle = float(rng.uniform(-deg, deg)) if deg > 0 else 0.0
-        crop = random_resized_crop_params(H, W, cfg.crop_scale, rng)
+        crop = None if boxed else random_resized_crop_params(H, W, cfg.crop_scale, rng)
         hflip = bool(rng.random() < 0.5)
         vflip = bool(rng.random() < 0.5)
         if cfg.as_released:
             hflip = vflip = False
-        out = rotate_resized_crop(a, angle, crop, cfg.size, cfg.rotation_interpolation)
+        if crop is None:
+            out = letterbox(rotate_full(a, angle, cfg.rotation_interpolation), cfg.size)
+        else:
+            out = rotate_resized_crop(a, angle, crop, cfg.size, cfg.rotation_interpolation)
         if hflip:
             out = out[:, ::-1]
         if vflip:
@@ -485,7 +561,8 @@ def challenge_view(
                 severities[kind] = s
                 if s:
                     out = apply_distortion(out, kind, s, rng)
-        info = ViewInfo(level=level, rotation=angle, crop=crop, flips=(hflip, vflip), severities=severities)
+        info = ViewInfo(level=level, rotation=angle, crop=crop, flips=(hflip, vflip), severities=severities,
+                        protocol=cfg.protocol)
 
     if cfg.jpeg_quality is not None:
         out = jpeg_roundtrip(out, cfg.jpeg_quality)

@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput, CPU decode of native-size images.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 out_console = Console(width=None if Console().is_terminal else 160)  # tables stay readable in logs and CI
@@ -95,6 +95,7 @@ def train(
     style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
     balance_sources: bool = typer.Option(False, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
     squares: int = typer.Option(1, min=1, max=8, help="the bundle sees a non-square image as this many aspect-preserving squares, max-pooled (1: stretched)"),
+    protocol: str = typer.Option("v2.0.4", help="challenge protocol of the augmentation and val views: v2.0.4 | letterbox | native"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
     from .train import TrainConfig, train as run_train
@@ -114,10 +115,14 @@ def train(
         return
     if task != "classify":
         _fail(f"--task must be classify or detect, not {task!r}")
-    cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8, batch_size=batch_size or 32,
-                      lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data, max_train=max_train,
-                      max_val=max_val, max_steps=max_steps, threads=threads, extra_train=tuple(extra_train),
-                      synth_share=synth_share, style_p=style_p, balance_sources=balance_sources, squares=squares)
+    try:
+        cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8,
+                          batch_size=batch_size or 32, lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data,
+                          max_train=max_train, max_val=max_val, max_steps=max_steps, threads=threads,
+                          extra_train=tuple(extra_train), synth_share=synth_share, style_p=style_p,
+                          balance_sources=balance_sources, protocol=protocol, squares=squares)
+    except ValueError as e:
+        _fail(str(e))
     with progress_bar() as cb:
         try:
             res = run_train(cfg, out, progress=cb, log=console.print)
@@ -154,6 +159,8 @@ def eval_cmd(
     html_out: Optional[Path] = typer.Option(None, "--html", help="write an HTML report here"),
     seed: Optional[int] = typer.Option(None, help="challenge view seed (default 0 on val, 1 on test)"),
     n_views: int = typer.Option(4, min=1, help="challenge views per image"),
+    protocol: str = typer.Option("v2.0.4", help="challenge protocol: v2.0.4 (crops), letterbox (2026-04-06: "
+                                 "ResizeWithPadding), native (2026-05-03: native size, JPEG q75 only; one view per image)"),
     batch_size: int = typer.Option(32, min=1),
     max_images: Optional[int] = typer.Option(None, help="evaluate a stratified subset"),
     strict: bool = typer.Option(False, help="stop at the first bad row (missing or corrupt image, bad label) "
@@ -170,8 +177,12 @@ def eval_cmd(
     from .preprocess import pick_device
     from .report import write_html
 
+    from .challenge import PROTOCOLS
+
     if views not in ("clean", "challenge"):
         _fail("--views must be clean or challenge")
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     try:
         b = Bundle.load(bundle, device=pick_device(device))
         ds = open_dataset(data, split, strict=strict).subset(max_images)
@@ -179,10 +190,11 @@ def eval_cmd(
         _fail(str(e))
     try:
         with progress_bar() as cb:
-            rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb, strict=strict)
+            rep = evaluate(b, ds, views, split, seed=seed, n_views=n_views, batch_size=batch_size, progress=cb, strict=strict,
+                           protocol=protocol)
     except (BadImage, OSError) as e:  # --strict: the first bad row stops the run
         _fail(f"bad row: {printable(str(e))} (without --strict it is recorded and skipped)")
-    _print_summary([(f"{split} / {views}", rep)])
+    _print_summary([(f"{split} / {views}" + (f" ({protocol})" if views == "challenge" else ""), rep)])
     if rep.get("n_bad"):
         reasons: dict[str, int] = {}
         for r in rep["bad_rows"]:
@@ -378,6 +390,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "roadcascade.detect.commands",
     "roadcascade.serve.commands",
     "roadcascade.gpu_commands",
+    "roadcascade.native_commands",
 )
 
 

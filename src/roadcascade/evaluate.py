@@ -40,13 +40,17 @@ def view_seed(split: str | None, seed: int | None) -> int:
 
 
 def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int = 224, progress: Progress | None = None,
-               bad: list[dict] | None = None) -> list[EvalItem]:
-    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75. With a
-    ``bad`` list, an image that is missing or does not decode is recorded there and skipped (else it raises)."""
+               bad: list[dict] | None = None, protocol: str = "v2.0.4") -> list[EvalItem]:
+    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75, made under the
+    challenge ``protocol`` (``challenge.PROTOCOLS``; ``native`` sends each image once, at its own size, since its views
+    are all the same). With a ``bad`` list, an image that is missing or does not decode is recorded there and skipped
+    (else it raises)."""
     if views not in ("clean", "challenge"):
         raise ValueError(f"views must be 'clean' or 'challenge', not {views!r}")
     items: list[EvalItem] = []
-    cfg = ChallengeConfig(size=size, jpeg_quality=None)  # encoded once below, as the validator does
+    cfg = ChallengeConfig(size=size, jpeg_quality=None, protocol=protocol)  # encoded once below, as the validator does
+    if protocol == "native":
+        n_views = 1  # no augmentation: every view of an image would be the same request
     for i, s in enumerate(ds.samples):
         try:
             if views == "clean":
@@ -78,13 +82,14 @@ def bad_row(key: str, e: BaseException) -> dict:
     return {"key": key, "reason": reason, "message": str(e)[:300]}
 
 
-def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None) -> tuple[list[EvalItem], list[np.ndarray]]:
+def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None,
+                  min_size: int | None = None) -> tuple[list[EvalItem], list[np.ndarray]]:
     if bad is None:
-        return list(chunk), [decode_bytes(it.payload) for it in chunk]
+        return list(chunk), [decode_bytes(it.payload, min_size=min_size) for it in chunk]
     kept, arrays = [], []
     for it in chunk:
         try:
-            arrays.append(decode_bytes(it.payload))
+            arrays.append(decode_bytes(it.payload, min_size=min_size))
             kept.append(it)
         except BadImage as e:
             bad.append(bad_row(it.key, e))
@@ -92,10 +97,13 @@ def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None) -> tuple[li
 
 
 def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 32, progress: Progress | None = None,
-                   bad: list[dict] | None = None, baselines: bool = True) -> dict:
+                   bad: list[dict] | None = None, baselines: bool = True, reduced_decode: bool = True) -> dict:
     """Run the bundle on the items in batches from bytes; metrics, latency, throughput, exits. With a ``bad`` list,
-    an item that does not decode is recorded there and left out (else it raises)."""
+    an item that does not decode is recorded there and left out (else it raises). ``reduced_decode``: on the CPU
+    path, JPEGs much larger than the tiers need are decoded at 1/2..1/8 scale (``Cascade.decode_size``), as the
+    server does; False decodes every image at full size."""
     cascade = bundle.cascade
+    min_size = cascade.decode_size() if reduced_decode else None
     from .gpu import maybe_gpu_cascade  # the GPU fast path when CUDA is present (ROADCASCADE_GPU=0 turns it off)
 
     gc = maybe_gpu_cascade(cascade)
@@ -117,7 +125,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
                 chunk = [it for it, p in zip(chunk, preds) if not isinstance(p, Exception)]
                 preds = [p for p in preds if not isinstance(p, Exception)]
         else:
-            chunk, arrays = _decode_chunk(chunk, bad)
+            chunk, arrays = _decode_chunk(chunk, bad, min_size)
             preds = cascade.predict(arrays) if arrays else []
         kept += chunk
         dt = (time.perf_counter() - t0) * 1e3
@@ -145,6 +153,7 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
         "latency_ms": percentiles(np.array(lat)),
         "throughput_img_s": float(len(items) / (busy / 1e3)) if busy > 0 else float("nan"),
         "batch_size": batch_size,
+        "decode_min_size": min_size if gc is None else None,  # the CPU path's reduced-size JPEG decode (None: full size)
         "device": dev if dev != "cuda" else f"cuda ({torch.cuda.get_device_name()})",
         "threads": torch.get_num_threads(),
         "per_source": {s: _group_metrics(y, p, src == s) for s in sorted(set(src.tolist()))},
@@ -166,15 +175,22 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
 
 
 def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: int | None = None, n_views: int = 4,
-             batch_size: int = 32, progress: Progress | None = None, strict: bool = True) -> dict:
+             batch_size: int = 32, progress: Progress | None = None, strict: bool = True, protocol: str = "v2.0.4") -> dict:
     """``strict=False``: bad rows (the data set's own, missing or undecodable images) are listed in the report's
-    ``bad_rows`` and left out of the metrics; ``strict`` stops at the first."""
-    seed_ = view_seed(split, seed) if views == "challenge" else None
+    ``bad_rows`` and left out of the metrics; ``strict`` stops at the first. ``protocol``: how challenge views are
+    made (``challenge.PROTOCOLS``), recorded in the report (None for clean views)."""
+    ChallengeConfig(protocol=protocol)  # ValueError for an unknown protocol, before any work
+    challenge = views == "challenge"
+    seed_ = view_seed(split, seed) if challenge else None
+    if challenge and protocol == "native":
+        n_views = 1
     bad: list[dict] | None = None if strict else list(ds.bad)
-    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress, bad=bad)
+    items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress, bad=bad,
+                       protocol=protocol)
     res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress, bad=bad)
-    meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views, "view_seed": seed_,
-            "n_images": len(ds), "n_views_per_image": n_views if views == "challenge" else 1,
+    meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views,
+            "protocol": protocol if challenge else None, "view_seed": seed_,
+            "n_images": len(ds), "n_views_per_image": n_views if challenge else 1,
             "n_bad": len(bad or []), "bad_rows": bad or []}
     return {**meta, **res}
 

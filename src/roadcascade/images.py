@@ -12,6 +12,8 @@ The path of one input::
              PNG chunks, GIF blocks: millions of tiny segments would cost seconds in PIL's parsers)
           -> PIL.Image.open restricted to ``limits.formats`` (header only; bomb warning -> error)
           -> width/height (and TIFF tile size) checked against the limits BEFORE any pixel is decoded
+          -> (``min_size``, baseline JPEG only) ``Image.draft``: libjpeg will decode at 1/2, 1/4 or 1/8 scale,
+             the largest that still leaves ``min_size`` pixels on the short side (a later resize never upsamples)
           -> load (truncated data is an error: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is read, never set)
           -> EXIF orientation applied with the transposes of ``ImageOps.exif_transpose``, but without
              its unconditional copy and EXIF rewrite (a broken EXIF block means "no transpose")
@@ -38,6 +40,7 @@ import base64
 import binascii
 import io
 import math
+import operator
 import os
 import stat
 import struct
@@ -57,6 +60,7 @@ __all__ = [
     "decode_base64",
     "decode_bytes",
     "decode_path",
+    "draft_scale",
     "encode_base64_jpeg",
     "encode_jpeg",
     "check_jpeg_scan_size",
@@ -451,14 +455,58 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
         return img
 
 
-def _decode_pil(img: Image.Image, limits: DecodeLimits, what: str) -> np.ndarray:
-    """Check limits on a (lazily) opened image, load its current frame, orient it, convert to RGB."""
+def draft_scale(width: int, height: int, min_size: int | None) -> int:
+    """The DCT scale denominator (1, 2, 4 or 8) a JPEG of ``width x height`` is decoded at so that its short
+    side stays at least ``min_size``: the largest ``s`` with ``min(width, height) // min_size >= s`` (1 for None).
+    This is the scale ``JpegImageFile.draft`` picks for a requested size of ``(min_size, min_size)``."""
+    if min_size is None:
+        return 1
+    m = operator.index(min_size)
+    if m < 1:
+        raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+    ratio = min(width, height) // m
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)
+
+
+def _check_min_size(min_size: int | None) -> int | None:
+    """``min_size`` as a plain int (None stays None); ValueError unless a positive integer (bools refused)."""
+    if min_size is None:
+        return None
+    try:
+        m = operator.index(min_size)
+    except TypeError:
+        m = 0
+    if isinstance(min_size, bool) or m < 1:
+        raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+    return m
+
+
+def _draft(img: Image.Image, min_size: int | None) -> None:
+    """Ask libjpeg for a reduced-size decode (JPEG only; a no-op for other formats and for ``min_size`` None).
+    Called after the header checks and before ``load``; the image keeps its mode.
+
+    Progressive JPEGs stay at full size: scaled down, libjpeg reads only their first coefficients, so a file cut
+    inside its later (AC) scans would decode exactly like the complete one and :func:`_check_jpeg_complete` could
+    not refuse it. Phone cameras and PIL's default ``save`` (the validators') write baseline JPEGs."""
+    if min_size is None or _canonical_format(img.format) != "JPEG" or img.info.get("progressive") or img.info.get("progression"):
+        return
+    if draft_scale(*img.size, min_size) > 1:
+        try:
+            img.draft(img.mode, (min_size, min_size))
+        except Exception:  # noqa: BLE001 - a JPEG PIL cannot draft is decoded at full size (the checks stay)
+            pass
+
+
+def _decode_pil(img: Image.Image, limits: DecodeLimits, what: str, min_size: int | None = None) -> np.ndarray:
+    """Check limits on a (lazily) opened image, load its current frame (reduced by :func:`_draft` with
+    ``min_size``), orient it, convert to RGB."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned PIL's grey fill on: truncated files must stay errors
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     _check_format(img, limits)
     width, height = img.size
     _check_size(width, height, limits)
     _check_tiff_tiles(img, limits)
+    _draft(img, min_size)
     try:
         img.load()
     except Exception as exc:  # noqa: BLE001 - every PIL failure becomes a BadImage
@@ -567,8 +615,9 @@ def _check_scan_bits(data: bytes, frame: _JpegFrame, what: str) -> None:
                                 f"of scan data, the file has {have // 8:,}")
 
 
-def _check_jpeg_complete(data: bytes, img: Image.Image, rgb: np.ndarray, what: str) -> None:
-    """Raise ``truncated`` when the JPEG's scans end (at an end marker) before its declared blocks do."""
+def _check_jpeg_complete(data: bytes, img: Image.Image, rgb: np.ndarray, what: str, min_size: int | None = None) -> None:
+    """Raise ``truncated`` when the JPEG's scans end (at an end marker) before its declared blocks do
+    (``min_size``: the draft ``rgb`` was decoded with, used again for the second decode)."""
     frame = _jpeg_frame(data)
     if frame is None:
         return
@@ -581,6 +630,7 @@ def _check_jpeg_complete(data: bytes, img: Image.Image, rgb: np.ndarray, what: s
         return
     try:
         with Image.open(io.BytesIO(data[:end] + _JPEG_FILLER + data[end:]), formats=("JPEG",)) as again:
+            _draft(again, min_size)
             other = to_rgb(_apply_orientation(again))
     except Exception:  # noqa: BLE001 - the filler was read as scan data: the scan was cut short
         other = None
@@ -704,14 +754,20 @@ def image_size(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> tuple[int
         return img.size
 
 
-def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
-    """Decode encoded image bytes to ``H x W x 3`` uint8 RGB, or raise :class:`BadImage`."""
+def decode_bytes(data: bytes, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_size: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes to ``H x W x 3`` uint8 RGB, or raise :class:`BadImage`.
+
+    ``min_size``: the short side the caller needs (a model's input size). A JPEG much larger than that is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 scale (:func:`draft_scale`: the largest that keeps the short side
+    >= ``min_size``), after every header check; the caller's resize then never upsamples. Other formats,
+    progressive JPEGs (see :func:`_draft`) and None (the default) decode at full size."""
+    min_size = _check_min_size(min_size)
     img, fmt = _open_checked(data, limits)
     with img:
         what = f"{_canonical_format(img.format) or fmt or 'image'} data"
-        rgb = _decode_pil(img, limits, what)
+        rgb = _decode_pil(img, limits, what, min_size)
         if _canonical_format(img.format) == "JPEG":
-            _check_jpeg_complete(bytes(data), img, rgb, what)
+            _check_jpeg_complete(bytes(data), img, rgb, what, min_size)
         return rgb
 
 
@@ -734,14 +790,15 @@ def _strip_data_url(raw: bytes) -> bytes:
 _WHITESPACE: Final = b" \t\r\n\f\v"
 
 
-def decode_base64(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+def decode_base64(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_size: int | None = None) -> np.ndarray:
     """Decode base64 (optionally a ``data:image/...;base64,`` URL) to ``H x W x 3`` uint8 RGB.
 
     Whitespace and newlines are ignored and missing ``=`` padding is tolerated; any other character
     outside the standard (or, used consistently, the URL-safe) alphabet is an error. The length is
-    checked before decoding.
+    checked before decoding. ``min_size`` as in :func:`decode_bytes`.
     """
-    return decode_bytes(base64_bytes(text, limits), limits)
+    min_size = _check_min_size(min_size)
+    return decode_bytes(base64_bytes(text, limits), limits, min_size=min_size)
 
 
 def base64_bytes(text: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> bytes:
@@ -783,9 +840,10 @@ def _b64decode_strict(payload: bytes) -> bytes:
         raise _bad("bad_base64", f"invalid base64 ({_short(exc)})") from exc
 
 
-def decode_path(path: str | os.PathLike, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+def decode_path(path: str | os.PathLike, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_size: int | None = None) -> np.ndarray:
     """Read and decode an image file. Non-regular files (directories, FIFOs, devices) are refused and
-    the size is checked with ``fstat`` before anything is read."""
+    the size is checked with ``fstat`` before anything is read. ``min_size`` as in :func:`decode_bytes`."""
+    min_size = _check_min_size(min_size)
     try:
         name = os.fspath(path)
     except TypeError as exc:
@@ -816,7 +874,7 @@ def decode_path(path: str | os.PathLike, limits: DecodeLimits = _DEFAULT_LIMITS)
         os.close(fd)
     if len(data) > limits.max_bytes:
         raise _bad("too_large", f"{shown!r} grew past {limits.max_bytes:,} bytes while being read")
-    return decode_bytes(data, limits)
+    return decode_bytes(data, limits, min_size=min_size)
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
@@ -859,7 +917,7 @@ def _is_existing_path(text: str) -> bool:
         return False
 
 
-def decode_any(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.ndarray:
+def decode_any(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS, *, min_size: int | None = None) -> np.ndarray:
     """Decode whatever a caller has: bytes, a path, base64 text, an ndarray or a PIL image.
 
     - bytes-like -> :func:`decode_bytes`; ``os.PathLike`` -> :func:`decode_path`;
@@ -869,23 +927,27 @@ def decode_any(src: ImageSource, limits: DecodeLimits = _DEFAULT_LIMITS) -> np.n
     - ``np.ndarray``: uint8 HxW (gray, stacked), HxWx1, HxWx3 (returned as-is when C-contiguous) or
       HxWx4 (alpha dropped), checked against the pixel limits; anything else -> ``BadImage("bad_array")``.
     - PIL image: its current frame, with the same checks, orientation and conversion as decoded files.
+
+    ``min_size`` (as in :func:`decode_bytes`) reduces encoded JPEGs (bytes, paths, base64, a not yet loaded PIL
+    JPEG); arrays are returned at their size.
     """
+    min_size = _check_min_size(min_size)
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return decode_bytes(bytes(src), limits)
+        return decode_bytes(bytes(src), limits, min_size=min_size)
     if isinstance(src, np.ndarray):
         return _from_array(src, limits)
     if isinstance(src, Image.Image):
-        return _decode_pil(src, limits, f"{src.format or src.mode} image")
+        return _decode_pil(src, limits, f"{src.format or src.mode} image", min_size)
     if isinstance(src, str):
         stripped = src.strip()
         if stripped[:5].lower() != "data:":
             if _is_existing_path(src):
-                return decode_path(src, limits)
+                return decode_path(src, limits, min_size=min_size)
             if len(stripped) <= _MAX_PATH_CHARS and _PATHLIKE_CHARS & set(stripped):
                 raise _bad("not_found", f"no such file: {stripped[:300]!r}")
-        return decode_base64(src, limits)
+        return decode_base64(src, limits, min_size=min_size)
     if isinstance(src, os.PathLike):
-        return decode_path(src, limits)
+        return decode_path(src, limits, min_size=min_size)
     raise _bad("bad_input", f"cannot decode an image from {type(src).__name__}")
 
 

@@ -35,10 +35,12 @@ def predict_lines(cascade: Any, paths: list[Path], trace: bool, as_json: bool) -
     """(line, ok) for one batch of paths, in input order."""
     from .images import BadImage, decode_path
 
+    size = getattr(cascade, "decode_size", None)
+    min_size = size() if callable(size) else None  # reduced-size JPEG decode: what the tiers need, no more
     decoded: dict[int, object] = {}
     for k, p in enumerate(paths):
         try:
-            decoded[k] = decode_path(p)
+            decoded[k] = decode_path(p, min_size=min_size)
         except BadImage as e:
             decoded[k] = e
     good = [k for k, v in decoded.items() if not isinstance(v, BadImage)]

@@ -64,6 +64,11 @@ class TrainConfig:
     style_p: float = 0.0
     epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
     squares: int = 1  # the bundle's tier sees a non-square image as this many aspect-preserving squares (max-pooled)
+    # challenge protocol of the training augmentation and the val views (challenge.PROTOCOLS; issue 12)
+    protocol: str = "v2.0.4"
+
+    def __post_init__(self) -> None:
+        ChallengeConfig(protocol=self.protocol)  # ValueError naming the protocols for an unknown one
 
 
 @dataclass
@@ -93,9 +98,10 @@ def smooth_targets(y: torch.Tensor, eps: float) -> torch.Tensor:
     return y * (1.0 - eps) + 0.5 * eps
 
 
-def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: float, style_p: float = 0.0) -> np.ndarray:
+def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: float, style_p: float = 0.0,
+            protocol: str = "v2.0.4") -> np.ndarray:
     """One training view: the dashcam style (with probability ``style_p``), then a clean resized image or
-    a validator-style challenge view; random h-flip."""
+    a validator-style challenge view under ``protocol`` (a native view is resized as inference does); random h-flip."""
     if style_p > 0:
         from .style import DashcamStyle, apply_style
 
@@ -103,7 +109,8 @@ def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: fl
     if rng.random() < clean_prob:
         out = resize_square(img, size)
     else:
-        out, _ = challenge_view(img, rng, ChallengeConfig(size=size))
+        out, _ = challenge_view(img, rng, ChallengeConfig(size=size, protocol=protocol))
+        out = resize_square(out, size)  # a no-op except for native views
     if rng.random() < 0.5:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
@@ -113,8 +120,8 @@ class AugmentedSet(torch.utils.data.Dataset):
     """Decoded training images, augmented deterministically from (seed, epoch, index)."""
 
     def __init__(self, images: Sequence[np.ndarray], labels: np.ndarray, size: int, clean_prob: float | Sequence[float], seed: int,
-                 style_p: float = 0.0):
-        self.images, self.labels = images, labels
+                 style_p: float = 0.0, protocol: str = "v2.0.4"):
+        self.images, self.labels, self.protocol = images, labels, protocol
         self.clean_prob = np.broadcast_to(np.asarray(clean_prob, dtype=np.float64), (len(images),))
         self.size, self.seed, self.epoch, self.style_p = size, seed, 0, style_p
 
@@ -123,7 +130,7 @@ class AugmentedSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        x = augment(self.images[i], rng, self.size, float(self.clean_prob[i]), self.style_p)
+        x = augment(self.images[i], rng, self.size, float(self.clean_prob[i]), self.style_p, self.protocol)
         return torch.from_numpy(np.array(x)).permute(2, 0, 1), torch.tensor(float(self.labels[i]))
 
 
@@ -168,10 +175,11 @@ def decode_all(ds: Dataset, desc: str = "decode", progress: Progress | None = No
     return out
 
 
-def view_set(ds: Dataset, images: Sequence[np.ndarray], views: int, seed: int, size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Challenge views (seeded per image key) as a flat list with their labels."""
+def view_set(ds: Dataset, images: Sequence[np.ndarray], views: int, seed: int, size: int,
+             protocol: str = "v2.0.4") -> tuple[list[np.ndarray], np.ndarray]:
+    """Challenge views (seeded per image key, under ``protocol``) as a flat list with their labels."""
     out, y = [], []
-    cfg = ChallengeConfig(size=size)
+    cfg = ChallengeConfig(size=size, protocol=protocol)
     for s, im in zip(ds.samples, images):
         for v in challenge_views(im, seed=seed, key=s.key, n=views, cfg=cfg):
             out.append(v)
@@ -222,7 +230,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     train_imgs = decode_all(train_ds, "decode train", progress) + decode_all(extra_ds, "decode extra", progress)
     n_real = len(train_ds)
     val_imgs = decode_all(val_ds, "decode val", progress)
-    val_views, val_y = view_set(val_ds, val_imgs, cfg.val_views, cfg.val_seed, eval_size)
+    val_views, val_y = view_set(val_ds, val_imgs, cfg.val_views, cfg.val_seed, eval_size, cfg.protocol)
     val_clean_y = val_ds.labels()
 
     model = create_model(cfg.model, num_classes=1, pretrained=True).to(device).to(memory_format=torch.channels_last)
@@ -234,7 +242,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     # synthetic frames are seen whole: a challenge view's crop (L0 centre square, L1+ random resized crop)
     # often cuts away the small pasted objects and would leave a "roadwork" label on a frame without any
     clean = np.where(np.arange(len(train_imgs)) >= n_real, 1.0, cfg.clean_prob)
-    dset = AugmentedSet(train_imgs, labels, size, clean, cfg.seed, cfg.style_p)
+    dset = AugmentedSet(train_imgs, labels, size, clean, cfg.seed, cfg.style_p, cfg.protocol)
     workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = None

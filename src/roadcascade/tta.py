@@ -29,6 +29,7 @@ share of the base's input size, rounded to a multiple of 8; cost grows with the 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -254,6 +255,10 @@ class TTATier(Tier):
         self.view_gflops = np.array([base.gflops * (s / base.input_size) ** 2 for s in self.sizes])
         self.gflops = float(self.view_gflops.sum())  # replaced by the mean adaptive cost once fitted
         self.device = base.device
+
+    def decode_size(self) -> int:
+        """Enough pixels that every view's crop still holds its input size (no view upsamples)."""
+        return max(math.ceil(s / v.crop) for s, v in zip(self.sizes, self.views))
 
     # -- fitting (val) -------------------------------------------------------------------------
 

@@ -470,6 +470,12 @@ class Server:
         except TimeoutError:
             raise HttpError(503, "deadline", "the images could not be decoded before the deadline", {"Retry-After": "1"}) from None
 
+    def decode_min_size(self) -> int | None:
+        """The CPU path's reduced-size decode: the short side the cascade needs (``Cascade.decode_size``), None
+        (full size) before it is loaded or when a tier needs the whole image."""
+        size = getattr(self.cascade, "decode_size", None)
+        return size() if callable(size) else None
+
     def _decode_job(self, items: Sequence[Any], res: Reservation) -> list[np.ndarray | BadImage]:
         try:
             return self._decode_all(items, res)
@@ -479,6 +485,7 @@ class Server:
     def _decode_all(self, items: Sequence[Any], res: Reservation) -> list[np.ndarray | BadImage]:
         """In a decode thread: bytes and declared sizes first (no pixel decoded), then the budget, then pixels."""
         limits, gpu = self.cfg.decode_limits, self.gpu is not None
+        min_size = None if gpu else self.decode_min_size()
         out: list[Any] = []
         for it in items:
             try:
@@ -496,7 +503,8 @@ class Server:
         decoded: list[np.ndarray | bytes | BadImage] = []
         for x in out:
             try:
-                decoded.append(x if isinstance(x, BadImage) else prepare_item(x[0], limits, gpu) if gpu else decode_item(x[0], limits))
+                decoded.append(x if isinstance(x, BadImage) else prepare_item(x[0], limits, gpu) if gpu
+                               else decode_item(x[0], limits, min_size=min_size))
             except BadImage as e:
                 decoded.append(e)
         return decoded  # type: ignore[return-value]

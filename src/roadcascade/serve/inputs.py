@@ -120,12 +120,13 @@ def item_bytes(item: Any, limits: DecodeLimits) -> bytes:
     raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
 
 
-def decode_item(item: Any, limits: DecodeLimits) -> np.ndarray:
-    """Decode one base64 string or raw bytes; ``BadImage`` for bad content (and for a non-string item)."""
+def decode_item(item: Any, limits: DecodeLimits, min_size: int | None = None) -> np.ndarray:
+    """Decode one base64 string or raw bytes; ``BadImage`` for bad content (and for a non-string item). ``min_size``:
+    reduced-size JPEG decode keeping that short side (``images.decode_bytes``)."""
     if isinstance(item, (bytes, bytearray)):
-        return decode_bytes(bytes(item), limits)
+        return decode_bytes(bytes(item), limits, min_size=min_size)
     if isinstance(item, str):
-        return decode_base64(item, limits)
+        return decode_base64(item, limits, min_size=min_size)
     raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
 
 
