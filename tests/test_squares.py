@@ -95,3 +95,14 @@ def test_gpu_runtime_on_cpu_agrees_with_square_pooling():
     ref = casc.predict([decode_bytes(p) for p in payloads])
     for g, r in zip(got, ref):
         assert g.probability == pytest.approx(r.probability, abs=1e-6) and g.label == r.label
+        assert g.trace.gflops == pytest.approx(r.trace.gflops)
+
+
+def test_cost_counts_every_square_view():
+    t = _tier(3)
+    out = t.run([_img(60, 150, 1), _img(64, 64, 2), _img(200, 90, 3)])
+    assert out.gflops is not None and np.allclose(out.gflops, t.gflops * np.array([3, 1, 3]))
+    casc = Cascade([t], [ExitPoint(LastTierFusion(), 0.5, FinalRule())])
+    traces = [p.trace.gflops[t.name] for p in casc.predict([_img(60, 150, 1), _img(64, 64, 2)])]
+    assert traces == pytest.approx([3 * t.gflops, t.gflops])
+    assert _tier(1).run([_img(60, 150, 1)]).gflops is None  # a stretching tier costs its constant

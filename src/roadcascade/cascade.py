@@ -196,13 +196,17 @@ class ClassifierTier(Tier):
         """One logit per image. With ``squares`` k > 1 a non-square image is seen as k aspect-preserving
         squares along its long side (no stretching: a portrait phone frame squeezed to a square makes every
         object wider than anything in training) and the largest logit counts; square images are unchanged."""
+        return self._pooled(images)[0]
+
+    def _pooled(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, with square views, each image's number of views (its cost in model runs)."""
         if self.squares == 1:
-            return self._logits(images)
+            return self._logits(images), None
         views, owner = square_views(images, self.squares)
         z = self._logits(views)
         out = np.full(len(images), -np.inf, dtype=z.dtype)
         np.maximum.at(out, owner, z)
-        return out
+        return out, np.bincount(owner, minlength=len(images))
 
     @torch.inference_mode()
     def _logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -217,8 +221,10 @@ class ClassifierTier(Tier):
 
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
-        z = self.logits(images).astype(np.float64)
-        return TierOutput(logits=z, prob=self.calibrator.calibrated(z), ms=(time.perf_counter() - t0) * 1e3)
+        z, n_views = self._pooled(images)
+        z = z.astype(np.float64)
+        return TierOutput(logits=z, prob=self.calibrator.calibrated(z), ms=(time.perf_counter() - t0) * 1e3,
+                          gflops=None if n_views is None else self.gflops * n_views)
 
     def to_config(self, bundle_dir: Path) -> dict:
         from safetensors.torch import save_file
