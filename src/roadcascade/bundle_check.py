@@ -60,30 +60,10 @@ def regular_file(root: Path, rel: Any, field: str, limit: int) -> Path:
     return real
 
 
-def read_regular(path: Path, field: str, limit: int) -> bytes:
-    """Read a checked file with O_NOFOLLOW | O_NONBLOCK (a file swapped for a FIFO or link since the check is refused)."""
+def _chunks(path: Path, field: str, limit: int) -> Iterator[bytes]:
+    """A checked file's bytes in chunks, opened with O_NOFOLLOW | O_NONBLOCK (a file swapped for a FIFO or a
+    link since the check is refused) and cut off past ``limit`` bytes."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise BundleError(f"{field}: cannot open {path.name!r} ({e.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BundleError(f"{field}: {path.name!r} is not a regular file")
-        chunks, got = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            got += len(chunk)
-            if got > limit:
-                raise BundleError(f"{field}: {path.name!r} is larger than {limit:,} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, field: str = "weights", limit: int = LIMITS.max_weights_bytes) -> str:
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    h = hashlib.sha256()
     try:
         fd = os.open(path, flags)
     except OSError as e:
@@ -96,9 +76,20 @@ def sha256_file(path: Path, field: str = "weights", limit: int = LIMITS.max_weig
             got += len(chunk)
             if got > limit:
                 raise BundleError(f"{field}: {path.name!r} is larger than {limit:,} bytes")
-            h.update(chunk)
+            yield chunk
     finally:
         os.close(fd)
+
+
+def read_regular(path: Path, field: str, limit: int) -> bytes:
+    """Read a checked file whole (see ``_chunks``)."""
+    return b"".join(_chunks(path, field, limit))
+
+
+def sha256_file(path: Path, field: str = "weights", limit: int = LIMITS.max_weights_bytes) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(path, field, limit):
+        h.update(chunk)
     return h.hexdigest()
 
 
