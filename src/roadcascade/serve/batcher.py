@@ -271,8 +271,13 @@ class MultiStageBatcher:
         self.queues[k].put(job)
 
     def _start_by(self, k: int) -> Callable[[Job], float]:
-        one = self.latency.predict(k, 1) / 1e3
+        one = self.latency.predict_high(k, 1) / 1e3
         return lambda j: j.deadline - one
+
+    def runnable(self, k: int, jobs: Sequence[Job], now: float) -> tuple[list[Job], list[Job]]:
+        """``(run, late)`` for a batch of tier k about to start at ``now``: late are the jobs its run would
+        take past their deadline, with the model's margin for a slow batch (``LatencyModel.predict_high``)."""
+        return split_by_deadline(jobs, now, self.latency.predict_high(k, len(jobs)) / 1e3, lambda j: j.deadline)
 
     def _worker(self, k: int) -> None:
         q = self.queues[k]
@@ -290,8 +295,7 @@ class MultiStageBatcher:
                     j.queue_s += now - j.queued_at
                 self._late(k, batch.expired)
                 if batch.items:
-                    run, late = split_by_deadline(batch.items, now, self.latency.predict(k, len(batch.items)) / 1e3,
-                                                  lambda j: j.deadline)
+                    run, late = self.runnable(k, batch.items, now)
                     self._late(k, late)
                     if run:
                         self._run(k, run)
