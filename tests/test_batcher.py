@@ -189,6 +189,18 @@ def test_a_batch_starts_only_with_jobs_its_slow_case_still_serves_in_time():
     assert split_by_deadline([tight, roomy], clock.t, mean, lambda j: j.deadline) == ([tight, roomy], [])
     # the latest start time of collation has the same margin
     assert b._start_by(0)(roomy) == pytest.approx(roomy.deadline - b.latency.predict_high(0, 1) / 1e3)
+    # admission counts the new images' own batch with the same margin (the batches ahead at their mean)
+    b.ready, b._running = True, True
+    b.latency.update(0, 4, 200.0)
+    for ms in (200.0, 260.0, 200.0, 260.0, 200.0):
+        b.latency.update(0, 4, ms)
+    for _ in range(4):
+        b.queues[0].put(job(clock.t + 60))
+    own_mean, own_high, full = b.latency.predict(0, 1), b.latency.predict_high(0, 1), b.latency.predict(0, 4)
+    assert b.predicted_start_ms(1) == pytest.approx(own_high + full)
+    between = (own_mean + full + own_high + full) / 2 / 1e3 / b.cfg.admit_budget_fraction
+    assert not b.admit(1, clock.t + between).ok  # the mean would have admitted it
+    assert b.admit(1, clock.t + (own_high + full) / 1e3 / b.cfg.admit_budget_fraction + 0.001).ok
 
 
 # ----------------------------------------------------------------------------------------------- speculation policy

@@ -225,10 +225,12 @@ class MultiStageBatcher:
         return max(1, math.ceil(self._inflight * per_image))
 
     def predicted_start_ms(self, n: int) -> float:
-        """Predicted time until n new images have gone through tier 0."""
+        """Predicted time until n new images have gone through tier 0: the batches ahead at their mean time, their
+        own batch at the high estimate the run-time check uses (``runnable``), so that what is admitted is not
+        set aside as late when its batch starts (a slow 503 that also leaves its batch short)."""
         mb = self.cfg.max_batch
         ahead = self.queues[0].qsize() + self._in_hand[0]
-        return self.latency.predict(0, min(mb, n)) + math.ceil(ahead / mb) * self.latency.predict(0, mb)
+        return self.latency.predict_high(0, min(mb, n)) + math.ceil(ahead / mb) * self.latency.predict(0, mb)
 
     def has_room(self, n: int = 1) -> bool:
         return self._running and not self._draining and self.ready and self._inflight + n <= self.cfg.max_queue
