@@ -7,7 +7,7 @@ a tier with no measurement yet borrows another tier's times scaled by the ratio 
 ``predict`` is the typical time; ``predict_high`` adds a margin for a slower-than-usual batch (as TCP's
 retransmission timeout does for round trips: mean + 4 x the smoothed deviation), from each tier's smoothed
 relative deviation of measured times from the prediction made for them. The deadline checks that decide
-whether a batch can still start use it: on a shared CPU a batch often runs 10-30 % over its average, and
+whether a batch can still start use it: on a shared CPU a batch can run well over its average, and
 an answer that arrives after the deadline is worth less than a 503 the client can retry elsewhere.
 """
 
