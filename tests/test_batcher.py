@@ -17,6 +17,7 @@ from roadcascade.serve.batcher import BatcherEvents, MultiStageBatcher
 from roadcascade.serve.collate import STOP, collate, split_by_deadline
 from roadcascade.serve.config import ServeConfig
 from roadcascade.serve.latency import LatencyModel
+from roadcascade.serve.messages import Job
 from roadcascade.serve.speculation import SpeculationPolicy, expected_ms, replay_stage
 from roadcascade.serve.testing import grey, sleep_cascade
 
@@ -148,6 +149,58 @@ def test_latency_model_ema_interpolation_and_borrowing():
     assert m.predict(1, 1) == pytest.approx(60.0)  # borrowed: 4x the GFLOPs of tier 0
     m.update(0, 2, float("nan"))
     assert 2 not in m.measured(0)
+
+
+def test_latency_model_high_estimate_follows_the_measured_spread():
+    m = LatencyModel([1.0], alpha=0.2, beta=0.5, k_dev=4.0, max_high=2.0)
+    for _ in range(20):
+        m.update(0, 4, 100.0)
+    assert m.deviation(0) == 0.0 and m.predict_high(0, 4) == pytest.approx(m.predict(0, 4))  # steady: no margin
+    for ms in (130.0, 100.0, 130.0, 100.0):  # a shared CPU: batches run up to 30 % over
+        m.update(0, 4, ms)
+    dev = m.deviation(0)
+    assert 0.05 < dev < 0.3
+    assert m.predict_high(0, 4) == pytest.approx(m.predict(0, 4) * (1 + 4 * dev))
+    assert m.predict_high(0, 4) > 130.0  # covers the slow batches the mean does not
+    for ms in (400.0, 20.0, 400.0, 20.0):
+        m.update(0, 4, ms)
+    assert m.predict_high(0, 4) == pytest.approx(2.0 * m.predict(0, 4))  # capped
+    with pytest.raises(ValueError):
+        LatencyModel([1.0], beta=0.0)
+
+
+def test_a_batch_starts_only_with_jobs_its_slow_case_still_serves_in_time():
+    """The run-time check (fake clock, no thread started): a job that the mean batch time would just serve but
+    a usual slow batch would answer late is set aside (a 503 at tier 0) instead of becoming a late 200."""
+    clock = FakeClock(10.0)
+    b = MultiStageBatcher(sleep_cascade(), ServeConfig(max_batch=4), clock=clock)
+    for ms in (100.0, 100.0, 130.0, 100.0, 130.0, 100.0):
+        b.latency.update(0, 2, ms)
+    mean, high = b.latency.predict(0, 2) / 1e3, b.latency.predict_high(0, 2) / 1e3
+    assert high > mean * 1.1
+
+    def job(deadline: float) -> Job:
+        return Job(id=0, state=ImageState(image=grey(0)), arrived=clock.t, deadline=deadline, on_done=lambda o: None)
+
+    tight, roomy = job(clock.t + (mean + high) / 2), job(clock.t + high + 0.001)
+    run, late = b.runnable(0, [tight, roomy], clock.t)
+    assert run == [roomy] and late == [tight]
+    # before: split on the mean, the tight job ran and was answered after its deadline whenever the batch was slow
+    assert split_by_deadline([tight, roomy], clock.t, mean, lambda j: j.deadline) == ([tight, roomy], [])
+    # the latest start time of collation has the same margin
+    assert b._start_by(0)(roomy) == pytest.approx(roomy.deadline - b.latency.predict_high(0, 1) / 1e3)
+    # admission counts the new images' own batch with the same margin (the batches ahead at their mean)
+    b.ready, b._running = True, True
+    b.latency.update(0, 4, 200.0)
+    for ms in (200.0, 260.0, 200.0, 260.0, 200.0):
+        b.latency.update(0, 4, ms)
+    for _ in range(4):
+        b.queues[0].put(job(clock.t + 60))
+    own_mean, own_high, full = b.latency.predict(0, 1), b.latency.predict_high(0, 1), b.latency.predict(0, 4)
+    assert b.predicted_start_ms(1) == pytest.approx(own_high + full)
+    between = (own_mean + full + own_high + full) / 2 / 1e3 / b.cfg.admit_budget_fraction
+    assert not b.admit(1, clock.t + between).ok  # the mean would have admitted it
+    assert b.admit(1, clock.t + (own_high + full) / 1e3 / b.cfg.admit_budget_fraction + 0.001).ok
 
 
 # ----------------------------------------------------------------------------------------------- speculation policy

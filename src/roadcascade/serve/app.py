@@ -37,6 +37,7 @@ from .inputs import (DEADLINE_HEADER, HttpError, decode_item, image_field, image
                      parse_deadline_ms, prepare_item)
 from .messages import Outcome
 from .metrics import ServeMetrics
+from .protocol import FIRST_BYTE
 
 log = logging.getLogger("roadcascade.serve")
 STATIC = Path(__file__).parent / "static"
@@ -163,7 +164,8 @@ class ServeMiddleware:
             return
         t0 = time.perf_counter()
         state = scope.setdefault("state", {})
-        state["arrived"] = time.monotonic()
+        # from the request's first byte when the protocol saw it (protocol.py), else from now
+        state["arrived"] = state.get(FIRST_BYTE) or time.monotonic()
         endpoint = ROUTES.get(scope.get("path", ""), "static" if scope.get("path", "").startswith("/static/") else "other")
         sent = {"status": 0}
 

@@ -225,10 +225,12 @@ class MultiStageBatcher:
         return max(1, math.ceil(self._inflight * per_image))
 
     def predicted_start_ms(self, n: int) -> float:
-        """Predicted time until n new images have gone through tier 0."""
+        """Predicted time until n new images have gone through tier 0: the batches ahead at their mean time, their
+        own batch at the high estimate the run-time check uses (``runnable``), so that what is admitted is not
+        set aside as late when its batch starts (a slow 503 that also leaves its batch short)."""
         mb = self.cfg.max_batch
         ahead = self.queues[0].qsize() + self._in_hand[0]
-        return self.latency.predict(0, min(mb, n)) + math.ceil(ahead / mb) * self.latency.predict(0, mb)
+        return self.latency.predict_high(0, min(mb, n)) + math.ceil(ahead / mb) * self.latency.predict(0, mb)
 
     def has_room(self, n: int = 1) -> bool:
         return self._running and not self._draining and self.ready and self._inflight + n <= self.cfg.max_queue
@@ -271,8 +273,13 @@ class MultiStageBatcher:
         self.queues[k].put(job)
 
     def _start_by(self, k: int) -> Callable[[Job], float]:
-        one = self.latency.predict(k, 1) / 1e3
+        one = self.latency.predict_high(k, 1) / 1e3
         return lambda j: j.deadline - one
+
+    def runnable(self, k: int, jobs: Sequence[Job], now: float) -> tuple[list[Job], list[Job]]:
+        """``(run, late)`` for a batch of tier k about to start at ``now``: late are the jobs its run would
+        take past their deadline, with the model's margin for a slow batch (``LatencyModel.predict_high``)."""
+        return split_by_deadline(jobs, now, self.latency.predict_high(k, len(jobs)) / 1e3, lambda j: j.deadline)
 
     def _worker(self, k: int) -> None:
         q = self.queues[k]
@@ -290,8 +297,7 @@ class MultiStageBatcher:
                     j.queue_s += now - j.queued_at
                 self._late(k, batch.expired)
                 if batch.items:
-                    run, late = split_by_deadline(batch.items, now, self.latency.predict(k, len(batch.items)) / 1e3,
-                                                  lambda j: j.deadline)
+                    run, late = self.runnable(k, batch.items, now)
                     self._late(k, late)
                     if run:
                         self._run(k, run)

@@ -3,6 +3,12 @@
 Used by the deadline logic to predict whether tier k can still finish in time. Unseen batch sizes are
 interpolated linearly between the nearest measured sizes (and extrapolated linearly above the largest);
 a tier with no measurement yet borrows another tier's times scaled by the ratio of their GFLOPs.
+
+``predict`` is the typical time; ``predict_high`` adds a margin for a slower-than-usual batch (as TCP's
+retransmission timeout does for round trips: mean + 4 x the smoothed deviation), from each tier's smoothed
+relative deviation of measured times from the prediction made for them. The deadline checks that decide
+whether a batch can still start use it: on a shared CPU a batch can run well over its average, and
+an answer that arrives after the deadline is worth less than a 503 the client can retry elsewhere.
 """
 
 from __future__ import annotations
@@ -13,12 +19,17 @@ from collections.abc import Sequence
 
 
 class LatencyModel:
-    def __init__(self, gflops: Sequence[float], alpha: float = 0.2, default_ms: float = 50.0):
+    def __init__(self, gflops: Sequence[float], alpha: float = 0.2, default_ms: float = 50.0, beta: float = 0.25,
+                 k_dev: float = 4.0, max_high: float = 2.0):
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if not 0 < beta <= 1:
+            raise ValueError(f"beta must be in (0, 1], got {beta}")
         self.gflops = [max(float(g), 0.0) for g in gflops]
         self.alpha, self.default_ms = alpha, float(default_ms)
+        self.beta, self.k_dev, self.max_high = beta, float(k_dev), float(max_high)
         self._ms: list[dict[int, float]] = [{} for _ in gflops]
+        self._dev: list[float] = [0.0 for _ in gflops]  # smoothed |measured - predicted| / predicted, per tier
         self._lock = threading.Lock()
 
     @property
@@ -30,6 +41,10 @@ class LatencyModel:
             return
         with self._lock:
             table = self._ms[tier]
+            if table:  # how far this batch was from what the model predicted for it
+                pred = self._from_table(table, n)
+                if pred > 0:
+                    self._dev[tier] += self.beta * (abs(ms - pred) / pred - self._dev[tier])
             old = table.get(n)
             table[n] = ms if old is None else old + self.alpha * (ms - old)
 
@@ -54,6 +69,15 @@ class LatencyModel:
         lo, hi = sizes[i - 1], sizes[i]
         w = (n - lo) / (hi - lo)
         return table[lo] * (1 - w) + table[hi] * w
+
+    def deviation(self, tier: int) -> float:
+        """Smoothed relative deviation of tier ``tier``'s measured batch times from their predictions."""
+        with self._lock:
+            return self._dev[tier]
+
+    def predict_high(self, tier: int, n: int) -> float:
+        """A time a batch rarely exceeds: ``predict`` x (1 + k_dev x deviation), at most ``max_high`` x ``predict``."""
+        return self.predict(tier, n) * min(1.0 + self.k_dev * self.deviation(tier), self.max_high)
 
     def predict(self, tier: int, n: int) -> float:
         """Predicted wall time in ms of tier ``tier`` on a batch of ``n`` images."""

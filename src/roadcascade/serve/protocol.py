@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+FIRST_BYTE = "first_byte"  # scope["state"] key: monotonic time of the request's first byte (set by the protocol)
 RefuseHook = Callable[[int, str], None]  # (status, reason): count a refusal made before the app saw the request
 
 
@@ -144,6 +146,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # when the request's first byte was read: the app counts its deadline from here, not from when the
+        # event loop got round to calling it (under load that can be a good part of the deadline)
+        self.scope["state"][FIRST_BYTE] = time.monotonic()
         self._in_head, self._head_bytes, self._n_headers = True, 0, 0
         self._arm_head_timer()
 
