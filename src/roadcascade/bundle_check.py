@@ -8,7 +8,6 @@ Every failure is one :class:`BundleError` naming the field (``tiers[0].calibrati
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import stat
@@ -16,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .strictjson import loads_strict
 
 
 class BundleError(ValueError):
@@ -94,17 +95,8 @@ def sha256_file(path: Path, field: str = "weights", limit: int = LIMITS.max_weig
 
 
 def parse_json(raw: bytes, field: str = "bundle.json") -> dict:
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a number")
-
-    def finite(text: str) -> float:
-        x = float(text)
-        if not math.isfinite(x):
-            raise ValueError(f"{text[:30]} overflows a float")
-        return x
-
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=no_constant, parse_float=finite)
+        doc = loads_strict(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise BundleError(f"{field}: not valid JSON ({type(e).__name__}: {str(e)[:160]})") from None
     if not isinstance(doc, dict):

@@ -10,13 +10,13 @@ Accepted bodies:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..strictjson import loads_strict
 from ..images import BadImage, DecodeLimits, base64_bytes, check_jpeg_scan_size, decode_base64, decode_bytes
 
 DEADLINE_HEADER = "x-deadline-ms"
@@ -62,24 +62,13 @@ def parse_deadline_ms(value: str | None, default_ms: float, max_ms: float) -> fl
     return min(ms, max_ms)
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    x = float(text)
-    if not math.isfinite(x):
-        raise ValueError(f"the number {text[:40]} does not fit in a float")
-    return x
-
-
 def parse_json(body: bytes) -> Any:
     """Strict JSON: NaN, Infinity and numbers that overflow a float (1e400) are refused here (400), before
     any inference, instead of failing the answer that echoes them."""
     if not body:
         raise HttpError(400, "empty", "the request body is empty")
     try:
-        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        return loads_strict(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise HttpError(400, "bad_json", f"the body is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
 
