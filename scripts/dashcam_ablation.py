@@ -63,9 +63,7 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
 
     from roadcascade.bundle import Bundle
     from roadcascade.data import open_dataset
-    from roadcascade.evaluate import evaluate, public
     from roadcascade.preprocess import pick_device
-    from roadcascade.realcam import realcam_report
     from roadcascade.train import TrainConfig, train
 
     torch.set_num_threads(2)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,8 +533,3 @@ def sign_patch(sign: SignCrop, rng: np.random.Generator) -> Patch:
     plate_m = rng.uniform(0.6, 0.9)
     return Patch(canvas, mask, "roadwork_sign" if sign.roadwork else "sign", sign.roadwork,
                  plate_m * canvas.shape[0] / sign.rgb.shape[0], source=sign.key)
-
-
-def bank_summary(cones: list[Patch], signs: list[SignCrop]) -> str:
-    return json.dumps({"cone_cutouts": len(cones), "roadwork_signs": sum(s.roadwork for s in signs),
-                       "distractor_signs": sum(not s.roadwork for s in signs)})

@@ -39,12 +39,6 @@ class Scene:
         """Image column of the road point ``lateral`` metres right of the camera's axis, at ``row``."""
         return self.vp_x + lateral * self.ppm(row)
 
-    def on_road_region(self, col: float, row: float, half_width_m: float = 8.0) -> bool:
-        """Inside the region below the horizon within ``half_width_m`` metres of the camera's axis."""
-        if row <= self.horizon or row > self.height:
-            return False
-        return abs(col - self.vp_x) <= half_width_m * self.ppm(row)
-
 
 def random_scene(width: int, height: int, rng: np.random.Generator) -> Scene:
     """A plausible dashcam camera for a frame: horizon at 45-60 % of the height, vanishing point near the
