@@ -345,16 +345,17 @@ def quickstart(
         reps = []
         # the deployed bundle (the cascade, or stage 1 with --stage1-only), then the stage-1 model on its own
         runs = [(bdir, "", "")] + ([(sdir, "-stage1", "stage-1 ")] if cascade else [])
+        realcam = {}
+        with_realcam = data is None and default_night_dev().exists()  # real dashcam frames: night-dev recall, dashcam FPR
         for path, suffix, label in runs:
             b = Bundle.load(path, device=pick_device(device))
             for views in ("clean", "challenge"):
                 rep = evaluate(b, ds, views, "test", progress=cb)
                 (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
                 reps.append((f"{label}test / {views}", rep))
-        realcam = {}
-        if data is None and default_night_dev().exists():  # real dashcam frames: night-dev recall, dashcam FPR
-            for path, suffix, label in runs:
-                realcam[label.strip() or "deployed"] = realcam_report(Bundle.load(path, device=pick_device(device)), progress=cb)
+            if with_realcam:
+                realcam[label.strip() or "deployed"] = realcam_report(b, progress=cb)
+        if realcam:
             (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
     html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
                       title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
