@@ -22,6 +22,7 @@ from .cascade import Cascade
 # Every module that registers tier, rule or fusion kinds, so that any bundle loads wherever it is read.
 from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402
 from .detect import tier as _detector_tier, yolox as _coco_tier  # noqa: F401,E402
+from . import onnx_tier as _onnx_tier  # noqa: F401,E402
 
 FORMAT = "roadcascade.bundle/1"
 
@@ -56,9 +57,10 @@ class Bundle:
         return out
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str | None = None) -> "Bundle":
+    def load(cls, path: str | Path, device: torch.device | str | None = None, backend: str | None = None) -> "Bundle":
         """Load and check a bundle: schema and ranges of bundle.json, files confined to the bundle directory,
-        weights hashes where recorded. Any problem is a :class:`BundleError` naming the field or file."""
+        weights hashes where recorded. Any problem is a :class:`BundleError` naming the field or file.
+        ``backend`` (auto | torch | onnxruntime; None: $ROADCASCADE_BACKEND): see ``onnx_tier.select_backend``."""
         path = Path(path)
         root, name = (path, "bundle.json") if path.is_dir() else (path.parent, path.name)
         if not (root / name).exists() and not (root / name).is_symlink():
@@ -66,6 +68,10 @@ class Bundle:
         doc = parse_json(read_regular(regular_file(root, name, name, LIMITS.max_json_bytes), name, LIMITS.max_json_bytes))
         from .cascade import FUSIONS, RULES, TIERS
 
+        try:
+            doc = _onnx_tier.select_backend(doc, backend)
+        except ValueError as e:
+            raise BundleError(str(e)) from None
         check_doc(doc, FORMAT, set(TIERS), set(RULES), set(FUSIONS))
         check_files(doc, root)
         dev = torch.device(device) if isinstance(device, str) else device

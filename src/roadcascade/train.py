@@ -98,6 +98,17 @@ def smooth_targets(y: torch.Tensor, eps: float) -> torch.Tensor:
     return y * (1.0 - eps) + 0.5 * eps
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """One EMA step of ``ema`` towards ``model`` (decay warmed up over the first steps; buffers copied)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+        if pe.dtype.is_floating_point:
+            pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+        else:
+            pe.copy_(pm)
+
+
 def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: float, style_p: float = 0.0,
             protocol: str = "v2.0.4") -> np.ndarray:
     """One training view: the dashcam style (with probability ``style_p``), then a clean resized image or
@@ -205,6 +216,16 @@ def score_logits(z: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"mcc_best": float(m.max()), "auroc": auroc(y, z), "nll": binary_nll(z, y)}
 
 
+def stage1_cascade(model_name: str, model: torch.nn.Module, eval_size: int, mean, std, calibrator: TemperatureCalibrator,
+                   squares: int = 1) -> Cascade:
+    """A stage-1 cascade: one calibrated classifier tier (on the CPU), its MCC-optimal threshold folded to 0.5."""
+    tier = ClassifierTier(
+        name=f"{model_name}@{eval_size}", model_name=model_name, model=model.float().cpu(), input_size=eval_size, mean=mean,
+        std=std, calibrator=calibrator, gflops=gflops(model_name, eval_size), device=torch.device("cpu"), squares=squares,
+    )
+    return Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -286,13 +307,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up
-            with torch.no_grad():
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-                    if pe.dtype.is_floating_point:
-                        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-                    else:
-                        pe.copy_(pm)
+            ema_update(ema, model, step, cfg.ema_decay)
             losses.append(float(loss.detach()))
             step += 1
             if progress:
@@ -319,12 +334,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     calibrator = TemperatureCalibrator().fit(cal_z, cal_y)
     log(f"selected epoch {best['epoch']}; temperature {calibrator.temperature_:.3f}, threshold {calibrator.threshold_:.3f}")
 
-    name = f"{cfg.model}@{eval_size}"
-    tier = ClassifierTier(
-        name=name, model_name=cfg.model, model=ema.float().cpu(), input_size=eval_size, mean=mean, std=std,
-        calibrator=calibrator, gflops=gflops(cfg.model, eval_size), device=torch.device("cpu"), squares=cfg.squares,
-    )
-    cascade = Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
+    cascade = stage1_cascade(cfg.model, ema, eval_size, mean, std, calibrator, cfg.squares)
     seconds = time.perf_counter() - t_start
     from .metrics import summarize
 
