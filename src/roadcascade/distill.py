@@ -201,7 +201,7 @@ class ViewTargetSet(torch.utils.data.Dataset):
         x = resize_square(self.views[i], self.size)
         if np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5:
             x = x[:, ::-1]
-        return (torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1), torch.tensor(float(self.targets[i])),
+        return (torch.from_numpy(np.array(x)).permute(2, 0, 1), torch.tensor(float(self.targets[i])),
                 torch.tensor(float(self.labels[i])))
 
 
