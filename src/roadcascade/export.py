@@ -38,6 +38,7 @@ class ExportConfig:
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights: only for CPUs without VNNI, where u8*s8 can saturate
     exclude_depthwise: bool = False  # keep depthwise convolutions in fp32 (if their INT8 error costs decisions)
+    stem_fp32: bool = True  # keep the convolution on the image in fp32: the largest single source of INT8 logit error
     opset: int = 17
     seed: int = 0
 
@@ -151,6 +152,15 @@ def depthwise_convs(path: Path) -> list[str]:
     return [n.name for n in g.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
 
 
+def stem_convs(path: Path) -> list[str]:
+    """Names of the Conv nodes that read the graph's input (the stem)."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    inputs = {i.name for i in g.input}
+    return [n.name for n in g.node if n.op_type == "Conv" and n.input and n.input[0] in inputs]
+
+
 def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig) -> Path:
     """Static INT8 (QDQ: u8 activations, s8 per-channel symmetric weights) calibrated on ``calib`` inputs.
 
@@ -163,7 +173,8 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig) -
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        exclude = depthwise_convs(pre) if cfg.exclude_depthwise else []
+        # on the quickstart stage 1 (val, 582 inputs): all INT8 mean |dlogit| 0.125, stem in fp32 0.093, same speed
+        exclude = (depthwise_convs(pre) if cfg.exclude_depthwise else []) + (stem_convs(pre) if cfg.stem_fp32 else [])
         quantize_static(str(pre), str(out), _Batches(calib, "image"), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
                         reduce_range=cfg.reduce_range, calibrate_method=method, nodes_to_exclude=exclude,

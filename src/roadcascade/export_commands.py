@@ -20,6 +20,7 @@ def export_command(
     check_images: int = typer.Option(48, min=1, help="other val images for the check against PyTorch"),
     calibrate_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
     exclude_depthwise: bool = typer.Option(False, help="keep depthwise convolutions in fp32"),
+    stem_fp32: bool = typer.Option(True, "--stem-fp32/--stem-int8", help="keep the convolution on the image in fp32 (INT8: most of the logit error)"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the check as JSON here"),
@@ -39,7 +40,8 @@ def export_command(
         torch.set_num_threads(threads)
     try:
         cfg = ExportConfig(int8=int8, data=data, calib_images=calib_images, check_images=check_images,
-                           calibrate_method=calibrate_method, exclude_depthwise=exclude_depthwise, per_channel=per_channel)
+                           calibrate_method=calibrate_method, exclude_depthwise=exclude_depthwise, per_channel=per_channel,
+                           stem_fp32=stem_fp32)
         rep = export_bundle(bundle, out, cfg, log=console.print)
     except (BundleError, DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))

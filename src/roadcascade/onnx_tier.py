@@ -38,6 +38,10 @@ def session_options(threads: int | None = None):
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # no busy-waiting between runs: idle worker threads that spin would take the cores from whatever runs next
+    # (the decoder, a PyTorch tier, another engineer's job on a shared CPU)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
