@@ -264,7 +264,8 @@ def _fit(cfg: DistillConfig, model: torch.nn.Module, dset: ViewTargetSet, val: t
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, len(loader) // 2, cfg.lr)
-            z = model(normalize(xb.to(device), mean, std)).float().reshape(-1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                z = model(normalize(xb.to(device), mean, std)).float().reshape(-1)
             loss = distill_loss(z, tb.to(device).float(), yb.to(device).float(), cfg.temperature, cfg.hard_weight,
                                 cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -275,7 +276,7 @@ def _fit(cfg: DistillConfig, model: torch.nn.Module, dset: ViewTargetSet, val: t
             step += 1
             if progress:
                 progress("distill", step, total)
-        zv = predict_logits(ema, val_views, size, mean, std, device)
+        zv = predict_logits(ema, val_views, size, mean, std, device, amp=device.type == "cuda")
         rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_challenge_{k}": v for k, v in score_logits(zv, val_y).items()}}
         key = (rec["val_challenge_mcc_best"], rec["val_challenge_auroc"], -rec["val_challenge_nll"])

@@ -18,7 +18,7 @@ def export_command(
     data: Optional[str] = typer.Option(None, help="dataset whose val split calibrates and checks (default StreetWork)"),
     calib_images: int = typer.Option(96, min=1, help="val images for INT8 calibration (each clean + one challenge view)"),
     check_images: int = typer.Option(48, min=1, help="other val images for the check against PyTorch"),
-    calibrate_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
+    calibrate_method: str = typer.Option("percentile", help="percentile (99.999 of each activation's histogram) | minmax | entropy"),
     exclude_depthwise: bool = typer.Option(False, help="keep depthwise convolutions in fp32"),
     stem_fp32: bool = typer.Option(True, "--stem-fp32/--stem-int8", help="keep the convolution on the image in fp32 (INT8: most of the logit error)"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
