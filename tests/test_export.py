@@ -176,3 +176,20 @@ def test_server_runs_an_onnx_bundle(exported):
         r = c.post("/v1/predict", content=buf.getvalue(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 200, r.text
         assert r.json()["probability"] == pytest.approx(want.probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("n,batch", [(1, 8), (8, 8), (17, 8), (346, 8)])
+def test_calibration_reader_gives_every_input_once_in_strided_ranges(n, batch):
+    from roadcascade.export import _Batches
+
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
+    r = _Batches(x, "image", batch)
+    seen = []
+    for start in range(0, len(r), 1):  # how quantize_static walks a strided reader
+        r.set_range(start, start + 1)
+        while (b := r.get_next()) is not None:
+            seen += b["image"].ravel().tolist()
+    assert seen == list(range(n))
+    r.set_range(0, len(r))
+    r.rewind()
+    assert sum(len(b["image"]) for b in iter(r.get_next, None)) == n
