@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle
 from .bundle_check import record_hashes, weights_fields
 from .cascade import ClassifierTier
 from .onnx_tier import OnnxClassifierTier, tier_inputs
@@ -233,7 +233,7 @@ def _exported_tier(tier: ClassifierTier, cfg_tier: dict, out: Path, cfg: ExportC
         onnx_file = quantize_int8(fp32, out / f"{stem}.int8.onnx", calib, cfg)
         fp32.unlink()  # the INT8 bundle ships its INT8 graph (and the PyTorch weights), not a third copy
         log(f"{stem}: INT8 calibrated on {len(calib)} inputs ({cfg.calibrate_method}) in {time.perf_counter() - t0:.0f} s")
-    src = {k: v for k, v in cfg_tier.items()}
+    src = dict(cfg_tier)
     return {"kind": OnnxClassifierTier.kind, "name": stem, "model": cfg_tier["model"], "weights": onnx_file.name,
             "precision": "int8" if cfg.int8 else "fp32", "input_size": cfg_tier["input_size"], "mean": cfg_tier["mean"],
             "std": cfg_tier["std"], "gflops": cfg_tier.get("gflops", 0.0), "calibration": cfg_tier["calibration"],
@@ -316,11 +316,3 @@ def check_export(torch_bundle: Bundle, onnx_bundle: Bundle, cfg: ExportConfig) -
     rep.cascade_max_abs_dp = float(np.abs(pa - pb).max())
     rep.cascade_agreement = float(np.mean((pa > 0.5) == (pb > 0.5)))
     return rep
-
-
-def load_for_backend(path: str | Path, backend: str) -> Bundle:
-    """A bundle for ``eval``/``predict`` under a backend, every problem one BundleError."""
-    try:
-        return Bundle.load(path, device="cpu" if backend == "onnxruntime" else None, backend=backend)
-    except ValueError as e:
-        raise BundleError(str(e)) from None
