@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--teacher", help="a teacher bundle (default: build one here)")
     p.add_argument("--teacher-tiers", default="lite0@128,lite0@224,lite2@260,tta(lite0@224,n=4..8)")
-    p.add_argument("--teacher-budget", default="100%", help="the teacher cascade's budget (100%: its full ensemble)")
+    p.add_argument("--teacher-budget", default="100%", help="the teacher cascade's budget (100%%: its full ensemble)")
     p.add_argument("--student", default="lite0@224")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--temperature", type=float, default=2.0)
