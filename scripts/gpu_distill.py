@@ -27,8 +27,8 @@ from roadcascade.evaluate import evaluate, public
 from roadcascade.train import TrainConfig, train
 
 
-def test_challenge(path: Path, data: str | None) -> dict:
-    rep = public(evaluate(Bundle.load(path), open_dataset(data, "test"), "challenge", "test"))
+def test_challenge(path: Path, data: str | None, max_test: int | None = None) -> dict:
+    rep = public(evaluate(Bundle.load(path), open_dataset(data, "test").subset(max_test), "challenge", "test"))
     return {"mcc": rep["mcc"], "accuracy": rep["accuracy"], "ece": rep["ece"], "img_s": rep["throughput_img_s"],
             "mean_gflops": rep["mean_gflops"], "baselines": rep.get("baselines")}
 
@@ -47,26 +47,30 @@ def main() -> None:
     p.add_argument("--extra", action="append", default=[], help="unlabelled / synthetic folders for the student")
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=None, help="smoke runs: a subset of train (and of val, test)")
+    p.add_argument("--max-steps", type=int, default=None, help="smoke runs: stop each training after this many steps")
     a = p.parse_args()
+    small = {"max_train": a.max_train, "max_val": a.max_train, "max_steps": a.max_steps}
     a.out.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
     times, t0 = {}, time.perf_counter()
     teacher = Path(a.teacher) if a.teacher else a.out / "teacher"
     if not a.teacher:
         build(BuildConfig(tiers=a.teacher_tiers, budget=a.teacher_budget, data=a.data, train_epochs=a.epochs, seed=a.seed,
-                          work=str(a.out / "teacher-work")), teacher, log=log)
+                          work=str(a.out / "teacher-work"), max_train=a.max_train, max_val=a.max_train,
+                          max_steps=a.max_steps), teacher, log=log)
         times["teacher_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     distill(DistillConfig(teacher=str(teacher), student=a.student, extra=tuple(a.extra), temperature=a.temperature,
-                          hard_weight=a.hard_weight, views=a.views, epochs=a.epochs, data=a.data, seed=a.seed),
+                          hard_weight=a.hard_weight, views=a.views, epochs=a.epochs, data=a.data, seed=a.seed, **small),
             a.out / "student-distilled", log=log)
     times["distill_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     model, _, size = a.student.partition("@")
     train(TrainConfig(model=model, input_size=int(size) if size else None, eval_size=int(size) if size else None,
-                      epochs=a.epochs, data=a.data, seed=a.seed), a.out / "student-labels", log=log)
+                      epochs=a.epochs, data=a.data, seed=a.seed, **small), a.out / "student-labels", log=log)
     times["labels_s"] = time.perf_counter() - t2
-    rows = {name: test_challenge(path, a.data) for name, path in
+    rows = {name: test_challenge(path, a.data, a.max_train) for name, path in
             (("teacher", teacher), ("student_distilled", a.out / "student-distilled"), ("student_labels", a.out / "student-labels"))}
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                "teacher_tiers": Bundle.load(teacher).cascade.tier_names, "student": a.student, "epochs": a.epochs,
