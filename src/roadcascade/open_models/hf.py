@@ -26,7 +26,10 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def load_pretrained(source: LocalSource, auto_cls: str, device: torch.device, what: str):
     """(model, processor) of a checked local source, loaded with ``local_files_only`` under HF offline mode."""
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"{what}: needs transformers: pip install 'roadcascade[open]'") from None
 
     path = verify(source, what)
     with offline(), warnings.catch_warnings():
