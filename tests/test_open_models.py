@@ -150,6 +150,39 @@ def test_vlm_batched_equals_unbatched_and_budget(models):
         VLMTier("vlm", src, device=CPU, budget_ms=0)
 
 
+def test_bundle_roundtrip_and_refusal(models, tmp_path):
+    """A zero-shot -> VLM cascade saved and reloaded gives the same answers; the bundle refuses a changed model
+    folder or a malformed source, with a BundleError naming the problem."""
+    from roadcascade.bundle import Bundle, BundleError
+    from roadcascade.calibration import TemperatureCalibrator
+    from roadcascade.cascade import Cascade, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
+    from roadcascade.open_models.vlm import VLMTier
+    from roadcascade.open_models.zeroshot import ZeroShotTier
+
+    clip = shutil.copytree(models["clip"], tmp_path / "clip")
+    cal = lambda: TemperatureCalibrator.from_dict({"temperature": 0.5, "threshold": 0.5})  # noqa: E731
+    tiers = [ZeroShotTier("clip", LocalSource.of(clip), calibrator=cal(), device=CPU),
+             VLMTier("llava", LocalSource.of(models["llava"]), calibrator=cal(), device=CPU, budget_ms=5000.0)]
+    exits = [ExitPoint(LastTierFusion(), 0.5, ConfidenceRule(0.45)), ExitPoint(LastTierFusion(), 0.5, FinalRule())]
+    x = imgs(5, seed=4)
+    want = Cascade(tiers, exits).predict(x)
+    Bundle(Cascade(tiers, exits)).save(tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert doc["tiers"][0]["positive"] == list(tiers[0].positive) and doc["tiers"][1]["budget_ms"] == 5000.0
+    got = Bundle.load(tmp_path / "b", device="cpu").cascade.predict(x)
+    assert [p.probability for p in got] == pytest.approx([p.probability for p in want], abs=1e-6)
+    assert [p.trace.tiers for p in got] == [p.trace.tiers for p in want]
+    assert all(p.trace.gflops["clip"] > 0 for p in got)
+
+    (clip / "model.safetensors").write_bytes((clip / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="differ"):
+        Bundle.load(tmp_path / "b", device="cpu")
+    doc["tiers"][0]["source"] = {"path": str(clip), "sha256": "xyz"}
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="64-hex-digit"):
+        Bundle.load(tmp_path / "b", device="cpu")
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

@@ -35,8 +35,15 @@ def load_pretrained(source: LocalSource, auto_cls: str, device: torch.device, wh
     with offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = transformers.AutoProcessor.from_pretrained(str(path), local_files_only=True)
-        model = getattr(transformers, auto_cls).from_pretrained(str(path), local_files_only=True, dtype=compute_dtype(device))
+        # the keyword is dtype from transformers 4.56 on, torch_dtype before
+        kw = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+        model = getattr(transformers, auto_cls).from_pretrained(str(path), local_files_only=True, **{kw: compute_dtype(device)})
     return model.to(device).eval(), processor
+
+
+def _version(v: str) -> tuple[int, int]:
+    parts = (v.split(".") + ["0"])[:2]
+    return tuple(int("".join(c for c in x if c.isdigit()) or 0) for x in parts)  # type: ignore[return-value]
 
 
 def count_gflops(fn: Callable[[], object]) -> float:

@@ -88,8 +88,9 @@ class LocalSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LocalSource":
-        if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not isinstance(d.get("sha256"), str):
-            raise ModelSourceError(f"a local model source needs 'path' and 'sha256' strings, got {d!r}")
+        ok = isinstance(d, dict) and isinstance(d.get("path"), str) and 0 < len(d["path"]) <= 4096 and isinstance(d.get("sha256"), str)
+        if not ok or len(d["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in d["sha256"]):
+            raise ModelSourceError(f"a local model source needs a 'path' and a 64-hex-digit 'sha256', got {str(d)[:200]!r}")
         return cls(path=d["path"], sha256=d["sha256"])
 
 

@@ -16,6 +16,7 @@ generated.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -74,6 +75,8 @@ class VLMTier(Tier):
         self.prefix_cache = bool(prefix_cache)
         self._prefix: tuple[torch.Tensor, object] | None = None  # (prefix ids, its key/value cache)
         self._cache_checked = False
+        # transformers 5 renamed forward's past_key_values to cache (the old name still works, with a warning)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.gflops = float(gflops) if gflops is not None else self._count_gflops()
 
     def _chat_prompt(self) -> str:
@@ -109,11 +112,12 @@ class VLMTier(Tier):
             return self._answer(self.model(**enc).logits[:, -1])
         if self._prefix is None or not torch.equal(self._prefix[0], ids[0, :n]):
             out = self.model(input_ids=ids[:1, :n], use_cache=True)
-            self._prefix = (ids[0, :n].clone(), out.past_key_values)
+            self._prefix = (ids[0, :n].clone(), getattr(out, "cache", None) or out.past_key_values)
         cache = copy.deepcopy(self._prefix[1])
         cache.batch_repeat_interleave(len(ids))
         rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-        out = self.model(input_ids=ids[:, n:], attention_mask=mask, past_key_values=cache, use_cache=True, **rest)
+        rest[self._cache_kw] = cache
+        out = self.model(input_ids=ids[:, n:], attention_mask=mask, use_cache=True, **rest)
         return self._answer(out.logits[:, -1])
 
     @torch.inference_mode()
