@@ -3,8 +3,8 @@
     PYTHONPATH=src python3 scripts/gpu_open_tiers.py --out "$OUT"
 
 Builds tiny random models on the spot (no weights, no network: ``roadcascade.open_models.tiny``): a timm
-``test_convnext`` snapshot loaded as a local zoo model (classifier tier), CLIP and SigLIP zero-shot tiers and a
-LLaVA yes/no tier. For each tier, at batch 1 and 64, it times ``tier.run`` on decoded images (median of
+``test_convnext`` snapshot loaded as a local zoo model (classifier tier), CLIP and SigLIP zero-shot tiers, and
+LLaVA and Qwen2-VL yes/no tiers. For each tier, at batch 1 and 64, it times ``tier.run`` on decoded images (median of
 ``--reps`` runs after warm-up) and the bare model forward on inputs already prepared on the device; the
 difference is the per-image overhead of the tier (processor / resize, host-device copies, prompt encoding,
 score). With models this small the forward is a few kernels, so the totals are the plumbing: the model cost
@@ -68,7 +68,8 @@ def make_tiers(root: Path, dev: torch.device) -> dict:
     from roadcascade.zoo import create_model, gflops
 
     paths = {"timm": tiny.tiny_timm(root / "timm", "test_convnext"), "clip": tiny.tiny_clip(root / "clip"),
-             "siglip": tiny.tiny_siglip(root / "siglip"), "llava": tiny.tiny_llava(root / "llava")}
+             "siglip": tiny.tiny_siglip(root / "siglip"), "llava": tiny.tiny_llava(root / "llava"),
+             "qwen2vl": tiny.tiny_qwen2vl(root / "qwen2vl")}
     spec = register_local_timm("gpu_tiny_convnext", paths["timm"])
     ident = lambda: TemperatureCalibrator.from_dict({"temperature": 1.0, "threshold": 0.5})  # noqa: E731 - T=1: p = sigmoid(z)
     torch.manual_seed(0)
@@ -83,6 +84,8 @@ def make_tiers(root: Path, dev: torch.device) -> dict:
         "zeroshot_clip": lambda d: ZeroShotTier("clip", LocalSource.of(paths["clip"]), calibrator=ident(), device=d, batch_size=64),
         "zeroshot_siglip": lambda d: ZeroShotTier("siglip", LocalSource.of(paths["siglip"]), calibrator=ident(), device=d, batch_size=64),
         "vlm_llava": lambda d: VLMTier("llava", LocalSource.of(paths["llava"]), calibrator=ident(), device=d, batch_size=64),
+        # dynamic resolution: image-token counts vary with image size, so batches are left-padded; no prefix cache
+        "vlm_qwen2vl": lambda d: VLMTier("qwen2vl", LocalSource.of(paths["qwen2vl"]), calibrator=ident(), device=d, batch_size=64),
     }
 
 

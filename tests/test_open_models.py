@@ -183,6 +183,24 @@ def test_bundle_roundtrip_and_refusal(models, tmp_path):
         Bundle.load(tmp_path / "b", device="cpu")
 
 
+def test_vlm_qwen2vl_left_padding(tmp_path, caplog):
+    """Qwen2-VL gives each image as many tokens as its size needs, so a batch is really left-padded: batched
+    answers equal one-by-one answers. Its multimodal RoPE does not fit a plain prefix cache: the tier notices
+    on the first unpadded batch and turns the cache off, answers unchanged."""
+    from roadcascade.open_models.vlm import VLMTier
+
+    src = LocalSource.of(tiny.tiny_qwen2vl(tmp_path / "qwen"))
+    t = VLMTier("qwen", src, device=CPU, batch_size=4)
+    ragged = [np.random.default_rng(i).integers(0, 256, (40 + 30 * i, 60, 3), dtype=np.uint8) for i in range(4)]
+    mask = t._encode(ragged)["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) > 1 and not bool(mask[:, -1].eq(0).any())  # padded, on the left
+    square = [np.random.default_rng(10 + i).integers(0, 256, (60, 60, 3), dtype=np.uint8) for i in range(4)]
+    z_ragged, z_square = t.run(ragged).logits, t.run(square).logits
+    assert not t.prefix_cache and "cache off" in caplog.text
+    one = VLMTier("qwen", src, device=CPU, batch_size=1, prefix_cache=False)
+    assert np.allclose(z_ragged, one.run(ragged).logits, atol=1e-5) and np.allclose(z_square, one.run(square).logits, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

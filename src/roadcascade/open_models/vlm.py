@@ -115,7 +115,8 @@ class VLMTier(Tier):
             self._prefix = (ids[0, :n].clone(), getattr(out, "cache", None) or out.past_key_values)
         cache = copy.deepcopy(self._prefix[1])
         cache.batch_repeat_interleave(len(ids))
-        rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        # per-token inputs (e.g. Qwen2-VL's mm_token_type_ids) lose the prefix like input_ids; the mask keeps it
+        rest = {k: (v[:, n:] if v.shape[:2] == ids.shape else v) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         rest[self._cache_kw] = cache
         out = self.model(input_ids=ids[:, n:], attention_mask=mask, use_cache=True, **rest)
         return self._answer(out.logits[:, -1])
@@ -123,15 +124,23 @@ class VLMTier(Tier):
     @torch.inference_mode()
     def _batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         enc = self._encode(images)
-        z = self._forward(enc, self.prefix_cache)
-        if self.prefix_cache and not self._cache_checked:
+        if not self.prefix_cache:
+            return self._forward(enc, False).cpu().numpy().astype(np.float64)
+        try:
+            z = self._forward(enc, True)
+        except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:  # a model the cache can't drive
+            _logger.warning("vlm tier %r: prefix cache fails on %s (%s: %s); cache off", self.name,
+                            type(self.model).__name__, type(e).__name__, str(e)[:200])
+            self.prefix_cache, self._prefix = False, None
+            return self._forward(enc, False).cpu().numpy().astype(np.float64)
+        if not self._cache_checked and self._prefix is not None:
             self._cache_checked = True
             ref = self._forward(enc, False)
             tol = 0.05 if self.dtype == torch.bfloat16 else 1e-3
             if float((z - ref).abs().max()) > tol:
                 _logger.warning("vlm tier %r: prefix cache changes the answers of %s (max |dz| %.3g); cache off",
                                 self.name, type(self.model).__name__, float((z - ref).abs().max()))
-                self.prefix_cache, z = False, ref
+                self.prefix_cache, self._prefix, z = False, None, ref
         return z.cpu().numpy().astype(np.float64)
 
     def logits(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
