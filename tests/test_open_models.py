@@ -116,7 +116,7 @@ def test_zeroshot_batched_and_prompt_symmetry(family, models):
     assert np.allclose(z, one, atol=1e-5) and np.ptp(z) > 0  # batched == one at a time, and depends on the image
     flipped = ZeroShotTier("zs", src, positive=t.negative, negative=t.positive, device=CPU)
     assert np.allclose(flipped.logits(x), -z, atol=1e-5)  # a difference score: swapping the ensembles negates it
-    assert t.gflops > 0
+    assert t.gflops > 0 and t.decode_size() == 32  # the tiny processors resize to 32
     with pytest.raises(ValueError, match="prompts"):
         ZeroShotTier("zs", src, positive=[], device=CPU)
 

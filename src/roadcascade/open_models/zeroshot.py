@@ -87,6 +87,22 @@ class ZeroShotTier(Tier):
 
     full_logits = logits  # what build fits on (the same: no time budget here)
 
+    def decode_size(self) -> int | None:
+        """The processor's resize target (CLIP: shortest edge; SigLIP: the square side), so the server can decode
+        large JPEGs at reduced size without the processor ever upsampling; None when the processor says otherwise."""
+        raw = getattr(getattr(self.processor, "image_processor", None), "size", None)
+        names = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
+        get = raw.get if isinstance(raw, dict) else (lambda k: getattr(raw, k, None))  # dict (4.x) or SizeDict (5.x)
+        size = {k: get(k) for k in names if get(k) is not None}
+        keys = set(size)
+        if keys == {"shortest_edge"}:
+            s = size["shortest_edge"]
+        elif keys == {"height", "width"}:
+            s = max(size["height"], size["width"])
+        else:
+            return None
+        return int(s) if isinstance(s, int) and 0 < s <= 2048 else None
+
     def _count_gflops(self) -> float:
         x = self._pixels([np.zeros((64, 64, 3), np.uint8)])
         return count_gflops(lambda: self.model.get_image_features(pixel_values=x))
