@@ -101,6 +101,20 @@ def test_checksum_missing_and_changed(models, tmp_path):
         verify(src)
 
 
+def test_parse_open_tier_items():
+    from roadcascade.build import parse_tiers
+    from roadcascade.open_models.spec import OpenTierSpec
+
+    specs = parse_tiers("test_tiny@48,zeroshot(path=/m/siglip-base),vlm(path=/m/llava,name=llava,batch=4,budget_ms=300,prefix_cache=0)")
+    zs, vlm = specs[1], specs[2]
+    assert isinstance(zs, OpenTierSpec) and (zs.kind, zs.name, zs.source) == ("zeroshot", "zeroshot-siglip-base", "/m/siglip-base")
+    assert (vlm.name, vlm.option("batch"), vlm.option("budget_ms"), vlm.option("prefix_cache")) == ("llava", "4", "300", "0")
+    for bad, msg in (("vlm(name=x)", "needs path"), ("zeroshot(path=/m,colour=red)", "unknown or empty option"),
+                     ("vlm(path=/m,name=a b)", "must be 1..64"), ("zeroshot(path=/a),zeroshot(path=/b/a)", "unique")):
+        with pytest.raises(ValueError, match=msg):
+            parse_tiers(bad)
+
+
 # ------------------------------------------------------------------------------------------ zero-shot
 
 

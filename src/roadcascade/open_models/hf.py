@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,8 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..calibration import TemperatureCalibrator, sigmoid
 from .local import LocalSource, offline, verify
-
-_logger = logging.getLogger(__name__)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -71,7 +67,3 @@ def as_rgb_list(images) -> list[np.ndarray]:
             raise ValueError(f"expected HxWx3 uint8 images, got shape {a.shape} dtype {a.dtype}")
         out.append(np.ascontiguousarray(a[:, :, :3]))
     return out
-
-
-def source_path(source: LocalSource) -> Path:
-    return Path(source.path)
