@@ -17,6 +17,7 @@ Writes ``$OUT/gpu_open_tiers.json`` (and prints it). Runs on CPU too (no agreeme
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -76,7 +77,7 @@ def make_tiers(root: Path, dev: torch.device) -> dict:
     net = create_model(spec.name, num_classes=1)
 
     def timm_tier(d):
-        return ClassifierTier("timm", spec.name, net, spec.input_size, spec.mean, spec.std, ident(),
+        return ClassifierTier("timm", spec.name, copy.deepcopy(net), spec.input_size, spec.mean, spec.std, ident(),
                               gflops(spec.name), device=d, batch_size=64)
 
     return {
