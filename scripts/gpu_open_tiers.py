@@ -68,9 +68,15 @@ def make_tiers(root: Path, dev: torch.device) -> dict:
     from roadcascade.open_models.zeroshot import ZeroShotTier
     from roadcascade.zoo import create_model, gflops
 
-    paths = {"timm": tiny.tiny_timm(root / "timm", "test_convnext"), "clip": tiny.tiny_clip(root / "clip"),
-             "siglip": tiny.tiny_siglip(root / "siglip"), "llava": tiny.tiny_llava(root / "llava"),
-             "qwen2vl": tiny.tiny_qwen2vl(root / "qwen2vl")}
+    builders = {"timm": lambda p: tiny.tiny_timm(p, "test_convnext"), "clip": tiny.tiny_clip, "siglip": tiny.tiny_siglip,
+                "llava": tiny.tiny_llava, "qwen2vl": tiny.tiny_qwen2vl}
+    paths = {}
+    for k, f in builders.items():  # an architecture this transformers lacks is reported, not fatal
+        try:
+            paths[k] = f(root / k)
+        except Exception as e:  # noqa: BLE001
+            paths[k] = root / f"missing-{k}"
+            print(f"cannot build tiny {k}: {type(e).__name__}: {e}", flush=True)
     spec = register_local_timm("gpu_tiny_convnext", paths["timm"])
     ident = lambda: TemperatureCalibrator.from_dict({"temperature": 1.0, "threshold": 0.5})  # noqa: E731 - T=1: p = sigmoid(z)
     torch.manual_seed(0)
@@ -135,6 +141,16 @@ def agreement(name: str, make, n: int) -> dict:
             "logit_range_cpu": [float(cpu.min()), float(cpu.max())]}
 
 
+def guarded(fn) -> dict:
+    """fn()'s result, or the error it raised (one tier failing does not lose the others' numbers)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        import traceback
+
+        return {"error": f"{type(e).__name__}: {str(e)[:500]}", "where": traceback.format_exc()[-1500:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -153,12 +169,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         makers = make_tiers(Path(tmp), dev)
         for name, make in makers.items():
-            res["tiers"][name] = measure(name, make, dev, args.reps)
+            res["tiers"][name] = guarded(lambda: measure(name, make, dev, args.reps))
             print(name, json.dumps(res["tiers"][name]), flush=True)
         if dev.type == "cuda":
             for name, make in makers.items():
-                a = agreement(name, make, args.agree_n)
-                a["within_tol"] = a["max_abs_dp"] <= args.tol
+                a = guarded(lambda: agreement(name, make, args.agree_n))
+                if "max_abs_dp" in a:
+                    a["within_tol"] = a["max_abs_dp"] <= args.tol
                 res["agreement"][name] = a
                 print(name, json.dumps(a), flush=True)
     res["tolerance_dp"] = args.tol
