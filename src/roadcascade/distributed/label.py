@@ -197,6 +197,7 @@ def _decode_size(bundle: Path) -> int | None:
 
 def run_local(cfg: LabelConfig, todo: list[InputRecord], writer: ShardWriter, progress: Progress) -> str:
     runner = CascadeRunner(str(cfg.bundle), device="cpu", threads=cfg.threads, gpu="off")
+    runner.worker = "local"  # this process, even when it is also a Ray driver
     min_size = runner.cascade.decode_size()
     done = 0
     for i in range(0, len(todo), cfg.batch):
