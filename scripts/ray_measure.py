@@ -32,7 +32,7 @@ def compare(a: Path, b: Path) -> dict:
             "tiers_differ": sum(x[k]["tiers"] != y[k]["tiers"] for k in ok)}
 
 
-def label_runs(bundle: Path, data: str, work: Path, repeats: int, ray_kw: dict) -> dict:
+def label_runs(bundle: Path, data: str, work: Path, repeats: int, ray_kw: dict, local_threads: int) -> dict:
     import ray
 
     inputs = list_inputs(data, "test")
@@ -45,14 +45,17 @@ def label_runs(bundle: Path, data: str, work: Path, repeats: int, ray_kw: dict) 
         for engine in ("local", "ray"):
             out = work / f"label-{engine}-{i}"
             shutil.rmtree(out, ignore_errors=True)
-            kw = ray_kw if engine == "ray" else {"threads": ray_kw["threads"]}  # the same torch threads in both
+            kw = ray_kw if engine == "ray" else {"threads": local_threads}
             rep = label(LabelConfig(bundle=bundle, out=out, engine=engine, batch=32, **kw), inputs)
             runs[engine].append(rep.as_dict())
-            print(f"label {engine} #{i}: {rep.img_s:.1f} img/s ({rep.written} images, {rep.seconds:.1f} s)", flush=True)
+            print(f"label {engine} #{i}: {rep.img_s:.1f} img/s, steady {rep.steady_img_s:.1f} ({rep.written} images, "
+                  f"{rep.seconds:.1f} s)", flush=True)
     ray.shutdown()
     med = {e: statistics.median(r["img_s"] for r in runs[e]) for e in runs}
-    return {"n_images": len(inputs), "ray_kw": ray_kw, "ray_startup_s": startup, "runs": runs, "median_img_s": med,
-            "ratio_ray_to_local": med["ray"] / med["local"], "answers": compare(work / "label-local-0", work / "label-ray-0")}
+    steady = {e: statistics.median(r["steady_img_s"] for r in runs[e]) for e in runs}
+    return {"n_images": len(inputs), "ray_kw": ray_kw, "local_threads": local_threads, "ray_startup_s": startup, "runs": runs,
+            "median_img_s": med, "ratio_ray_to_local": med["ray"] / med["local"], "median_steady_img_s": steady,
+            "steady_ratio_ray_to_local": steady["ray"] / steady["local"], "answers": compare(work / "label-local-0", work / "label-ray-0")}
 
 
 def serve_runs(bundle: Path, work: Path, repeats: int, duration: float, concurrency: int, fuzz: int, threads: int) -> dict:
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model process, the same for both engines "
                     "(1 on the shared 2-core machine: with 2, OpenMP threads fight the other jobs' and run several times slower)")
     ap.add_argument("--actors", type=int, default=1, help="ray cascade actors")
+    ap.add_argument("--local-threads", type=int, default=None, help="torch threads of the local engine (default: --threads)")
     ap.add_argument("--skip-label", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
     a = ap.parse_args()
@@ -100,7 +104,8 @@ def main() -> None:
     rep: dict = {"cpu_count": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "load_avg_start": os.getloadavg()}
     if not a.skip_label:
-        rep["label"] = label_runs(a.bundle, a.data, work, a.repeats, {"actors": a.actors, "threads": a.threads})
+        rep["label"] = label_runs(a.bundle, a.data, work, a.repeats, {"actors": a.actors, "threads": a.threads},
+                                  a.local_threads or a.threads)
         a.json.write_text(json.dumps(rep, indent=2))
     if not a.skip_serve:
         rep["serve"] = serve_runs(a.bundle, work, a.serve_repeats, a.duration, a.concurrency, a.fuzz, a.threads)

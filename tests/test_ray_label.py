@@ -101,3 +101,20 @@ def test_plan_maps_actors_to_gpus(bundle, tmp_path):
     assert plan(LabelConfig(bundle=bundle, out=tmp_path, engine="ray", gpu="off"), {"CPU": 2, "GPU": 1})["num_gpus"] == 0
     with pytest.raises(ValueError):
         LabelConfig(bundle=bundle, out=tmp_path, engine="spark")
+
+
+def test_gpu_fast_path_runner_on_cpu(bundle, streetwork, tmp_path):
+    """The GPU actor's path (encoded bytes -> gpu.GpuCascade) runs on the CPU too: bad files stay error rows and the
+    answers agree with the CPU path up to the GPU runtime's own resize (docs/GPU.md)."""
+    from roadcascade.distributed.label import CascadeRunner, _columns, decode_batch
+    from roadcascade.images import DecodeLimits
+
+    recs = list_inputs(_inputs(streetwork, tmp_path, n=6))
+    cols = _columns(recs)
+    cpu = CascadeRunner(str(bundle), threads=1)
+    gpu = CascadeRunner(str(bundle), threads=1, gpu="on")
+    a = cpu(decode_batch(cols, DecodeLimits(), cpu.cascade.decode_size()))
+    b = gpu(decode_batch(cols, DecodeLimits(), None, encoded=True))
+    assert [e is None for e in a["error"]] == [e is None for e in b["error"]] and sum(e is not None for e in b["error"]) == 3
+    diffs = [abs(x - y) for x, y in zip(a["probability"], b["probability"]) if x is not None]
+    assert len(diffs) == 6 and max(diffs) < 0.05

@@ -71,13 +71,21 @@ class LabelReport:
     seconds: float  # labelling only (cluster start-up excluded, see startup_s)
     startup_s: float = 0.0
     workers: dict[str, int] = field(default_factory=dict)  # rows per worker node
+    first_rows: int = 0  # rows of the first batch written, and when it came (model loading, actor start-up)
+    first_s: float = 0.0
 
     @property
     def img_s(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_img_s(self) -> float:
+        """Throughput after the first batch: what a long job converges to, without the fixed start-up cost."""
+        n, t = self.written - self.first_rows, self.seconds - self.first_s
+        return n / t if n > 0 and t > 0 else 0.0
+
     def as_dict(self) -> dict:
-        return {**self.__dict__, "img_s": self.img_s}
+        return {**self.__dict__, "img_s": self.img_s, "steady_img_s": self.steady_img_s}
 
 
 # ----------------------------------------------------------------------------- step 1: decode (CPU)
@@ -210,7 +218,14 @@ def run_local(cfg: LabelConfig, todo: list[InputRecord], writer: ShardWriter, pr
 
 def label(cfg: LabelConfig, inputs: list[InputRecord], progress: Progress | None = None) -> LabelReport:
     """Label ``inputs`` into ``cfg.out``, skipping paths already there."""
-    progress = progress or (lambda *_: None)
+    user_progress = progress or (lambda *_: None)
+    first: dict[str, float] = {}
+
+    def progress(desc: str, n: int, total: int) -> None:
+        if not first:
+            first.update(rows=n, t=time.perf_counter())
+        user_progress(desc, n, total)
+
     done = done_paths(cfg.out)
     todo = [r for r in inputs if r.path not in done]
     writer = ShardWriter(cfg.out, cfg.shard_rows, done)
@@ -231,5 +246,8 @@ def label(cfg: LabelConfig, inputs: list[InputRecord], progress: Progress | None
     workers: dict[str, int] = {}
     for w in table.column("worker").to_pylist():
         workers[w] = workers.get(w, 0) + 1
-    return LabelReport(cfg.engine, len(inputs), len(inputs) - len(todo), writer.written, errors, writer.duplicates,
-                       seconds, startup, workers)
+    rep = LabelReport(cfg.engine, len(inputs), len(inputs) - len(todo), writer.written, errors, writer.duplicates,
+                      seconds, startup, workers)
+    if first:
+        rep.first_rows, rep.first_s = int(first["rows"]), first["t"] - t0 - startup
+    return rep

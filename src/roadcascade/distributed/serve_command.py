@@ -42,8 +42,8 @@ def serve_on_ray(bundle: Path, cfg: ServeConfig, host: str, port: int, *, addres
     def interrupted(signum, frame):  # SIGTERM: unwind, so that Serve and the Ray this process started are shut down
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupted)
     url = run(bundle, cfg, rcfg, host, port, address=address, blocking=False)
+    signal.signal(signal.SIGTERM, interrupted)  # after ray.init, which installs its own handler
     print(f"roadcascade on Ray Serve at {url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
