@@ -83,3 +83,9 @@ def test_shedding_is_503_with_retry_after():
         asyncio.run(full.infer([grey(10)], _deadline(5)))
     assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
     assert full.inflight == 0  # released even when refused
+
+
+def test_a_failing_tier_is_a_500_for_its_images_only():
+    c = sleep_cascade(tau=0.3, fail=lambda im: float(im.mean()) > 200)
+    ok, bad = asyncio.run(_server(c).infer([grey(10)], _deadline(5)))[0], asyncio.run(_server(c).infer([grey(250)], _deadline(5)))[0]
+    assert ok.status == 200 and bad.status == 500 and bad.reason == "tier_error"

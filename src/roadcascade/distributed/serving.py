@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class RayServeConfig:
     ingress_replicas: int = 1
     threads: int | None = None  # torch threads per stage replica (default: its CPUs)
     autoscale: bool = True  # False: one replica per stage (tests, a fixed cluster)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,9 +65,9 @@ def _light(state: ImageState) -> ImageState:
 
 # ----------------------------------------------------------------------------------------------- stages
 class CascadeStage:
-    """Stage k of the cascade as a Ray Serve deployment (wrapped by ``serve.deployment`` in :func:`build_app`)."""
+    """Stage k of the cascade; :func:`_batched` adds its ``@serve.batch`` entry point ``run``."""
 
-    def __init__(self, bundle: str, k: int, max_batch: int, wait_s: float, device: str = "cpu", threads: int | None = None):
+    def __init__(self, bundle: str, k: int, device: str = "cpu", threads: int | None = None):
         import torch
 
         from ..bundle import Bundle
@@ -77,8 +76,6 @@ class CascadeStage:
             torch.set_num_threads(int(threads))
         self.cascade = Bundle.load(bundle, device=device).cascade
         self.k = k
-        self.run.set_max_batch_size(max_batch)  # type: ignore[attr-defined]
-        self.run.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
     def decode_size(self) -> int | None:
         return self.cascade.decode_size()
@@ -94,15 +91,13 @@ class CascadeStage:
             out.append(StageReply(light, self.cascade.answer(copy.deepcopy(light))))  # answer() marks an early answer
         return out
 
-    async def run(self, states: list[ImageState]) -> list[StageReply]:  # replaced by a @serve.batch version
-        return await asyncio.get_running_loop().run_in_executor(None, self._run, states)
-
 
 def _batched(max_batch: int, wait_s: float):
     """The stage class with ``run`` batched across requests by ``@serve.batch``."""
     from ray import serve
 
     async def run(self, states: list[ImageState]) -> list[StageReply]:
+        # the model runs in a thread, so the replica keeps collecting the next batch meanwhile
         return await asyncio.get_running_loop().run_in_executor(None, self._run, list(states))
 
     return type("CascadeStage", (CascadeStage,), {"run": serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=wait_s)(run)})
@@ -162,13 +157,21 @@ class IngressServer(Server):
                 if k == 0:
                     raise HttpError(503, "overloaded", "the first stage's queue is full; retry", {"Retry-After": "1"}) from None
                 break  # later stages full: answer from the tiers that ran
+            except Exception as e:  # noqa: BLE001 - a failing tier: these images get a 500, the server goes on
+                log.exception("stage %d failed", k)
+                failed = f"tier {self.tiers[k]!r} failed ({type(e).__name__})"
+                for i in active:
+                    answers[i] = None
+                    states[i].error = RuntimeError(failed)
+                break
             for i, r in zip(active, replies):
                 r.state.image = states[i].image
                 states[i], answers[i] = r.state, r.prediction
         total = (time.monotonic() - t0) * 1e3
         return [Outcome(200, prediction=p, total_ms=total) if p is not None else
+                Outcome(500, reason="tier_error", message=str(s.error), total_ms=total) if s.error is not None else
                 Outcome(503, reason="deadline", message="the deadline came before the first tier ran", total_ms=total)
-                for p in answers]
+                for p, s in zip(answers, states)]
 
 
 def create_ingress_api(cfg: ServeConfig):
@@ -298,8 +301,7 @@ def build_app(bundle: str | Path, cfg: ServeConfig, rcfg: RayServeConfig, cluste
             ray_actor_options={"num_cpus": rcfg.stage_cpus, "num_gpus": gpus},
             max_ongoing_requests=4 * cfg.max_batch, max_queued_requests=cfg.max_queue,
             **({"autoscaling_config": scaling} if scaling else {"num_replicas": 1}))
-        stages.append(dep.bind(str(Path(bundle).resolve()), k, cfg.max_batch, cfg.max_wait_ms / 1e3,
-                               "cuda" if gpus > 0 else "cpu", rcfg.threads or max(1, int(rcfg.stage_cpus))))
+        stages.append(dep.bind(str(Path(bundle).resolve()), k, "cuda" if gpus > 0 else "cpu", rcfg.threads or max(1, int(rcfg.stage_cpus))))
     ingress = serve.deployment(_ingress_class(cfg), name="ingress", num_replicas=rcfg.ingress_replicas,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(256, 2 * cfg.max_queue))
     from ..bundle import Bundle
