@@ -3,6 +3,7 @@ mid-job and replaced; every input must still appear exactly once, with the answe
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -46,6 +47,8 @@ def test_node_killed_mid_job_loses_and_duplicates_nothing(streetwork, tmp_path):
         t0 = time.perf_counter()
         rep = label(cfg, inputs, progress)
         print(f"ray job with a node lost: {time.perf_counter() - t0:.1f} s")
+        # no network: Ray Data's usage poller (a driver thread querying Prometheus for ever) must not have started
+        assert not [t.name for t in threading.enumerate() if "usage" in t.name]
     finally:
         ray.shutdown()
         cluster.shutdown()
