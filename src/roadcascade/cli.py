@@ -392,6 +392,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "roadcascade.serve.commands",
     "roadcascade.gpu_commands",
     "roadcascade.native_commands",
+    "roadcascade.distributed.commands",
 )
 
 
