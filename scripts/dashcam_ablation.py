@@ -14,7 +14,7 @@ import json
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("ROADCASCADE_GPU", "0")  # the plain runtime: many processes share one GPU here
@@ -49,6 +49,18 @@ JOBS = {
     "r160_base": dict(synth=None, style_p=0.0, balance_sources=False, eval_sizes=(224, 288, 352)),
     "r256_e4": dict(synth="full", style_p=0.5, input_size=256, eval_size=256, epochs=4, eval_sizes=(256, 320)),
     "lite2_320": dict(synth="full", style_p=0.5, model="lite2", input_size=320, eval_size=320, epochs=12),
+    # round 5: square views at inference, per-image logits dumped for threshold analysis (quickstart-cost
+    # candidates at 160-256 px, and higher resolution for the GPU bundle)
+    "q160_base": dict(synth=None, style_p=0.0, balance_sources=False, dump=True),
+    "q160_style": dict(synth=None, style_p=0.5, dump=True),
+    "q224": dict(synth="full", style_p=0.5, input_size=224, eval_size=224, epochs=8, dump=True),
+    "q224_nosynth": dict(synth=None, style_p=0.5, input_size=224, eval_size=224, epochs=8, dump=True),
+    "q224_s1": dict(synth="full", style_p=0.5, input_size=224, eval_size=224, epochs=8, seed=1, dump=True),
+    "q256": dict(synth="full", style_p=0.5, input_size=256, eval_size=256, epochs=6, dump=True),
+    "g320": dict(synth="full", style_p=0.5, input_size=320, eval_size=320, epochs=12, dump=True),
+    "g384": dict(synth="full", style_p=0.5, input_size=384, eval_size=384, epochs=12, dump=True),
+    "g384_s1": dict(synth="full", style_p=0.5, input_size=384, eval_size=384, epochs=12, seed=1, dump=True),
+    "g384_nosynth": dict(synth=None, style_p=0.5, input_size=384, eval_size=384, epochs=12, dump=True),
 }
 
 
@@ -71,9 +83,11 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     synth = spec.pop("synth")
     seed = spec.pop("seed", 0)
     eval_sizes = spec.pop("eval_sizes", None)
+    dump = spec.pop("dump", False)
     extra = (synth_dirs[synth],) if synth else ()
     quick_kw = dict(max_train=80, max_val=40, max_steps=3, epochs=1) if quick else {}
-    cfg = TrainConfig(**{**spec, **quick_kw}, extra_train=extra, num_workers=workers, seed=seed)
+    cfg = TrainConfig(**{**spec, **quick_kw}, extra_train=extra, num_workers=workers, seed=seed,
+                      squares=3 if dump else 1)
     t0 = time.perf_counter()
     bdir = Path(out) / name
     train(cfg, bdir, log=lambda m: None)
@@ -81,10 +95,62 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     test = open_dataset(None, "test").subset(60 if quick else None)
     row = {"job": name, "config": {**spec, "synth": synth, "seed": seed}, "train_s": round(time.perf_counter() - t0, 1)}
     row.update(_score(b, test))
+    if dump:  # per-image logits under several view schemes, for thresholds chosen afterwards on val
+        row["dump"] = dump_views(b, Path(out) / f"{name}-views.npz", quick)
     for size in eval_sizes or ():  # the same weights and calibration, run at another input size
         b.cascade.tiers[0].input_size = size
         row[f"eval{size}"] = _score(b, test, views=("challenge",))
     return row
+
+
+def _grid(im, frac: float = 0.6):
+    """Overlapping square tiles of side ``frac`` x the short side (stride half a tile): a closer look."""
+    import numpy as np
+
+    h, w = im.shape[:2]
+    t = int(min(h, w) * frac)
+    st = max(1, t // 2)
+    ys = sorted({*range(0, h - t + 1, st), h - t})
+    xs = sorted({*range(0, w - t + 1, st), w - t})
+    return [im[y : y + t, x : x + t] for y in ys for x in xs]
+
+
+def dump_views(b, path: Path, quick: bool) -> str:
+    """Logits of stage 1 on night-dev, val and test under: the whole frame, 3 squares, 3 squares at 1.4x
+    the input size, and a tile grid; saved with labels and sources (night-dev for recall, the rest for
+    thresholds and false positives)."""
+    import numpy as np
+
+    from roadcascade.cascade import square_views
+    from roadcascade.data import open_dataset
+    from roadcascade.realcam import default_night_dev
+
+    tier = b.cascade.tiers[0]
+    size = tier.input_size
+    sets = {"night": open_dataset(default_night_dev()), "val": open_dataset(None, "val"), "test": open_dataset(None, "test")}
+    out = {}
+    for sname, ds in sets.items():
+        samples = ds.samples[:20] if quick else ds.samples
+        ims = [s.load() for s in samples]
+        out[f"{sname}|label"] = np.array([s.label for s in samples])
+        out[f"{sname}|source"] = np.array([s.source for s in samples])
+        schemes = {"whole": (lambda im: [im], size), "sq3": (lambda im: square_views([im], 3)[0], size),
+                   "sq3x1.4": (lambda im: square_views([im], 3)[0], int(size * 1.4) // 32 * 32),
+                   "grid.6": (_grid, size)}
+        for scheme, (fn, s) in schemes.items():
+            tier.input_size = s
+            views, owner = [], []
+            for i, im in enumerate(ims):
+                v = fn(im)
+                views += v
+                owner += [i] * len(v)
+            z = tier._logits(views)
+            out[f"{sname}|{scheme}|views"] = z
+            out[f"{sname}|{scheme}|owner"] = np.array(owner)
+    tier.input_size = size
+    out["calibration"] = np.array(json.dumps(tier.calibrator.to_dict()))
+    np.savez_compressed(path, **out)
+    return str(path)
 
 
 def _score(b, test, views=("clean", "challenge")) -> dict:
@@ -107,6 +173,7 @@ def main() -> None:
     ap.add_argument("--n-synth", type=int, default=1200)
     ap.add_argument("--parallel", type=int, default=max(1, min(10, (os.cpu_count() or 2) // 2)))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--copy-dumps", default=None, help="copy each job's view dump here (e.g. $OUT)")
     a = ap.parse_args()
     jobs = [j for j in a.jobs.split(",") if j]
     need = sorted({JOBS[j]["synth"] for j in jobs if JOBS[j]["synth"]})
@@ -117,8 +184,9 @@ def main() -> None:
     rows = []
     workers = max(1, (os.cpu_count() or 2) // max(1, len(jobs)) - 1)
     with ProcessPoolExecutor(min(len(jobs), a.parallel), mp_context=multiprocessing.get_context("spawn")) as ex:
-        futs = {j: ex.submit(run_job, j, a.out, dirs, a.quick, workers) for j in jobs}
-        for j, f in futs.items():
+        futs = {ex.submit(run_job, j, a.out, dirs, a.quick, workers): j for j in jobs}
+        for f in as_completed(futs):  # record each job as it ends: a run cut short keeps what finished
+            j = futs[f]
             try:
                 r = f.result()
             except Exception as e:  # one failed job must not lose the others' numbers
@@ -136,6 +204,11 @@ def main() -> None:
                       f"dashcam FPR {rc['dashcam_negatives']['fpr']:.3f}  joint MCC {rc['joint']['mcc']:.3f}  ({r['train_s']} s)", flush=True)
             else:
                 print(f"{j}: {r.get('error')}", flush=True)
+            if a.copy_dumps and r.get("dump"):
+                import shutil
+
+                Path(a.copy_dumps).mkdir(parents=True, exist_ok=True)
+                shutil.copy(r["dump"], a.copy_dumps)
             if a.json:
                 Path(a.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.json).write_text(json.dumps(rows, indent=1))

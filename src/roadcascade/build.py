@@ -107,8 +107,13 @@ def parse_tiers(text: str) -> list[TierSpec]:
     """Parse a tier list (see the module docstring). Sizes default to the model's input size."""
     from .zoo import get_spec
 
+    from .open_models.spec import parse_open_item
+
     specs: list[TierSpec] = []
     for item in _split_top(text):
+        if (open_spec := parse_open_item(item)) is not None:  # zeroshot(...), vlm(...): models at local paths
+            specs.append(open_spec)  # type: ignore[arg-type]
+            continue
         if item.startswith("tta(") and item.endswith(")"):
             parts = _split_top(item[4:-1])
             if not parts:
@@ -211,6 +216,7 @@ def _find_classifier(bundle: Bundle, model: str) -> ClassifierTier:
 def _resolve_sources(specs: Sequence[TierSpec], cfg: BuildConfig, work: Path, log: Log, progress: Progress | None) -> tuple[dict, list[str]]:
     """Source bundle path per spec name; models without any source are trained (cached in work)."""
     first: dict[str, str] = {}
+    specs = [s for s in specs if s.kind in ("classifier", "tta")]  # open tiers name their local model themselves
     for s in specs:
         if s.source and s.model not in first:
             first[s.model] = s.source
@@ -265,8 +271,9 @@ def _timed(fn, *a, **kw):
 
 def _chunked_logits(tier: ClassifierTier, images, progress: Progress | None, desc: str, chunk: int = 256) -> np.ndarray:
     out = []
+    full = getattr(tier, "full_logits", None)  # open-model tiers: every image, whatever their time budget
     for i in range(0, len(images), chunk):
-        out.append(model_logits(tier, images[i : i + chunk]))
+        out.append(full(images[i : i + chunk]) if full else model_logits(tier, images[i : i + chunk]))
         if progress:
             progress(desc, min(i + chunk, len(images)), len(images))
     return np.concatenate(out) if out else np.zeros(0)
@@ -277,8 +284,12 @@ def _chunked_logits(tier: ClassifierTier, images, progress: Progress | None, des
 
 def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, log: Log = print) -> BuildResult:
     """Build a cascade bundle (see the module docstring). Fits on val only."""
+    from .open_models.spec import OpenTierSpec, make_tier
     from .preprocess import pick_device
     from .zoo import gflops as zoo_gflops
+
+    def is_open(s) -> bool:
+        return isinstance(s, OpenTierSpec)
 
     t_start = time.perf_counter()
     if cfg.mode not in ("mcc", "guaranteed"):
@@ -295,6 +306,9 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
     # -- networks (one per source bundle and model), shared by every tier of that model ------------
     nets: dict[tuple[str, str], ClassifierTier] = {}
     for s in specs:
+        if is_open(s):
+            sources[s.name] = s.source
+            continue
         key = (sources[s.name], s.model)
         if key not in nets:
             nets[key] = _find_classifier(Bundle.load(sources[s.name], device=device), s.model)
@@ -311,7 +325,7 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
     log(f"val: {ds.name}, {len(ds)} images x {cfg.n_views} challenge views (seed {cfg.val_seed}) = {len(items)} rows")
 
     fp = json.dumps({
-        "tiers": [(s.name, s.views, _source_fingerprint(sources[s.name])) for s in specs],
+        "tiers": [(s.name, s.views, s.fingerprint() if is_open(s) else _source_fingerprint(sources[s.name])) for s in specs],
         "data": ds.name, "split": cfg.val_split, "seed": cfg.val_seed, "views": cfg.n_views,
         "keys": hashlib.sha1("\n".join(it.key for it in items).encode()).hexdigest(),
     }, sort_keys=True)
@@ -340,6 +354,17 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
             tiers[c.name] = t
             base_logits[c.name] = z
             ms_per_img[c.name] = float(cache[f"ms::{c.name}"])
+
+    # -- open-model tiers (zero-shot, VLM): logits once, then temperature + threshold on val -------
+    for s in specs:
+        if is_open(s):
+            t = make_tier(s, device, cfg.batch_size)
+            if f"z::{s.name}" not in cache:
+                z, ms = _timed(_chunked_logits, t, images, progress, f"val {s.name}")
+                cache[f"z::{s.name}"], cache[f"ms::{s.name}"] = z, np.array(ms / max(1, len(images)))
+            t.calibrator.fit(cache[f"z::{s.name}"], y)
+            tiers[s.name], base_logits[s.name] = t, cache[f"z::{s.name}"]
+            ms_per_img[s.name] = float(cache[f"ms::{s.name}"])
 
     # -- test-time scaling tiers: every view's logit once, then verifier + margin + calibration ---
     for s in specs:
@@ -451,6 +476,7 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
         "guaranteed": guaranteed,
         "ensemble": ens_cfg,
         "tier_specs": [{"name": s.name, "kind": s.kind, "model": s.model, "size": s.size, "source": sources[s.name],
+                        **({"options": dict(s.options)} if is_open(s) else {}),
                         **({"n": [s.n_min, s.n_max], "views": list(s.views or DEFAULT_VIEWS)} if s.kind == "tta" else {})}
                        for s in specs],
         "metrics": {"val": {"cascade": point.as_dict(), "full_ensemble": opt.full_.as_dict(),

@@ -22,6 +22,7 @@ from .cascade import Cascade
 # Every module that registers tier, rule or fusion kinds, so that any bundle loads wherever it is read.
 from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402
 from .detect import tier as _detector_tier, yolox as _coco_tier  # noqa: F401,E402
+from .open_models import timm_local as _timm_local, vlm as _vlm, zeroshot as _zeroshot  # noqa: F401,E402
 from . import onnx_tier as _onnx_tier  # noqa: F401,E402
 
 FORMAT = "roadcascade.bundle/1"
@@ -49,6 +50,8 @@ class Bundle:
             **self.cascade.to_config(out),
             **{k: v for k, v in self.meta.items() if k != "weights_sha256"},
         }
+        if local := _timm_local.bundle_section(doc):  # local timm backbones: architecture + preprocessing
+            doc["local_models"] = local
         doc = record_hashes(doc, out)  # SHA-256 of every weights file, checked at load
         tmp = out / "bundle.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2, default=_jsonable))
@@ -74,6 +77,10 @@ class Bundle:
             raise BundleError(str(e)) from None
         check_doc(doc, FORMAT, set(TIERS), set(RULES), set(FUSIONS))
         check_files(doc, root)
+        try:
+            _timm_local.register_from_bundle(doc.get("local_models"))
+        except (ValueError, TypeError, KeyError) as e:
+            raise BundleError(f"bundle.json: local_models: {e}") from None
         dev = torch.device(device) if isinstance(device, str) else device
         cascade = _build_cascade(doc, Path(os.path.realpath(root)), dev)
         meta = {k: v for k, v in doc.items() if k not in ("tiers", "exits", "format")}

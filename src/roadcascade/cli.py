@@ -394,6 +394,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "roadcascade.serve.commands",
     "roadcascade.gpu_commands",
     "roadcascade.native_commands",
+    "roadcascade.distributed.commands",
     "roadcascade.export_commands",
 )
 

@@ -60,6 +60,7 @@ __all__ = [
     "ModelSpec",
     "WeightSource",
     "WeightsNotFound",
+    "add_resolver",
     "create_model",
     "get_mapping",
     "get_spec",
@@ -183,8 +184,24 @@ def _check_spec(spec: ModelSpec) -> None:
         raise ValueError(f"{spec.name}: mean and std need 3 values each, std > 0")
 
 
+_RESOLVERS: list[Callable[[str], ModelSpec | None]] = []
+
+
+def add_resolver(fn: Callable[[str], ModelSpec | None]) -> None:
+    """Register ``fn(name) -> spec or None``, asked (in order) for a name the registry does not know, e.g. a
+    local timm checkpoint listed in ``$ROADCASCADE_MODELS`` (``roadcascade.open_models.timm_local``). A spec
+    it returns is registered."""
+    if fn not in _RESOLVERS:
+        _RESOLVERS.append(fn)
+
+
 def get_spec(name: str) -> ModelSpec:
     """The registered spec called ``name`` (KeyError listing the known names otherwise)."""
+    if name not in _REGISTRY:
+        for resolve in _RESOLVERS:
+            spec = resolve(name)
+            if spec is not None:
+                return register(spec)
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -53,6 +53,11 @@ def serve(
     warmup: bool = typer.Option(True, help="warm every tier up before /readyz turns 200"),
     malloc_arenas: int = typer.Option(2, min=0, help="cap glibc malloc arenas (threads otherwise grow memory); 0: glibc default"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    engine: str = typer.Option("native", help="native (this process) | ray (Ray Serve: an ingress and one deployment per stage; "
+                               "see docs/RAY.md)"),
+    address: Optional[str] = typer.Option(None, help="ray: the Ray cluster to join (e.g. auto); default: start a local one"),
+    target_rps: float = typer.Option(200.0, min=0.1, help="ray: images/s the per-stage autoscaling bounds are sized for"),
+    stage_gpus: str = typer.Option("", help="ray: GPUs per replica of each stage, e.g. '0.25,1' (default: 1 when the cluster has GPUs)"),
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict, /v1/predict/batch, /streetvision, /metrics, dashboard at /."""
     import uvicorn
@@ -92,6 +97,13 @@ def serve(
             console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
                           f"{host}:{port} can use this server; set --api-key or ROADCASCADE_API_KEY")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if engine == "ray":
+        from ..distributed.serve_command import serve_on_ray
+
+        serve_on_ray(bundle, cfg, host, port, address=address, target_rps=target_rps, stage_gpus=stage_gpus, threads=threads, fail=_fail)
+        return
+    if engine != "native":
+        _fail(f"--engine must be native or ray, not {engine!r}")
     app = create_app(bundle, cfg, device=device)
     uvicorn.Server(server_config(app, host, port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)).run()
 

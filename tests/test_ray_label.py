@@ -1,0 +1,120 @@
+"""`roadcascade label`: local and Ray engines give the same rows; bad files are rows; reruns resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from roadcascade.distributed.inputs import list_inputs
+from roadcascade.distributed.label import LabelConfig, label
+from roadcascade.distributed.ray_label import plan
+from roadcascade.distributed.shards import ShardWriter, read_output, shard_files
+from roadcascade.serve.testing import tiny_bundle
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR",
+             _system_config={"memory_monitor_refresh_ms": 0})  # no OOM killer: the machine is shared with other jobs
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return tiny_bundle(tmp_path_factory.mktemp("bundle"), tau=0.3, temperature=0.01)
+
+
+def _inputs(streetwork: Path, tmp: Path, n: int = 20) -> Path:
+    """A path list of n real test images, a corrupt file, a truncated JPEG and a missing file."""
+    test = list_inputs(streetwork, "test")[:n]
+    (tmp / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp / "trunc.jpg").write_bytes(Path(test[0].file).read_bytes()[:400])
+    lines = [r.file for r in test] + ["corrupt.jpg", "trunc.jpg", "missing.jpg"]
+    listing = tmp / "list.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    rows = read_output(out).to_pylist()
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)), "a path was written twice"
+    return {r["path"]: r for r in rows}
+
+
+def test_local_equals_ray(ray_local, bundle, streetwork, tmp_path):
+    listing = _inputs(streetwork, tmp_path)
+    inputs = list_inputs(listing)
+    loc = label(LabelConfig(bundle=bundle, out=tmp_path / "local", engine="local", batch=8), inputs)
+    rr = label(LabelConfig(bundle=bundle, out=tmp_path / "ray", engine="ray", batch=8, shard_rows=5), inputs)
+    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    assert set(a) == set(b) == {r.path for r in inputs}
+    assert len(shard_files(tmp_path / "ray")) >= 3  # a shard once 5 rows are buffered
+    for k, x in a.items():
+        y = b[k]
+        assert (x["error"] is None) == (y["error"] is None), k
+        if x["error"] is None:
+            assert abs(x["probability"] - y["probability"]) <= 1e-6
+            assert x["tiers"] == y["tiers"] and x["exit"] == y["exit"] and x["decision"] == y["decision"]
+            assert x["decision"] == ("roadwork" if x["probability"] > 0.5 else "none")
+        else:
+            assert x["error"].split(":")[0] == y["error"].split(":")[0]
+    assert {a[k]["error"].split(":")[0] for k in ("corrupt.jpg", "trunc.jpg", "missing.jpg")} <= {"not_image", "truncated", "not_found", "corrupt"}
+    assert sum(a[k]["error"] is None for k in a) == 20
+    assert {len(r["tiers"]) for r in a.values() if r["error"] is None} == {1, 2}  # both exits are exercised
+    assert loc.errors == rr.errors == 3 and rr.duplicates_dropped == 0
+
+
+def test_rerun_resumes_and_skips(bundle, streetwork, tmp_path):
+    inputs = list_inputs(_inputs(streetwork, tmp_path, n=12))
+    out = tmp_path / "out"
+    first = label(LabelConfig(bundle=bundle, out=out, batch=4, shard_rows=4), inputs[:7])
+    (out / ".part-deadbeef.parquet.tmp").write_bytes(b"half a shard from a crash")
+    again = label(LabelConfig(bundle=bundle, out=out, batch=4, shard_rows=4), inputs)
+    assert (first.written, again.skipped, again.written) == (7, 7, len(inputs) - 7)
+    assert not list(out.glob(".*.tmp"))  # the crashed run's partial shard is gone, never read
+    assert set(_rows(out)) == {r.path for r in inputs}
+    third = label(LabelConfig(bundle=bundle, out=out, batch=4), inputs)
+    assert third.written == 0 and third.skipped == len(inputs)
+
+
+def test_writer_drops_redelivered_rows(tmp_path):
+    w = ShardWriter(tmp_path, shard_rows=2)
+    row = {"path": ["a", "b"], "label": [1, 0], "probability": [0.9, 0.1], "decision": ["roadwork", "none"], "tiers": [["t"], ["t"]],
+           "exit": [0, 0], "rule": ["final", "final"], "error": [None, None], "worker": ["n", "n"]}
+    assert w.add(row) == 2 and w.add(row) == 0
+    w.close()
+    assert w.duplicates == 2 and read_output(tmp_path).num_rows == 2
+
+
+def test_plan_maps_actors_to_gpus(bundle, tmp_path):
+    cfg = LabelConfig(bundle=bundle, out=tmp_path, engine="ray")
+    gpu = plan(cfg, {"CPU": 16, "GPU": 4})
+    assert (gpu["actors"], gpu["num_gpus"], gpu["device"], gpu["gpu"]) == (4, 1, "cuda", "on")
+    cpu = plan(cfg, {"CPU": 8})
+    assert (cpu["actors"], cpu["num_gpus"], cpu["device"]) == (7, 0, "cpu")
+    assert plan(LabelConfig(bundle=bundle, out=tmp_path, engine="ray", gpu="off"), {"CPU": 2, "GPU": 1})["num_gpus"] == 0
+    with pytest.raises(ValueError):
+        LabelConfig(bundle=bundle, out=tmp_path, engine="spark")
+
+
+def test_gpu_fast_path_runner_on_cpu(bundle, streetwork, tmp_path):
+    """The GPU actor's path (encoded bytes -> gpu.GpuCascade) runs on the CPU too: bad files stay error rows and the
+    answers agree with the CPU path up to the GPU runtime's own resize (docs/GPU.md)."""
+    from roadcascade.distributed.label import CascadeRunner, _columns, decode_batch
+    from roadcascade.images import DecodeLimits
+
+    recs = list_inputs(_inputs(streetwork, tmp_path, n=6))
+    cols = _columns(recs)
+    cpu = CascadeRunner(str(bundle), threads=1)
+    gpu = CascadeRunner(str(bundle), threads=1, gpu="on")
+    a = cpu(decode_batch(cols, DecodeLimits(), cpu.cascade.decode_size()))
+    b = gpu(decode_batch(cols, DecodeLimits(), None, encoded=True))
+    assert [e is None for e in a["error"]] == [e is None for e in b["error"]] and sum(e is not None for e in b["error"]) == 3
+    diffs = [abs(x - y) for x, y in zip(a["probability"], b["probability"]) if x is not None]
+    assert len(diffs) == 6 and max(diffs) < 0.05
