@@ -64,6 +64,7 @@ class TrainConfig:
     style_p: float = 0.0
     epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
     squares: int = 1  # the bundle's tier sees a non-square image as this many aspect-preserving squares (max-pooled)
+    view_scale: float = 1.0  # ... and runs those squares at this x its input size (ClassifierTier.view_size)
     # challenge protocol of the training augmentation and the val views (challenge.PROTOCOLS; issue 12)
     protocol: str = "v2.0.4"
 
@@ -322,7 +323,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     name = f"{cfg.model}@{eval_size}"
     tier = ClassifierTier(
         name=name, model_name=cfg.model, model=ema.float().cpu(), input_size=eval_size, mean=mean, std=std,
-        calibrator=calibrator, gflops=gflops(cfg.model, eval_size), device=torch.device("cpu"), squares=cfg.squares,
+        calibrator=calibrator, gflops=gflops(cfg.model, eval_size), device=torch.device("cpu"), squares=cfg.squares, view_scale=cfg.view_scale,
     )
     cascade = Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
     seconds = time.perf_counter() - t_start
