@@ -61,6 +61,18 @@ JOBS = {
     "g384": dict(synth="full", style_p=0.5, input_size=384, eval_size=384, epochs=12, dump=True),
     "g384_s1": dict(synth="full", style_p=0.5, input_size=384, eval_size=384, epochs=12, seed=1, dump=True),
     "g384_nosynth": dict(synth=None, style_p=0.5, input_size=384, eval_size=384, epochs=12, dump=True),
+    # round 6: closer square views (view_scale) and the open-set guard at two rates (guard.py)
+    "v_base": dict(synth=None, style_p=0.0, balance_sources=False, view_scale=1.3, guard=(0.01, 0.02)),
+    "v_base_s1": dict(synth=None, style_p=0.0, balance_sources=False, view_scale=1.3, guard=(0.01, 0.02), seed=1),
+    "v_base_s2": dict(synth=None, style_p=0.0, balance_sources=False, view_scale=1.3, guard=(0.01, 0.02), seed=2),
+    "v_base_s3": dict(synth=None, style_p=0.0, balance_sources=False, view_scale=1.3, guard=(0.01, 0.02), seed=3),
+    "v224": dict(synth=None, style_p=0.0, balance_sources=False, input_size=224, eval_size=224, epochs=8, view_scale=1.3,
+                 guard=(0.01, 0.02)),
+    "v320_synth": dict(synth="full", style_p=0.5, input_size=320, eval_size=320, epochs=12, view_scale=1.3, guard=(0.01, 0.02)),
+    "v320_synth_s1": dict(synth="full", style_p=0.5, input_size=320, eval_size=320, epochs=12, view_scale=1.3,
+                          guard=(0.01, 0.02), seed=1),
+    "v320": dict(synth=None, style_p=0.0, balance_sources=False, input_size=320, eval_size=320, epochs=12, view_scale=1.3,
+                 guard=(0.01, 0.02)),
 }
 
 
@@ -84,10 +96,11 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     seed = spec.pop("seed", 0)
     eval_sizes = spec.pop("eval_sizes", None)
     dump = spec.pop("dump", False)
+    guards = spec.pop("guard", ())
     extra = (synth_dirs[synth],) if synth else ()
     quick_kw = dict(max_train=80, max_val=40, max_steps=3, epochs=1) if quick else {}
     cfg = TrainConfig(**{**spec, **quick_kw}, extra_train=extra, num_workers=workers, seed=seed,
-                      squares=3 if dump else 1)
+                      squares=3 if dump or guards else 1)
     t0 = time.perf_counter()
     bdir = Path(out) / name
     train(cfg, bdir, log=lambda m: None)
@@ -95,6 +108,15 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     test = open_dataset(None, "test").subset(60 if quick else None)
     row = {"job": name, "config": {**spec, "synth": synth, "seed": seed}, "train_s": round(time.perf_counter() - t0, 1)}
     row.update(_score(b, test))
+    for fpr in guards:  # the same bundle with the open-set guard at this rate (a guarded copy)
+        import shutil
+
+        from roadcascade.guard import GuardConfig, guard_bundle
+
+        gdir = Path(out) / f"{name}-guard{fpr}"
+        shutil.copytree(bdir, gdir, dirs_exist_ok=True)
+        rep = guard_bundle(gdir, GuardConfig(fpr=fpr), log=lambda m: None)
+        row[f"guard{fpr}"] = {"report": rep.as_dict(), **_score(Bundle.load(gdir, device=pick_device("auto")), test)}
     if dump:  # per-image logits under several view schemes, for thresholds chosen afterwards on val
         row["dump"] = dump_views(b, Path(out) / f"{name}-views.npz", quick)
     for size in eval_sizes or ():  # the same weights and calibration, run at another input size
@@ -194,7 +216,7 @@ def main() -> None:
             rows.append(r)
             rc = r.get("realcam")
             for k, sub in sorted(r.items()):
-                if k.startswith("eval") and isinstance(sub, dict):
+                if (k.startswith("eval") or k.startswith("guard")) and isinstance(sub, dict):
                     q = sub["realcam"]
                     print(f"{j:14s} @{k[4:]}: test-challenge MCC {sub['test_challenge']['mcc']:.4f}  night-dev recall "
                           f"{q['night_dev']['recall']:.3f}  dashcam FPR {q['dashcam_negatives']['fpr']:.3f}  joint MCC "

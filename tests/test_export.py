@@ -44,11 +44,12 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
-    """A one-tier bundle of lite0 (random weights, its TF "SAME" padding, 3 square views) at 64 px."""
+    """A one-tier bundle of lite0 (random weights, its TF "SAME" padding, 3 square views run at 1.5x) at 64 px."""
     torch.manual_seed(0)
     model = create_model("lite0", num_classes=1, pretrained=False)
     cal = TemperatureCalibrator.from_dict({"temperature": 0.05, "threshold": 0.5})
-    tier = ClassifierTier("lite0@64", "lite0", model, 64, (0.5,) * 3, (0.5,) * 3, cal, 0.06, device=torch.device("cpu"), squares=3)
+    tier = ClassifierTier("lite0@64", "lite0", model, 64, (0.5,) * 3, (0.5,) * 3, cal, 0.06, device=torch.device("cpu"), squares=3,
+                          view_scale=1.5)
     out = tmp_path_factory.mktemp("lite0") / "b"
     return Bundle(Cascade([tier], [ExitPoint(LastTierFusion(), 0.5, FinalRule())]), {}).save(out)
 
@@ -86,6 +87,7 @@ def test_int8_bundle_loads_and_agrees_within_tolerance(exported, lite0):
     q = Bundle.load(root / "lite0_int8")
     tier = q.cascade.tiers[0]
     assert isinstance(tier, OnnxClassifierTier) and tier.precision == "int8" and tier.squares == 3
+    assert tier.view_size == 96 and tier.view_session is not None  # the views' own graph at 1.5 x 64 px
     ref = Bundle.load(lite0).cascade.tiers[0]
     imgs = _images(12, seed=3)
     za, zb = ref.logits(imgs), tier.logits(imgs)

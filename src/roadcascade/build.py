@@ -318,7 +318,7 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
         return ClassifierTier(name=f"{spec_model}@{size}", model_name=spec_model, model=net.model, input_size=size,
                               mean=net.mean, std=net.std, calibrator=TemperatureCalibrator(),
                               gflops=zoo_gflops(spec_model, size), device=device, batch_size=cfg.batch_size,
-                              squares=net.squares)
+                              squares=net.squares, view_scale=net.view_scale)
 
     # -- val challenge views, exactly as eval makes them ------------------------------------------
     ds, items, images, y, groups = _val_items(cfg, progress)

@@ -150,6 +150,9 @@ def check_classifier(t: dict, f: str, lim: BundleLimits) -> None:
     check_calibration(t.get("calibration"), f + ".calibration")
     if "squares" in t:
         _need(_int(t["squares"], 1, 8), f + ".squares", "an int in [1, 8]", t["squares"])
+    if "view_scale" in t:
+        v = t["view_scale"]
+        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.25 <= v <= 4.0, f + ".view_scale", "a number in [0.25, 4]", v)
 
 
 def check_tier(t: Any, f: str, known: set[str], lim: BundleLimits) -> None:

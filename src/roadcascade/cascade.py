@@ -182,10 +182,13 @@ class ClassifierTier(Tier):
         device: torch.device | None = None,
         batch_size: int = 64,
         squares: int = 1,
+        view_scale: float = 1.0,
     ):
         if not 1 <= int(squares) <= 8:
             raise ValueError(f"squares must be in [1, 8], got {squares}")
-        self.squares = int(squares)
+        if not 0.25 <= float(view_scale) <= 4.0:
+            raise ValueError(f"view_scale must be in [0.25, 4], got {view_scale}")
+        self.squares, self.view_scale = int(squares), float(view_scale)
         self.name, self.model_name, self.input_size = name, model_name, int(input_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.calibrator, self.gflops, self.batch_size = calibrator, float(gflops), batch_size
@@ -198,26 +201,38 @@ class ClassifierTier(Tier):
         object wider than anything in training) and the largest logit counts; square images are unchanged."""
         return self._pooled(images)[0]
 
+    @property
+    def view_size(self) -> int:
+        """Input size of the square views of a non-square frame: ``view_scale`` x the input size (a multiple of
+        32). A full frame's objects are smaller than in the crops the model learnt on; a closer look finds them."""
+        return self.input_size if self.view_scale == 1.0 else max(32, 32 * round(self.input_size * self.view_scale / 32))
+
     def _pooled(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits and, with square views, each image's number of views (its cost in model runs)."""
+        """Logits and, with square views, each image's cost in model runs at the input size."""
         if self.squares == 1:
             return self._logits(images), None
         views, owner = square_views(images, self.squares)
-        z = self._logits(views)
+        counts = np.bincount(owner, minlength=len(images))
+        split = counts[owner] > 1  # views of a non-square frame (a square image is its own single view)
+        z = np.zeros(len(views), dtype=np.float32)
+        for mask, size in ((~split, self.input_size), (split, self.view_size)):
+            if mask.any():
+                z[mask] = self._logits([v for v, m in zip(views, mask) if m], size)
         out = np.full(len(images), -np.inf, dtype=z.dtype)
         np.maximum.at(out, owner, z)
-        return out, np.bincount(owner, minlength=len(images))
+        cost = np.where(counts > 1, counts * (self.view_size / self.input_size) ** 2, counts)
+        return out, cost
 
     @torch.inference_mode()
-    def _logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def _logits(self, images: Sequence[np.ndarray], size: int | None = None) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = to_batch(images[i : i + self.batch_size], self.input_size, self.mean, self.std).to(self.device)
+            x = to_batch(images[i : i + self.batch_size], size or self.input_size, self.mean, self.std).to(self.device)
             out.append(self.model(x).float().reshape(-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def decode_size(self) -> int:
-        return self.input_size  # the whole image is squashed to input_size x input_size
+        return max(self.input_size, self.view_size if self.squares > 1 else 0)  # the largest view it makes
 
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
@@ -243,6 +258,7 @@ class ClassifierTier(Tier):
             "gflops": self.gflops,
             "calibration": self.calibrator.to_dict(),
             **({"squares": self.squares} if self.squares > 1 else {}),
+            **({"view_scale": self.view_scale} if self.view_scale != 1.0 else {}),
         }
 
     @classmethod
@@ -266,6 +282,7 @@ class ClassifierTier(Tier):
             calibrator=TemperatureCalibrator.from_dict(cfg["calibration"]),
             gflops=cfg.get("gflops", 0.0),
             squares=cfg.get("squares", 1),
+            view_scale=cfg.get("view_scale", 1.0),
             device=device,
         )
 

@@ -34,6 +34,8 @@ QUICKSTART_EPOCHS = 6
 QUICKSTART_INPUT = 160  # training resolution
 QUICKSTART_EVAL = None  # stage-1 inference resolution (None: the model's, 224 for lite0)
 QUICKSTART_SQUARES = 3  # non-square frames seen as 3 aspect-preserving squares, max-pooled (docs/DASHCAM.md)
+QUICKSTART_VIEW_SCALE = 1.3  # ... each at 1.3x the tier's input size (224 -> 288)
+QUICKSTART_GUARD_FPR = 0.01  # open-set guard: thresholds at most where 1 % of val's real dashcam negatives pass (guard.py)
 
 
 @contextmanager
@@ -95,6 +97,7 @@ def train(
     style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
     balance_sources: bool = typer.Option(False, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
     squares: int = typer.Option(1, min=1, max=8, help="the bundle sees a non-square image as this many aspect-preserving squares, max-pooled (1: stretched)"),
+    view_scale: float = typer.Option(1.0, min=0.25, max=4.0, help="run those squares at this x the input size (a closer look at full frames)"),
     protocol: str = typer.Option("v2.0.4", help="challenge protocol of the augmentation and val views: v2.0.4 | letterbox | native"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
@@ -120,7 +123,8 @@ def train(
                           batch_size=batch_size or 32, lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data,
                           max_train=max_train, max_val=max_val, max_steps=max_steps, threads=threads,
                           extra_train=tuple(extra_train), synth_share=synth_share, style_p=style_p,
-                          balance_sources=balance_sources, protocol=protocol, squares=squares)
+                          balance_sources=balance_sources, protocol=protocol, squares=squares,
+                          view_scale=view_scale)
     except ValueError as e:
         _fail(str(e))
     with progress_bar() as cb:
@@ -266,6 +270,26 @@ def synth(
     console.print(f"contact sheet: {out / 'contact_sheet.png'}")
 
 
+@app.command("guard")
+def guard_cmd(
+    bundle: Path = typer.Option(..., help="bundle directory (changed in place)"),
+    fpr: float = typer.Option(0.01, min=0.0, max=0.5, help="share of the reference negatives allowed above each exit's threshold"),
+    split: str = typer.Option("val", help="split of the reference negatives"),
+    data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Open-set guard: lower each exit's threshold to where FPR of val's real dashcam negatives (camvid, gtsdb label 0)
+    pass, where that is lower than the fitted one (docs/DASHCAM.md). Run again to re-guard from the fitted thresholds."""
+    from .bundle import BundleError
+    from .data import DataError
+    from .guard import GuardConfig, guard_bundle
+
+    try:
+        guard_bundle(bundle, GuardConfig(fpr=fpr, split=split, data=data), device=device, log=console.print)
+    except (BundleError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 @app.command("eval-dashcam")
 def eval_dashcam(
     bundle: Path = typer.Option(..., help="bundle directory"),
@@ -307,12 +331,16 @@ def quickstart(
     synth: int = typer.Option(QUICKSTART_SYNTH, min=0, help="synthetic dashcam images to train on (cached in OUT/synth; 0: none)"),
     style_p: float = typer.Option(QUICKSTART_STYLE_P, min=0.0, max=1.0, help="dashcam style transform probability in training"),
     squares: int = typer.Option(QUICKSTART_SQUARES, min=1, max=8, help="see a non-square image as this many aspect-preserving squares, max-pooled (1: stretch it to a square)"),
+    view_scale: float = typer.Option(QUICKSTART_VIEW_SCALE, min=0.25, max=4.0, help="run those squares at this x the input size"),
+    guard_fpr: Optional[float] = typer.Option(QUICKSTART_GUARD_FPR, min=0.0, max=0.5, help="open-set guard: lower thresholds to where this share of val's real dashcam negatives pass (see `roadcascade guard`)"),
+    guard: bool = typer.Option(True, "--guard/--no-guard", help="apply the open-set guard to both bundles"),
 ) -> None:
     """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, evaluate
     test clean + challenge and real dashcam frames (night-dev recall, dashcam false positives), report."""
     from .bundle import Bundle
     from .data import open_dataset
     from .evaluate import evaluate, public
+    from .guard import GuardConfig, guard_bundle
     from .preprocess import pick_device
     from .realcam import default_night_dev, format_realcam, realcam_html, realcam_report
     from .report import write_html
@@ -332,7 +360,8 @@ def quickstart(
 
             extra = (str(ensure_synth(SynthConfig(n=synth, data=data), out / "synth", log=console.print, progress=cb)),)
         cfg = TrainConfig(model="lite0", input_size=input_size, eval_size=eval_size, epochs=epochs, data=data, device=device,
-                          extra_train=extra, style_p=style_p, balance_sources=bool(extra), squares=squares)
+                          extra_train=extra, style_p=style_p, balance_sources=bool(extra), squares=squares,
+                          view_scale=view_scale)
         stale = _recipe_changes(sdir, cfg)
         if stale:
             console.print(f"cached bundle {sdir} was trained with another recipe ({stale}): training again")
@@ -341,8 +370,13 @@ def quickstart(
             run_train(cfg, sdir, progress=cb, log=console.print)
         else:
             console.print(f"using cached bundle {sdir} (pass --retrain to train again)")
+        gcfg = GuardConfig(fpr=guard_fpr, data=data) if guard and guard_fpr is not None else None
+        if gcfg:  # before the cascade is built from it: guarding later would make the cached cascade stale
+            guard_bundle(sdir, gcfg, device=device, log=console.print)
         if cascade:
             quickstart_cascade(sdir, bdir, data=data, device=device, budget=budget, progress=cb, log=console.print)
+            if gcfg:
+                guard_bundle(bdir, gcfg, device=device, log=console.print)
         ds = open_dataset(data, "test")
         reps = []
         # the deployed bundle (the cascade, or stage 1 with --stage1-only), then the stage-1 model on its own
@@ -369,7 +403,8 @@ def quickstart(
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
 
 
-_RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data", "squares")
+_RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data", "squares",
+                  "view_scale")
 
 
 def _recipe_changes(bundle_dir: Path, cfg) -> str:
@@ -382,7 +417,7 @@ def _recipe_changes(bundle_dir: Path, cfg) -> str:
     except (OSError, json.JSONDecodeError, AttributeError):
         return "unreadable bundle.json"
     new = {"extra_train": list(cfg.extra_train), **{k: getattr(cfg, k) for k in _RECIPE_FIELDS if k != "extra_train"}}
-    defaults = {"extra_train": [], "style_p": 0.0, "balance_sources": False, "squares": 1}  # bundles from before these fields
+    defaults = {"extra_train": [], "style_p": 0.0, "balance_sources": False, "squares": 1, "view_scale": 1.0}  # bundles from before these fields
     diff = [k for k in _RECIPE_FIELDS if old.get(k, defaults.get(k)) != new[k]]
     return ", ".join(diff)
 

@@ -221,23 +221,35 @@ def with_views(images: Sequence[np.ndarray], size: int, seed: int) -> list[np.nd
 # ----------------------------------------------------------------------------- the command
 
 
+def _graph(tier: ClassifierTier, size: int, path: Path, cfg: ExportConfig, calib_imgs: Sequence[np.ndarray],
+           log: Callable[[str], None]) -> Path:
+    """The tier's network at one input size as ONNX (``path`` + .fp32.onnx / .int8.onnx)."""
+    fp32 = export_onnx(tier.model, size, path.with_name(path.name + ".fp32.onnx"), cfg.opset)
+    if not cfg.int8:
+        return fp32
+    t0 = time.perf_counter()
+    calib = tier_inputs(tier, calib_imgs, size)
+    q = quantize_int8(fp32, path.with_name(path.name + ".int8.onnx"), calib, cfg)
+    fp32.unlink()  # the INT8 bundle ships its INT8 graph (and the PyTorch weights), not a third copy
+    log(f"{path.name}: INT8 calibrated on {len(calib)} inputs at {size} px ({cfg.calibrate_method}) in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return q
+
+
 def _exported_tier(tier: ClassifierTier, cfg_tier: dict, out: Path, cfg: ExportConfig, calib_imgs: Sequence[np.ndarray],
                    log: Callable[[str], None]) -> dict:
-    """Write one tier's ONNX (and INT8) file; return its bundle.json entry (the PyTorch entry under ``source``)."""
+    """Write one tier's ONNX (and INT8) graph(s): at its input size, and at its view size when its square views run
+    at another (``view_scale``); return its bundle.json entry (the PyTorch entry under ``source``)."""
     stem = cfg_tier["name"]
-    fp32 = export_onnx(tier.model, tier.input_size, out / f"{stem}.fp32.onnx", cfg.opset)
-    onnx_file = fp32
-    if cfg.int8:
-        t0 = time.perf_counter()
-        calib = tier_inputs(tier, calib_imgs)
-        onnx_file = quantize_int8(fp32, out / f"{stem}.int8.onnx", calib, cfg)
-        fp32.unlink()  # the INT8 bundle ships its INT8 graph (and the PyTorch weights), not a third copy
-        log(f"{stem}: INT8 calibrated on {len(calib)} inputs ({cfg.calibrate_method}) in {time.perf_counter() - t0:.0f} s")
-    src = dict(cfg_tier)
+    onnx_file = _graph(tier, tier.input_size, out / stem, cfg, calib_imgs, log)
+    views = {}
+    if tier.squares > 1 and tier.view_size != tier.input_size:
+        views = {"view_scale": tier.view_scale,
+                 "views": {"weights": _graph(tier, tier.view_size, out / f"{stem}.views", cfg, calib_imgs, log).name}}
     return {"kind": OnnxClassifierTier.kind, "name": stem, "model": cfg_tier["model"], "weights": onnx_file.name,
             "precision": "int8" if cfg.int8 else "fp32", "input_size": cfg_tier["input_size"], "mean": cfg_tier["mean"],
             "std": cfg_tier["std"], "gflops": cfg_tier.get("gflops", 0.0), "calibration": cfg_tier["calibration"],
-            **({"squares": cfg_tier["squares"]} if "squares" in cfg_tier else {}), "source": src}
+            **({"squares": cfg_tier["squares"]} if "squares" in cfg_tier else {}), **views, "source": dict(cfg_tier)}
 
 
 def _copy_files(doc: dict, src: Path, out: Path) -> None:

@@ -61,11 +61,20 @@ def normalized_nchw(images: Sequence[np.ndarray], size: int, mean: Sequence[floa
     return np.ascontiguousarray((x - m) / s)
 
 
-def tier_inputs(tier: Any, images: Sequence[np.ndarray]) -> np.ndarray:
-    """What a classifier tier's network sees for these images (square views when it has them): calibration data
-    for quantisation and the inputs of the export check."""
-    views = square_views(images, tier.squares)[0] if tier.squares > 1 else list(images)
-    return normalized_nchw(views, tier.input_size, tier.mean, tier.std) if views else np.zeros((0, 3, tier.input_size, tier.input_size), np.float32)
+def tier_inputs(tier: Any, images: Sequence[np.ndarray], size: int | None = None) -> np.ndarray:
+    """What a classifier tier's network sees at ``size`` (default its input size) for these images: calibration
+    data for quantisation. With square views, the views run at that size (``ClassifierTier._pooled``: whole square
+    images at the input size, the views of a non-square frame at ``view_size``)."""
+    size = size or tier.input_size
+    if tier.squares > 1:
+        views, owner = square_views(images, tier.squares)
+        split = np.bincount(owner, minlength=len(images))[owner] > 1
+        at_views = size == tier.view_size
+        at_input = size == tier.input_size
+        views = [v for v, s in zip(views, split) if (s and at_views) or (not s and at_input)] or views
+    else:
+        views = list(images)
+    return normalized_nchw(views, size, tier.mean, tier.std) if views else np.zeros((0, 3, size, size), np.float32)
 
 
 @register_tier
@@ -76,7 +85,8 @@ class OnnxClassifierTier(Tier):
 
     def __init__(self, name: str, model_name: str, session: Any, input_size: int, mean: Sequence[float],
                  std: Sequence[float], calibrator: TemperatureCalibrator, gflops: float, precision: str = "fp32",
-                 squares: int = 1, batch_size: int = 64, source: dict | None = None, onnx_file: str | None = None):
+                 squares: int = 1, batch_size: int = 64, source: dict | None = None, onnx_file: str | None = None,
+                 view_scale: float = 1.0, view_session: Any = None, view_file: str | None = None):
         if not 1 <= int(squares) <= 8:
             raise ValueError(f"squares must be in [1, 8], got {squares}")
         if precision not in PRECISIONS:
@@ -86,20 +96,30 @@ class OnnxClassifierTier(Tier):
         self.calibrator, self.gflops, self.precision = calibrator, float(gflops), precision
         self.squares, self.batch_size = int(squares), int(batch_size)
         self.source, self.onnx_file = source, onnx_file
-        self.input_name = session.get_inputs()[0].name
+        self.view_scale, self.view_session, self.view_file = float(view_scale), view_session, view_file
+        if self.squares > 1 and self.view_size != self.input_size and view_session is None:
+            raise ValueError(f"tier {name}: views at {self.view_size} px need their own ONNX graph (export again)")
         self.device = torch.device("cpu")
 
-    # the pooling over square views, the calibrated output and the decode size are ClassifierTier's own code
+    # the pooling over square views, the view size, the calibrated output and the decode size are ClassifierTier's
+    # own code; only the forward pass (_logits) is onnxruntime's
     logits = ClassifierTier.logits
     _pooled = ClassifierTier._pooled
+    view_size = ClassifierTier.view_size
     run = ClassifierTier.run
     decode_size = ClassifierTier.decode_size
 
-    def _logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def _logits(self, images: Sequence[np.ndarray], size: int | None = None) -> np.ndarray:
+        """The graph is exported for one input size: the input size, or (its second graph) the view size."""
+        size = size or self.input_size
+        sess = self.session if size == self.input_size else self.view_session
+        if sess is None:
+            raise ValueError(f"tier {self.name}: no ONNX graph for {size} px inputs")
+        name = sess.get_inputs()[0].name
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = normalized_nchw(images[i : i + self.batch_size], self.input_size, self.mean, self.std)
-            out.append(self.session.run(None, {self.input_name: x})[0].astype(np.float32).reshape(-1))
+            x = normalized_nchw(images[i : i + self.batch_size], size, self.mean, self.std)
+            out.append(sess.run(None, {name: x})[0].astype(np.float32).reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def to_config(self, bundle_dir: Path) -> dict:
@@ -111,6 +131,7 @@ class OnnxClassifierTier(Tier):
             "precision": self.precision, "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
             "gflops": self.gflops, "calibration": self.calibrator.to_dict(),
             **({"squares": self.squares} if self.squares > 1 else {}), **({"source": self.source} if self.source else {}),
+            **({"view_scale": self.view_scale, "views": {"weights": self.view_file}} if self.view_file else {}),
         }
 
     @classmethod
@@ -121,10 +142,13 @@ class OnnxClassifierTier(Tier):
         path = Path(bundle_dir) / cfg["weights"]
         if not path.exists():
             raise FileNotFoundError(f"bundle ONNX file missing: {path}")
+        views = cfg.get("views") if isinstance(cfg.get("views"), dict) else {}
+        view_file = views.get("weights")  # the graph at the view size (bundles with view_scale != 1)
         return cls(name=cfg["name"], model_name=cfg["model"], session=load_session(path), input_size=cfg["input_size"],
                    mean=cfg["mean"], std=cfg["std"], calibrator=TemperatureCalibrator.from_dict(cfg["calibration"]),
                    gflops=cfg.get("gflops", 0.0), precision=cfg.get("precision", "fp32"), squares=cfg.get("squares", 1),
-                   source=cfg.get("source"), onnx_file=cfg["weights"])
+                   source=cfg.get("source"), onnx_file=cfg["weights"], view_scale=cfg.get("view_scale", 1.0),
+                   view_session=load_session(Path(bundle_dir) / view_file) if view_file else None, view_file=view_file)
 
 
 def select_backend(doc: dict, backend: str | None = None) -> dict:

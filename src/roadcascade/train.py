@@ -64,6 +64,7 @@ class TrainConfig:
     style_p: float = 0.0
     epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
     squares: int = 1  # the bundle's tier sees a non-square image as this many aspect-preserving squares (max-pooled)
+    view_scale: float = 1.0  # ... and runs those squares at this x its input size (ClassifierTier.view_size)
     # challenge protocol of the training augmentation and the val views (challenge.PROTOCOLS; issue 12)
     protocol: str = "v2.0.4"
 
@@ -217,11 +218,12 @@ def score_logits(z: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def stage1_cascade(model_name: str, model: torch.nn.Module, eval_size: int, mean, std, calibrator: TemperatureCalibrator,
-                   squares: int = 1) -> Cascade:
+                   squares: int = 1, view_scale: float = 1.0) -> Cascade:
     """A stage-1 cascade: one calibrated classifier tier (on the CPU), its MCC-optimal threshold folded to 0.5."""
     tier = ClassifierTier(
         name=f"{model_name}@{eval_size}", model_name=model_name, model=model.float().cpu(), input_size=eval_size, mean=mean,
         std=std, calibrator=calibrator, gflops=gflops(model_name, eval_size), device=torch.device("cpu"), squares=squares,
+        view_scale=view_scale,
     )
     return Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
 
@@ -334,7 +336,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     calibrator = TemperatureCalibrator().fit(cal_z, cal_y)
     log(f"selected epoch {best['epoch']}; temperature {calibrator.temperature_:.3f}, threshold {calibrator.threshold_:.3f}")
 
-    cascade = stage1_cascade(cfg.model, ema, eval_size, mean, std, calibrator, cfg.squares)
+    cascade = stage1_cascade(cfg.model, ema, eval_size, mean, std, calibrator, cfg.squares, cfg.view_scale)
     seconds = time.perf_counter() - t_start
     from .metrics import summarize
 

@@ -144,7 +144,7 @@ def resolution_cascade(bundle: Path, out: Path, small: int = 128, tau: float = 0
     (t,) = b.cascade.tiers
     assert isinstance(t, ClassifierTier)
     lo = ClassifierTier(f"{t.name}@{small}", t.model_name, t.model, small, t.mean, t.std, t.calibrator,
-                        t.gflops * (small / t.input_size) ** 2, device=t.device, squares=t.squares)
+                        t.gflops * (small / t.input_size) ** 2, device=t.device, squares=t.squares, view_scale=t.view_scale)
     ex = b.cascade.exits[0]
     c = Cascade([lo, t], [ExitPoint(LastTierFusion(), ex.threshold, ConfidenceRule(tau)), ExitPoint(ex.fusion, ex.threshold, FinalRule())])
     return Bundle(c, {"note": f"resolution cascade derived from {bundle} for the speculation benchmark"}).save(out)
