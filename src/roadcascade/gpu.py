@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import fold
-from .cascade import Cascade, ClassifierTier, FinalRule, ConfidenceRule, ImageState, Prediction, Rule, Trace
+from .cascade import Cascade, ClassifierTier, Prediction, Trace, run_tier
+from .decision import decide, exit_rule_name, stack_features
 from .images import BadImage, DecodeLimits, decode_any, decode_bytes
 
 __all__ = [
@@ -645,6 +645,15 @@ class BatchResult:
     def label(self) -> np.ndarray:
         return (self.probability > 0.5).astype(np.int64)
 
+    def trace(self, i: int) -> Trace:
+        """Row i's trace, as Cascade.run_stage records it (a good row)."""
+        k = int(self.exit[i])
+        tr = Trace()
+        for t in range(k + 1):
+            tr.add(self.tier_names[t], self.probs[i, t], self.tier_ms[t], self.gflops[i, t])
+        tr.exit, tr.rule = k, self.rule_names[k]
+        return tr
+
     def predictions(self) -> list[Prediction | BadImage]:
         """Cascade.predict's objects (with traces) for good rows, the BadImage for bad ones."""
         out: list[Prediction | BadImage] = []
@@ -652,17 +661,8 @@ class BatchResult:
             if i in self.errors:
                 out.append(self.errors[i])
                 continue
-            k = int(self.exit[i])
-            tr = Trace()
-            for t in range(k + 1):
-                name = self.tier_names[t]
-                tr.tiers.append(name)
-                tr.probs[name] = float(self.probs[i, t])
-                tr.ms[name] = float(self.tier_ms[t])
-                tr.gflops[name] = float(self.gflops[i, t])
-            tr.exit, tr.rule = k, self.rule_names[k]
             p = float(self.probability[i])
-            out.append(Prediction(probability=p, label=int(p > 0.5), trace=tr, calibrated=float(self.calibrated[i])))
+            out.append(Prediction(probability=p, label=int(p > 0.5), trace=self.trace(i), calibrated=float(self.calibrated[i])))
         return out
 
 
@@ -835,30 +835,15 @@ class NvImgCodecDecoder:
 # ============================================================================ the runtime
 
 
-def _stop_mask(rule: Rule, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray, feats: list) -> np.ndarray:
-    try:
-        from .rules import stop_mask
-    except ImportError:  # pragma: no cover - rules.py absent: the base rules only
-        stop_mask = None
-    if stop_mask is not None:
-        return stop_mask(rule, folded, logits, probs, feats)
-    if isinstance(rule, FinalRule):
-        return np.ones(len(folded), dtype=bool)
-    if isinstance(rule, ConfidenceRule):
-        return np.abs(folded - 0.5) >= rule.tau
-    states = [ImageState(image=np.zeros((1, 1, 3), np.uint8), logits=list(logits[i]), probs=list(probs[i]),
-                         features=[None if f is None else f[i] for f in feats]) for i in range(len(folded))]
-    return np.asarray(rule.stop(folded, states), dtype=bool)
-
-
 class GpuCascade:
     """A Cascade on the fast path. ``predict_batch(payloads)`` for one batch (lowest latency),
     ``predict_stream(batches)`` to overlap decoding with the model (highest throughput), ``predict`` for
     Cascade.predict-compatible objects.
 
     Payloads are encoded image bytes (anything :func:`decode_bytes` takes) or HxWx3 uint8 arrays.
-    Tiers other than :class:`ClassifierTier` (test-time scaling, detectors) run through their own
-    ``run``/``run_states`` on the decoded images, on their own device, as in Cascade.run_stage.
+    A tier whose :meth:`~roadcascade.cascade.Tier.caps` give a ``tensor_input`` runs as a compiled engine on
+    device-resized pixels; any other (test-time scaling, detectors) runs its own ``run``/``run_after`` on the
+    decoded images, on their own device, as in Cascade.run_stage.
     """
 
     def __init__(self, cascade: Cascade, device: str | torch.device | None = None, config: GpuConfig | None = None,
@@ -877,13 +862,13 @@ class GpuCascade:
             self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda else 0)
         self.engines: list[_ClassifierEngine | None] = []
         for k, tier in enumerate(cascade.tiers):
-            # a tier that pools over square views of non-square images runs its own code (the generic path)
-            if type(tier) is ClassifierTier and tier.squares == 1:
+            # a tier that is one model on one resized tensor gets an engine; any other runs its own code
+            if tier.caps().tensor_input is not None:
                 comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
                 self.engines.append(_ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
             else:
                 self.engines.append(None)
-        self.rule_names = [("final" if k == cascade.n_stages - 1 else e.rule.kind) for k, e in enumerate(cascade.exits)]
+        self.rule_names = [exit_rule_name(e, k == cascade.n_stages - 1) for k, e in enumerate(cascade.exits)]
         self._local = threading.local()
         self._cpu_pool = ThreadPoolExecutor(max(1, self.cfg.cpu_threads), thread_name_prefix="rc-gpu-cpudec")
         self._workers = ThreadPoolExecutor(max(1, self.cfg.decode_workers), thread_name_prefix="rc-gpu-prep")
@@ -1251,41 +1236,28 @@ class GpuCascade:
                     P[active, k] = tier.calibrator.calibrated(z)
                     G[active, k] = tier.gflops
                 else:
-                    out = self._run_other(k, tier, dec, active, L, P, feats)
+                    out = self._run_other(k, tier, dec, active, L)
                     L[active, k] = np.asarray(out.logits, dtype=np.float64)
                     P[active, k] = np.asarray(out.prob, dtype=np.float64)
                     G[active, k] = tier.gflops if out.gflops is None else np.asarray(out.gflops, dtype=np.float64)
                     if out.features is not None:
                         for j, i in enumerate(active):
                             feats[k][int(i)] = np.asarray(out.features[j])
-                ext = self.cascade.exits[k]
-                fused = ext.fusion.prob(L[active, :k + 1], P[active, :k + 1])
-                folded = fold(fused, ext.threshold)
-                last = k == K - 1
-                if last:
-                    stop = np.ones(len(active), dtype=bool)
-                else:
-                    flist = []
-                    for t in range(k + 1):
-                        if all(int(i) in feats[t] for i in active):
-                            flist.append(np.stack([np.asarray(feats[t][int(i)], dtype=np.float64).reshape(-1)
-                                                   for i in active]))
-                        else:
-                            flist.append(None)
-                    stop = _stop_mask(ext.rule, folded, L[active, :k + 1], P[active, :k + 1], flist)
-                prob[active] = folded
-                cal[active] = fused
-                ex[active[stop]] = k
-                active = active[~stop]
+                flist = stack_features([[feats[t].get(int(i)) for i in active] for t in range(k + 1)])
+                d = decide(self.cascade.exits[k], L[active, :k + 1], P[active, :k + 1], flist, last=k == K - 1)
+                prob[active] = d.probability
+                cal[active] = d.calibrated
+                ex[active[d.stop]] = k
+                active = active[~d.stop]
                 tier_ms[k] = (time.perf_counter() - t0) * 1e3
         return BatchResult(probability=np.clip(prob, 0.0, 1.0), calibrated=cal, exit=ex, logits=L, probs=P, gflops=G,
                            errors=dec.errors, tier_ms=tier_ms, decode_ms=dec.decode_ms, n_gpu_decoded=dec.n_gpu,
                            n_cpu_decoded=dec.n_cpu, n_proc_decoded=dec.n_proc, tier_names=self.tier_names, rule_names=self.rule_names,
                            features=feats)
 
-    def _run_other(self, k: int, tier, dec: _Decoded, active: np.ndarray, L, P, feats):
-        """A tier without a GPU engine: its own run/run_states on HxWx3 uint8 arrays, as run_stage does."""
-        states = []
+    def _run_other(self, k: int, tier, dec: _Decoded, active: np.ndarray, L):
+        """A tier without a GPU engine: its own run/run_after on HxWx3 uint8 arrays, as run_stage does."""
+        images = []
         for i in active:
             i = int(i)
             img = dec.host.get(i)
@@ -1298,13 +1270,8 @@ class GpuCascade:
                         raise got
                     img = got
                 dec.host[i] = img
-            s = ImageState(image=img, logits=[float(v) for v in L[i, :k]], probs=[float(v) for v in P[i, :k]],
-                           features=[feats[t].get(i) for t in range(k)])
-            s.trace.tiers = list(self.tier_names[:k])
-            s.trace.probs = {self.tier_names[t]: float(P[i, t]) for t in range(k)}
-            states.append(s)
-        run_states = getattr(tier, "run_states", None)
-        return run_states(states) if callable(run_states) else tier.run([s.image for s in states])
+            images.append(img)
+        return run_tier(tier, images, self.tier_names[:k], L[active, :k])
 
     # -- public API -----------------------------------------------------------------------------
 
