@@ -1329,18 +1329,21 @@ def _replace(cfg: GpuConfig, **kw) -> GpuConfig:
 
 def maybe_gpu_cascade(cascade: Cascade, enabled: str = "auto", config: GpuConfig | None = None,
                       log: Callable[[str], None] | None = None, device: str | torch.device | None = None) -> GpuCascade | None:
-    """A GpuCascade when CUDA and the GPU decoder are there (``enabled``: auto | on | off), else None.
+    """The one place that chooses the runtime: a GpuCascade (the fast path) or None (the CPU runtime,
+    ``Cascade`` and the multi-stage batcher). ``eval``, ``serve`` and ``predict`` all ask it.
 
-    The hook for ``eval`` and ``serve``: ``gc = maybe_gpu_cascade(bundle.cascade)``; if not None, feed it
-    the request bytes (``gc.predict(payloads)``) instead of decoding and calling ``cascade.predict``.
-    The instance is cached on the cascade object."""
+    ``enabled``: ``on`` (the fast-path runtime, on the CPU when there is no CUDA), ``off``, or ``auto``
+    (the environment's ``ROADCASCADE_GPU`` decides if set, else: on when CUDA and the GPU JPEG decoder are
+    there and ``device`` is not ``cpu``). The instance is cached on the cascade object."""
     import os
 
-    enabled = os.environ.get("ROADCASCADE_GPU", enabled)
-    if enabled in ("off", "0", "false") or (enabled == "auto" and not gpu_available()):
+    if enabled == "auto":
+        enabled = os.environ.get("ROADCASCADE_GPU", "auto")
+    if enabled in ("off", "0", "false") or (enabled == "auto" and (str(device) == "cpu" or not gpu_available())):
         return None
     gc = getattr(cascade, "_gpu_cascade", None)
     if gc is None:
-        gc = GpuCascade(cascade, device=device, config=config, log=log)
+        gc = GpuCascade(cascade, device="cpu" if str(device) == "cpu" else None if device in (None, "auto") else device,
+                        config=config, log=log)
         cascade._gpu_cascade = gc  # type: ignore[attr-defined]
     return gc
