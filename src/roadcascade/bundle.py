@@ -19,9 +19,7 @@ from typing import Any
 import torch
 
 from .cascade import Cascade
-# Every module that registers tier, rule or fusion kinds, so that any bundle loads wherever it is read.
-from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402
-from .detect import tier as _detector_tier, yolox as _coco_tier  # noqa: F401,E402
+from . import kinds as _kinds  # noqa: F401,E402  (every tier, rule and fusion kind: any bundle loads wherever it is read)
 
 FORMAT = "roadcascade.bundle/1"
 

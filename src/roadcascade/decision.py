@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .calibration import fold
+from .rules import per_image
 
 if TYPE_CHECKING:  # the exit point type lives with the runtime, which imports this module
     from .cascade import ExitPoint
@@ -42,8 +43,7 @@ def decide(exit: "ExitPoint", logits: np.ndarray, probs: np.ndarray,
            features: Sequence[np.ndarray | None] = (), last: bool = False) -> Decision:
     """Exit point ``exit`` on n images: logits/probs (n, k+1) of tiers 0..k, features per tier (n, d) or None."""
     n = len(logits)
-    L = np.asarray(logits, dtype=np.float64).reshape(n, -1)
-    P = np.asarray(probs, dtype=np.float64).reshape(n, -1)
+    L, P = per_image(logits, n), per_image(probs, n)
     fused = exit.fusion.prob(L, P)
     folded = fold(fused, exit.threshold)
     if last:

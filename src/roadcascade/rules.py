@@ -57,6 +57,7 @@ __all__ = [
     "DifficultyEstimator",
     "NeverRule",
     "binary_entropy",
+    "per_image",
     "difficulty_features",
     "agreement_gap",
     "rule_score",
@@ -104,6 +105,14 @@ class Rule(ABC):
 # ----------------------------------------------------------------------------- pure pieces
 
 
+def per_image(a, n: int) -> np.ndarray:
+    """``a`` as float64 rows, one per image: (n, d) (a 1-D array is one column; n = 0 keeps d)."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 1:
+        return a.reshape(n, -1) if n else a.reshape(0, 1)
+    return a.reshape(n, -1) if n else a.reshape(0, a.shape[-1])
+
+
 def binary_entropy(p: np.ndarray) -> np.ndarray:
     """Entropy in bits of a Bernoulli(p), 0 at p in {0, 1}."""
     p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
@@ -129,7 +138,7 @@ def difficulty_features(folded: np.ndarray, logits: np.ndarray, probs: np.ndarra
     calibrated logits, the mean distance of those from the fused logit, and every tier feature
     vector that the tiers provided (in tier order)."""
     folded = np.asarray(folded, dtype=np.float64)
-    P = np.asarray(probs, dtype=np.float64).reshape(len(folded), -1)
+    P = per_image(probs, len(folded))
     c = logit(P)
     fused_logit = logit(folded)
     cols = [
@@ -139,7 +148,7 @@ def difficulty_features(folded: np.ndarray, logits: np.ndarray, probs: np.ndarra
         np.abs(c - c.mean(axis=1, keepdims=True)).mean(axis=1),
     ]
     X = np.column_stack(cols)
-    extra = [np.asarray(f, dtype=np.float64).reshape(len(folded), -1) for f in features if f is not None]
+    extra = [per_image(f, len(folded)) for f in features if f is not None]
     return np.hstack([X, *extra]) if extra else X
 
 
@@ -343,14 +352,14 @@ class AgreementRule(Rule):
         self.thresholds = (float(thresholds[0]), float(thresholds[1]))
 
     def stop(self, folded, logits, probs, features=()):
-        P = np.asarray(probs, dtype=np.float64).reshape(len(folded), -1)
+        P = per_image(probs, len(folded))
         if P.shape[1] < 2:
             return np.zeros(len(folded), dtype=bool)
         return agreement_gap(P[:, -2], P[:, -1], *self.thresholds) <= self.tol
 
     @classmethod
     def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
-        P = np.asarray(probs, dtype=np.float64).reshape(len(folded), -1)
+        P = per_image(probs, len(folded))
         if P.shape[1] < 2:
             return np.full(len(folded), -np.inf)
         return -agreement_gap(P[:, -2], P[:, -1], tier_thresholds[-2], tier_thresholds[-1])

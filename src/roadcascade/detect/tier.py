@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..cascade import Rule, Tier, TierOutput, register_rule, register_tier
+from ..rules import per_image
 from ..preprocess import pick_device
 from .boxes import box_area
 from .model import ConeDetector, Detections, load_detector, save_detector
@@ -262,7 +263,7 @@ class ConeVerifyRule(Rule):
         f = feats[self.detector]
         if f is None:
             return np.zeros(n, dtype=bool)
-        cone = np.asarray(f, dtype=np.float64).reshape(n, -1)[:, self.feature]
+        cone = per_image(f, n)[:, self.feature]
         says = P[:, self.classifier] > self.classifier_threshold
         return (says & (cone < self.low)) | (~says & (cone >= self.high))
 
