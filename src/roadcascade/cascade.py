@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .calibration import TemperatureCalibrator
-from .decision import decide, stack_features
+from .decision import ExitPoint, decide, stack_features
 from .fusion import FUSIONS, Fusion, LastTierFusion, register_fusion
 from .preprocess import pick_device, to_batch
 from .registry import build as _build, registry
@@ -311,27 +311,6 @@ def run_tier(tier: Tier, images: Sequence[np.ndarray], names: Sequence[str], log
     if len(names) and tier.caps().reads_earlier:
         return tier.run_after(images, names, logits)
     return tier.run(images)
-
-
-# ----------------------------------------------------------------------------- exit points
-
-
-@dataclass
-class ExitPoint:
-    fusion: Fusion
-    threshold: float  # decision threshold of the fused probability, folded to 0.5
-    rule: Rule
-
-    def to_config(self) -> dict:
-        return {"fusion": self.fusion.to_config(), "threshold": self.threshold, "rule": self.rule.to_config()}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ExitPoint":
-        return cls(
-            fusion=_build(FUSIONS, "fusion", cfg["fusion"]),
-            threshold=float(cfg["threshold"]),
-            rule=_build(RULES, "rule", cfg["rule"]),
-        )
 
 
 # ----------------------------------------------------------------------------- runtime

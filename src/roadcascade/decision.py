@@ -11,17 +11,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .calibration import fold
-from .rules import per_image
+from .fusion import FUSIONS, Fusion
+from .registry import build
+from .rules import RULES, Rule, per_image
 
-if TYPE_CHECKING:  # the exit point type lives with the runtime, which imports this module
-    from .cascade import ExitPoint
+__all__ = ["ExitPoint", "Decision", "decide", "stack_features", "exit_rule_name"]
 
-__all__ = ["Decision", "decide", "stack_features", "exit_rule_name"]
+
+@dataclass
+class ExitPoint:
+    """What decides at one exit point: a fusion of the tiers that ran, its threshold (folded to 0.5), a rule."""
+
+    fusion: Fusion
+    threshold: float  # decision threshold of the fused probability, folded to 0.5
+    rule: Rule
+
+    def to_config(self) -> dict:
+        return {"fusion": self.fusion.to_config(), "threshold": self.threshold, "rule": self.rule.to_config()}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ExitPoint:
+        return cls(
+            fusion=build(FUSIONS, "fusion", cfg["fusion"]),
+            threshold=float(cfg["threshold"]),
+            rule=build(RULES, "rule", cfg["rule"]),
+        )
 
 
 @dataclass
@@ -34,12 +52,12 @@ class Decision:
     rule: str  # the rule that decided ("final" at the last exit)
 
 
-def exit_rule_name(exit: "ExitPoint", last: bool) -> str:
+def exit_rule_name(exit: ExitPoint, last: bool) -> str:
     """The name a trace records for the rule of an exit point."""
     return "final" if last else exit.rule.kind
 
 
-def decide(exit: "ExitPoint", logits: np.ndarray, probs: np.ndarray,
+def decide(exit: ExitPoint, logits: np.ndarray, probs: np.ndarray,
            features: Sequence[np.ndarray | None] = (), last: bool = False) -> Decision:
     """Exit point ``exit`` on n images: logits/probs (n, k+1) of tiers 0..k, features per tier (n, d) or None."""
     n = len(logits)
