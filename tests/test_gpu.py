@@ -134,7 +134,7 @@ def test_exif_orientation_one_stays_on_gpu():
 
 
 def test_decode_into_staging_matches_pil():
-    from roadcascade.gpu import _decode_into
+    from roadcascade.gpu_decode import decode_into as _decode_into
 
     rng = np.random.default_rng(7)
     payloads = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 48), (40, 40), (17, 23))]
