@@ -23,7 +23,7 @@ from roadcascade.cascade import Cascade, ClassifierTier, ExitPoint, TierCaps
 from roadcascade.decision import decide
 from roadcascade.detect.tier import EVIDENCE_FEATURES, ConeVerifyRule
 from roadcascade.fusion import LastTierFusion, WeightedVoteFusion, fittable_fusions, make_fusion
-from roadcascade.kinds import FUSIONS, RULES, TIERS
+from roadcascade.kinds import FUSIONS as _FUSIONS, RULES as _RULES, TIERS as _TIERS
 from roadcascade.policy import TierTable, replay, row_images, runtime_cascade
 from roadcascade.registry import build
 from roadcascade.rules import (
@@ -33,6 +33,14 @@ from roadcascade.rules import (
 
 N = 60
 CPU = torch.device("cpu")
+
+
+def _package_kinds(table: dict[str, type]) -> dict[str, type]:
+    """The kinds the package registers (test modules register stand-ins of their own, e.g. ``test_mean``)."""
+    return {k: c for k, c in table.items() if c.__module__.startswith("roadcascade.")}
+
+
+RULES, FUSIONS, TIERS = _package_kinds(_RULES), _package_kinds(_FUSIONS), _package_kinds(_TIERS)
 
 
 def _arrays(seed: int = 0, n: int = N):

@@ -367,7 +367,7 @@ def _rules_cascade(kind: str) -> tuple[Cascade, list[bytes]]:
 
 
 def _all_rule_kinds() -> list[str]:
-    from roadcascade.kinds import RULES
+    from test_contract import RULES  # the package's rule kinds (the registry, without test stand-ins)
 
     return sorted(RULES)
 
