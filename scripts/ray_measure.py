@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from roadcascade.distributed.inputs import list_inputs
-from roadcascade.distributed.label import LabelConfig, label
+from roadcascade.distributed.job import label
+from roadcascade.distributed.label import LabelConfig
 from roadcascade.distributed.shards import read_output
 from roadcascade.loadgen import run_fuzz, run_load, validator_images
 from roadcascade.serve.benchmark import ServerProcess

@@ -1,4 +1,3 @@
-import io
 import os
 from pathlib import Path
 
@@ -6,19 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import jpeg, random_image  # noqa: E402,F401  (random_image: re-exported for the tests)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = Path(os.environ.get("ROADCASCADE_DATA", SHARED / "data/streetwork"))
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def random_image(rng: np.random.Generator, h: int = 48, w: int = 64) -> np.ndarray:
-    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return jpeg(rgb, quality)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from roadcascade.cascade import ImageState
+from roadcascade.cascade import ImageState, state_arrays
 from roadcascade.detect.boxes import batched_nms, box_iou, cxcywh_to_xyxy, nms, xyxy_to_yolo, yolo_to_xyxy
 from roadcascade.detect.evaluate import _match, coco_map, negative_false_positives, operating_point
 from roadcascade.detect.model import Detections
@@ -180,9 +180,9 @@ def test_cone_verify_rule_escalates_disagreements():
     states = [_state(0.9, 0.05), _state(0.9, 0.8), _state(0.1, 0.9), _state(0.1, 0.1), _state(0.9, 0.3)]
     # roadwork+no cones -> escalate; roadwork+cones -> stop; none+strong cones -> escalate; none+none -> stop;
     # roadwork+weak cones (between low and high) -> stop
-    np.testing.assert_array_equal(rule.stop(np.full(5, 0.9), states), [False, True, False, True, True])
+    np.testing.assert_array_equal(rule.stop(np.full(5, 0.9), *state_arrays(states)), [False, True, False, True, True])
     tau = ConeVerifyRule(low=0.2, high=0.6, tau=0.3)
-    np.testing.assert_array_equal(tau.stop(np.array([0.9, 0.6, 0.9, 0.1, 0.9]), states), [False, False, False, True, True])
+    np.testing.assert_array_equal(tau.stop(np.array([0.9, 0.6, 0.9, 0.1, 0.9]), *state_arrays(states)), [False, False, False, True, True])
     again = ConeVerifyRule.from_config(rule.to_config())
     assert again.to_config() == rule.to_config()
 
@@ -220,9 +220,9 @@ def test_cone_verify_rule_arrays_match_states():
     folded = rng.uniform(0, 1, 50)
     probs = np.array([s.probs for s in states])
     feats = [None, np.stack([s.features[1] for s in states])]
-    np.testing.assert_array_equal(rule.stop(folded, states), rule.stop_arrays(folded, None, probs, feats))
+    np.testing.assert_array_equal(rule.stop(folded, *state_arrays(states)), rule.stop(folded, None, probs, feats))
     # no detector features yet (the rule placed before the detector ran): only confidence decides
-    np.testing.assert_array_equal(rule.stop_arrays(folded, None, probs, [None, None]), np.abs(folded - 0.5) >= 0.1)
+    np.testing.assert_array_equal(rule.stop(folded, None, probs, [None, None]), np.abs(folded - 0.5) >= 0.1)
 
 
 def test_detections_do_not_depend_on_batch_company():

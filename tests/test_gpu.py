@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import encode
 import torch
 from PIL import Image
 from torch import nn
@@ -71,9 +72,7 @@ def _smooth(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _jpeg(rgb: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", **kw)
-    return buf.getvalue()
+    return encode(rgb, "JPEG", **kw)
 
 
 # ----------------------------------------------------------------------------- header routing
@@ -135,7 +134,7 @@ def test_exif_orientation_one_stays_on_gpu():
 
 
 def test_decode_into_staging_matches_pil():
-    from roadcascade.gpu import _decode_into
+    from roadcascade.gpu_decode import decode_into as _decode_into
 
     rng = np.random.default_rng(7)
     payloads = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 48), (40, 40), (17, 23))]
@@ -337,6 +336,78 @@ def test_nvimgcodec_missing_is_a_clear_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU machine only
+
+
+def _rules_cascade(kind: str) -> tuple[Cascade, list[bytes]]:
+    """Classifier -> test-time scaling over it (reuses its logit) -> classifier, with rule ``kind`` (its
+    registry example, see test_contract.py) at both early exits and weighted voting over the tiers that ran."""
+    from test_contract import RULE_EXAMPLES
+
+    from roadcascade.fusion import WeightedVoteFusion
+    from roadcascade.rules import DifficultyEstimator, DifficultyRule
+    from roadcascade.tta import TTATier
+
+    rng = np.random.default_rng(7)
+    fit_ims = [_smooth(rng, 40, 48) for _ in range(24)]
+    t0, t2 = _tier("a@32", 32, 0, 0.8, 0.45), _tier("b@40", 40, 1, 1.2, 0.55)
+    tta = TTATier(t0, n_min=2, n_max=4, name="a-tta")
+    tta.fit(tta.view_logits(fit_ims), np.arange(24) % 2, folds=2)
+
+    def rule(k: int):
+        if kind != "difficulty":
+            return RULE_EXAMPLES[kind]()
+        d = 4 + 2 * k  # difficulty_features: 4 columns, plus the TTA tier's two features at the second exit
+        X = np.random.default_rng(k).normal(size=(50, d))
+        return DifficultyRule(0.4, DifficultyEstimator().fit(X, (X[:, 0] > 0).astype(float)))
+
+    exits = [ExitPoint(WeightedVoteFusion([1.0]), 0.45, rule(0)), ExitPoint(WeightedVoteFusion([0.4, 0.6]), 0.5, rule(1)),
+             ExitPoint(WeightedVoteFusion([0.3, 0.3, 0.4]), 0.5, FinalRule())]
+    payloads = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 32), (48, 64), (64, 48), (40, 56), (36, 36)) * 4]
+    return Cascade([t0, tta, t2], exits), payloads
+
+
+def _all_rule_kinds() -> list[str]:
+    from test_contract import RULES  # the package's rule kinds (the registry, without test stand-ins)
+
+    return sorted(RULES)
+
+
+@pytest.mark.parametrize("kind", _all_rule_kinds())
+def test_cpu_runtime_matches_cascade_for_every_rule_and_a_tta_tier(kind):
+    """The fast-path runtime on the CPU gives Cascade.predict's answers for every registered rule kind, with a
+    test-time-scaling tier (its own code, reusing the first tier's logit) between two engine tiers."""
+    casc, payloads = _rules_cascade(kind)
+    ref = casc.predict([decode_bytes(b) for b in payloads])
+    gc = GpuCascade(casc, device="cpu")
+    try:
+        assert [e is not None for e in gc.engines] == [True, False, True]
+        got = gc.predict(payloads)
+    finally:
+        gc.close()
+    for g, r in zip(got, ref):
+        assert g.trace.exit == r.trace.exit and g.trace.rule == r.trace.rule and g.trace.tiers == r.trace.tiers
+        assert g.probability == pytest.approx(r.probability, abs=1e-6)
+        assert g.trace.gflops == pytest.approx(r.trace.gflops)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", _all_rule_kinds())
+def test_gpu_matches_cascade_for_every_rule_and_a_tta_tier(kind):
+    """The same on the GPU (fp32, CPU-decoded pixels: only the device's arithmetic differs): exits and
+    decisions agree, probabilities within float32 noise."""
+    casc, payloads = _rules_cascade(kind)
+    ref = casc.predict([decode_bytes(b) for b in payloads])
+    gc = GpuCascade(casc, device="cuda", config=GpuConfig(dtype="fp32", compile=False, decode="cpu", procs=0,
+                                                          cudnn_benchmark=False))
+    try:
+        got = gc.predict(payloads)
+    finally:
+        gc.close()
+    p_ref, p_got = np.array([r.probability for r in ref]), np.array([g.probability for g in got])
+    assert np.abs(p_ref - p_got).max() <= 1e-3
+    assert np.mean([g.trace.exit == r.trace.exit for g, r in zip(got, ref)]) >= AGREE_TOL
+    assert np.mean((p_ref > 0.5) == (p_got > 0.5)) >= AGREE_TOL
 
 
 def _gpu_bundle():

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from helpers import b64, encode, jpeg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -41,13 +42,6 @@ FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max
 
 
 # --------------------------------------------------------------------------------------------- builders
-def encode(img: Image.Image, fmt: str, **options: object) -> bytes:
-    """Encode a PIL image in memory."""
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
     """One PNG chunk with a correct CRC."""
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
@@ -115,11 +109,6 @@ def gif_block_bomb(count: int) -> bytes:
 def cut(data: bytes, fraction: float) -> bytes:
     """The first ``fraction`` of ``data`` (at least one byte)."""
     return data[: max(1, int(len(data) * fraction))]
-
-
-def b64(data: bytes) -> str:
-    """Standard base64 text of ``data``."""
-    return base64.b64encode(data).decode("ascii")
 
 
 # --------------------------------------------------------------------------------------------- corpus
@@ -655,9 +644,7 @@ def test_base64_jpeg_round_trip_keeps_shape(rgb: np.ndarray, quality: int) -> No
 def _jpeg_of(w: int, h: int, progressive: bool = False, noise: bool = True) -> bytes:
     rng = np.random.default_rng(w * h)
     arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if noise else np.full((h, w, 3), (200, 30, 30), np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=75, progressive=progressive)
-    return buf.getvalue()
+    return jpeg(arr, 75, progressive=progressive)
 
 
 @pytest.mark.parametrize("w,h,progressive,noise", [(4000, 4000, False, False), (4000, 4000, True, False),

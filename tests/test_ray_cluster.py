@@ -9,7 +9,8 @@ import time
 import pytest
 
 from roadcascade.distributed.inputs import list_inputs
-from roadcascade.distributed.label import LabelConfig, label
+from roadcascade.distributed.job import label
+from roadcascade.distributed.label import LabelConfig
 from roadcascade.distributed.shards import read_output
 from roadcascade.serve.testing import tiny_bundle
 

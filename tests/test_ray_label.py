@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from roadcascade.distributed.inputs import list_inputs
-from roadcascade.distributed.label import LabelConfig, label
+from roadcascade.distributed.job import label
+from roadcascade.distributed.label import LabelConfig
 from roadcascade.distributed.ray_label import plan
 from roadcascade.distributed.shards import ShardWriter, read_output, shard_files
 from roadcascade.serve.testing import tiny_bundle

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import jpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -29,10 +30,7 @@ def _scene(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _jpeg(rgb: np.ndarray, quality: int = 90, exif: bytes | None = None, progressive: bool = False) -> bytes:
-    buf = io.BytesIO()
-    kw = {"exif": exif} if exif else {}
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, progressive=progressive, **kw)
-    return buf.getvalue()
+    return jpeg(rgb, quality, progressive=progressive, **({"exif": exif} if exif else {}))
 
 
 @pytest.fixture(scope="module")

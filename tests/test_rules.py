@@ -1,4 +1,4 @@
-"""Every deferral rule: its definition, its state/array equivalence, its config, its score family."""
+"""Every deferral rule: its definition, states and arrays giving one answer, its config, its score family."""
 
 import numpy as np
 import pytest
@@ -6,11 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roadcascade.calibration import logit, sigmoid
-from roadcascade.cascade import RULES, Cascade, ConfidenceRule, ExitPoint, FinalRule, ImageState, LastTierFusion, _build
+from roadcascade.cascade import RULES, Cascade, ConfidenceRule, ExitPoint, FinalRule, ImageState, LastTierFusion, state_arrays
+from roadcascade.registry import build as _build
 from roadcascade.metrics import auroc
 from roadcascade.rules import (
     AgreementRule, DifficultyEstimator, DifficultyRule, EntropyRule, MarginRule, NeverRule, agreement_gap,
-    binary_entropy, difficulty_features, make_rule, rule_score, stop_mask,
+    binary_entropy, difficulty_features, make_rule, rule_score,
 )
 
 probs_st = st.lists(st.floats(0.001, 0.999), min_size=1, max_size=30)
@@ -47,20 +48,20 @@ ALL_RULES = [
 @pytest.mark.parametrize("rule", ALL_RULES, ids=lambda r: r.kind)
 def test_state_path_equals_array_path_and_config_roundtrip(rule):
     folded, L, P = _arrays(0, 40)
-    a = stop_mask(rule, folded, L, P, [None, None])
-    s = rule.stop(folded, _states(L, P))
+    a = rule.stop(folded, L, P, [None, None])
+    s = rule.stop(folded, *state_arrays(_states(L, P)))
     assert np.array_equal(a, s)
     again = _build(RULES, "rule", rule.to_config())
     assert type(again) is type(rule)
-    assert np.array_equal(stop_mask(again, folded, L, P, [None, None]), a)
+    assert np.array_equal(again.stop(folded, L, P, [None, None]), a)
 
 
 def test_definitions():
     f = np.array([0.05, 0.3, 0.5, 0.72, 0.99])
     L = logit(f)[:, None]
-    assert MarginRule(1.0).stop_arrays(f, L, f[:, None]).tolist() == [True, False, False, False, True]
-    assert EntropyRule(0.9).stop_arrays(f, L, f[:, None]).tolist() == [True, True, False, True, True]
-    assert not NeverRule().stop_arrays(f, L, f[:, None]).any()
+    assert MarginRule(1.0).stop(f, L, f[:, None]).tolist() == [True, False, False, False, True]
+    assert EntropyRule(0.9).stop(f, L, f[:, None]).tolist() == [True, True, False, True, True]
+    assert not NeverRule().stop(f, L, f[:, None]).any()
     assert binary_entropy(np.array([0.0, 0.5, 1.0])).tolist() == [0.0, 1.0, 0.0]
 
 
@@ -71,8 +72,8 @@ def test_margin_and_entropy_order_images_as_confidence_does(ps, tau):
     f = np.array(ps)
     conf = np.abs(f - 0.5) >= tau
     q = min(0.5 + tau, 1 - 1e-12)
-    m = MarginRule(float(logit(np.float64(q)))).stop_arrays(f, None, None)
-    h = EntropyRule(float(binary_entropy(np.array([q]))[0])).stop_arrays(f, None, None)
+    m = MarginRule(float(logit(np.float64(q)))).stop(f, None, None)
+    h = EntropyRule(float(binary_entropy(np.array([q]))[0])).stop(f, None, None)
     close = np.isclose(np.abs(f - 0.5), tau, atol=1e-9)  # exactly on the boundary: float rounding may differ
     assert np.array_equal(conf[~close], m[~close]) and np.array_equal(conf[~close], h[~close])
 
@@ -82,13 +83,13 @@ def test_agreement_rule():
     pa = np.array([0.9, 0.9, 0.35, 0.2, 0.5])
     pb = np.array([0.95, 0.5, 0.8, 0.1, 0.5])
     P = np.column_stack([pa, pb])
-    stop = AgreementRule(2.0, thr).stop_arrays(np.full(5, 0.5), logit(P), P)
+    stop = AgreementRule(2.0, thr).stop(np.full(5, 0.5), logit(P), P)
     gap = agreement_gap(pa, pb, *thr)
     # tier a decides (p > 0.3): 1, 1, 1, 0, 1 ; tier b (p > 0.7): 1, 0, 1, 0, 0
     assert np.isinf(gap[[1, 4]]).all()
     assert stop.tolist() == [bool(gap[0] <= 2), False, bool(gap[2] <= 2), bool(gap[3] <= 2), False]
     # one tier only (the first exit): never stops
-    assert not AgreementRule(100.0, thr).stop_arrays(np.full(5, 0.9), logit(P[:, :1]), P[:, :1]).any()
+    assert not AgreementRule(100.0, thr).stop(np.full(5, 0.9), logit(P[:, :1]), P[:, :1]).any()
 
 
 @given(st.integers(0, 500), st.floats(0.0, 0.9), st.floats(0.0, 0.9))
@@ -97,8 +98,8 @@ def test_difficulty_rule_is_monotone_in_its_threshold(seed, a, b):
     folded, L, P = _arrays(seed, 30)
     est = DifficultyEstimator().fit(difficulty_features(folded, L, P), (np.abs(L[:, 0]) < 1).astype(float))
     lo, hi = sorted((a, b))
-    s_lo = DifficultyRule(lo, est).stop_arrays(folded, L, P)
-    s_hi = DifficultyRule(hi, est).stop_arrays(folded, L, P)
+    s_lo = DifficultyRule(lo, est).stop(folded, L, P)
+    s_hi = DifficultyRule(hi, est).stop(folded, L, P)
     assert np.all(s_hi[s_lo])  # a larger allowed risk stops a superset
 
 
@@ -127,7 +128,7 @@ def test_difficulty_features_include_tier_features():
     assert X.shape == (10, 6) and np.array_equal(X[:, 4:], f)
     est = DifficultyEstimator().fit(X, (np.arange(10) % 2).astype(float))
     rule = DifficultyRule(0.5, est)
-    assert np.array_equal(rule.stop(folded, _states(L, P, f)), rule.stop_arrays(folded, L, P, [f, None]))
+    assert np.array_equal(rule.stop(folded, *state_arrays(_states(L, P, f))), rule.stop(folded, L, P, [f, None]))
 
 
 @pytest.mark.parametrize("kind", ["confidence", "margin", "entropy", "agreement", "difficulty"])
@@ -145,7 +146,7 @@ def test_make_rule_matches_its_score(kind, seed, q):
         return
     thr = float(np.quantile(finite, q, method="nearest"))
     rule = make_rule(kind, thr, thr_t, est)
-    assert np.array_equal(stop_mask(rule, folded, L, P, [None, None]), s >= thr)
+    assert np.array_equal(rule.stop(folded, L, P, [None, None]), s >= thr)
 
 
 def test_never_rule_runs_every_tier_on_every_image():

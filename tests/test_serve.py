@@ -3,32 +3,20 @@ untrained zoo models for the answers, stand-in tiers for overload, deadlines and
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import b64, jpeg, png
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from roadcascade.bundle import Bundle
 from roadcascade.images import DecodeLimits, decode_bytes
 from roadcascade.loadgen import jpeg_with_size, png_bomb
 from roadcascade.serve import ServeConfig, create_app
 from roadcascade.serve.testing import grey, sleep_cascade, tiny_bundle
-
-
-def jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
@@ -252,12 +240,6 @@ def test_a_failing_tier_gives_500_for_that_request_only():
         m = c.get("/metrics").text
         assert 'roadcascade_tier_errors_total{tier="small"} 1.0' in m
         assert 'roadcascade_errors_total{endpoint="predict",reason="tier_error"} 1.0' in m
-
-
-def png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_metrics_exposition(client, images):

@@ -3,12 +3,11 @@ docs pages, the loopback warning; anytime answers marked, counted and refusable 
 
 from __future__ import annotations
 
-import base64
 import time
 
 import numpy as np
 import pytest
-from conftest import jpeg_bytes
+from helpers import b64, jpeg
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -20,7 +19,7 @@ KEY = "k" * 20 + "-secret-0123456789"
 
 
 def b64jpeg(rgb: np.ndarray) -> str:
-    return base64.b64encode(jpeg_bytes(rgb, quality=75)).decode()
+    return b64(jpeg(rgb, 75))
 
 
 EASY, HARD = b64jpeg(grey(10)), b64jpeg(grey(128))

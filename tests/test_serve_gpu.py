@@ -5,12 +5,12 @@ takes the same code with nvJPEG/nvImageCodec decoding (docs/GPU.md)."""
 
 from __future__ import annotations
 
-import base64
 import io
 import time
 
 import numpy as np
 import pytest
+from helpers import b64, jpeg, png
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,22 +24,6 @@ from roadcascade.serve import ServeConfig, create_app
 from roadcascade.serve.gpu_stage import GpuStageCascade
 from roadcascade.serve.inputs import prepare_item
 from roadcascade.serve.testing import tiny_bundle
-
-
-def jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def corrupt_scan(data: bytes) -> bytes:

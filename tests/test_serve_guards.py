@@ -6,7 +6,6 @@ a timeout, every loop a bound."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import logging
@@ -17,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from helpers import b64
 from conftest import jpeg_bytes
 from PIL import Image
 
@@ -28,10 +28,6 @@ from roadcascade.serve.protocol import ConnLimits
 from roadcascade.serve.testing import grey, live_server, sleep_cascade
 
 HEADER_S, BODY_S = 0.6, 1.0
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 GOOD = b64(jpeg_bytes(grey(20), quality=75))

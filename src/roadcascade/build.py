@@ -35,12 +35,13 @@ from .bundle import Bundle
 from .calibration import TemperatureCalibrator, best_threshold, fold
 from .cascade import Cascade, ClassifierTier, ExitPoint, ImageState
 from .fusion import WeightedVoteFusion
+from .items import Progress
 from .metrics import summarize
 from .policy import CascadePolicy, LTTResult, TierTable, collect_states, group_means, learn_then_test, replay, table_from_states
 from .rules import SEARCHABLE_RULES
 from .tta import DEFAULT_VIEWS, TTATier, model_logits
 
-Progress = Callable[[str, int, int], None]
+
 Log = Callable[[str], None]
 
 __all__ = ["TierSpec", "parse_tiers", "BuildConfig", "BuildResult", "build", "baselines_report", "DEFAULT_TIERS"]
@@ -251,7 +252,7 @@ def _source_fingerprint(path: str) -> str:
 
 def _val_items(cfg: BuildConfig, progress: Progress | None):
     from .data import open_dataset
-    from .evaluate import make_items
+    from .items import make_items
     from .images import decode_bytes
 
     ds = open_dataset(cfg.data, cfg.val_split).subset(cfg.max_val, cfg.seed)

@@ -38,7 +38,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Build a cascade: train missing tiers, cache val outputs, fit rules, fusion and policy, write a bundle."""
         from .build import BuildConfig, build
-        from .cli import _fail, console, progress_bar
+        from .console import console, fail as _fail, progress_bar
         from .data import DataError
 
         cfg = BuildConfig(tiers=tiers, budget=budget, mode=mode, epsilon=epsilon, delta=delta,

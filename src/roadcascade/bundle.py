@@ -19,11 +19,9 @@ from typing import Any
 import torch
 
 from .cascade import Cascade
-# Every module that registers tier, rule or fusion kinds, so that any bundle loads wherever it is read.
-from . import fusion as _fusion, rules as _rules, tta as _tta  # noqa: F401,E402
-from .detect import tier as _detector_tier, yolox as _coco_tier  # noqa: F401,E402
-from .open_models import timm_local as _timm_local, vlm as _vlm, zeroshot as _zeroshot  # noqa: F401,E402
-from . import onnx_tier as _onnx_tier  # noqa: F401,E402
+from . import kinds as _kinds  # noqa: F401,E402  (every tier, rule and fusion kind: any bundle loads wherever it is read)
+from .open_models import timm_local as _timm_local  # noqa: E402  (local timm backbones: bundle section)
+from . import onnx_tier as _onnx_tier  # noqa: E402  (select_backend; its tier kind is listed in kinds.py)
 
 FORMAT = "roadcascade.bundle/1"
 

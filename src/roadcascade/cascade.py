@@ -1,17 +1,20 @@
 """The cascade: tiers, deferral rules, fusion and the batched runtime.
 
 A tier takes a batch of decoded images and returns a logit, a calibrated probability and optional
-features per image, plus its cost. After tier ``k`` runs, exit point ``k`` fuses the outputs of tiers
-``0..k`` into one calibrated probability, folds its decision threshold to 0.5 and asks its rule
-whether the image can stop there. Tier ``k + 1`` then runs once, as one batch, on the images still
-undecided. A stage-1 bundle is a cascade of one tier.
+features per image, plus its cost; what else it can do (take a resized uint8 tensor, read earlier
+tiers' outputs, the decode size it needs) it says in :class:`TierCaps`, so the GPU path and the server
+never ask for its type. After tier ``k`` runs, exit point ``k`` makes its decision
+(:func:`roadcascade.decision.decide`: fuse tiers ``0..k``, fold the threshold to 0.5, ask the rule who
+stops). Tier ``k + 1`` then runs once, as one batch, on the images still undecided. A stage-1 bundle is
+a cascade of one tier. Rules and fusions, with their registries, live in :mod:`roadcascade.rules` and
+:mod:`roadcascade.fusion` (re-exported here).
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,8 +22,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .calibration import TemperatureCalibrator, fold
+from .calibration import TemperatureCalibrator
+from .decision import ExitPoint, decide, stack_features
+from .fusion import FUSIONS, Fusion, LastTierFusion, register_fusion
 from .preprocess import pick_device, to_batch
+from .registry import build as _build, registry
+from .rules import RULES, ConfidenceRule, FinalRule, Rule, register_rule
+
+__all__ = [
+    "TierOutput", "Trace", "Prediction", "ImageState", "TierCaps", "Tier", "ClassifierTier", "ExitPoint", "Cascade",
+    "TIERS", "register_tier", "square_views", "state_arrays", "run_tier",
+    # the rule and fusion interfaces, re-exported (they live in rules.py / fusion.py)
+    "Rule", "FinalRule", "ConfidenceRule", "RULES", "register_rule", "Fusion", "LastTierFusion", "FUSIONS",
+    "register_fusion",
+]
 
 # ----------------------------------------------------------------------------- messages
 
@@ -60,6 +75,13 @@ class Trace:
             "gflops": dict(self.gflops),
         }
 
+    def add(self, name: str, prob: float, ms: float, gflops: float) -> None:
+        """Record one tier that ran on this image."""
+        self.tiers.append(name)
+        self.probs[name] = float(prob)
+        self.ms[name] = float(ms)
+        self.gflops[name] = float(gflops)
+
 
 @dataclass
 class Prediction:
@@ -92,32 +114,31 @@ class ImageState:
         return len(self.logits)
 
 
-# ----------------------------------------------------------------------------- registry helpers
+def state_arrays(states: Sequence[ImageState]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+    """(logits (n, k+1), probs (n, k+1), per-tier features (n, d) or None) of states at one stage."""
+    n = len(states)
+    k1 = len(states[0].logits) if n else 0
+    logits = np.array([s.logits for s in states], dtype=np.float64).reshape(n, k1)
+    probs = np.array([s.probs for s in states], dtype=np.float64).reshape(n, k1)
+    return logits, probs, stack_features([[s.features[t] for s in states] for t in range(k1)])
 
 
-def _registry() -> tuple[dict[str, type], Callable[[type], type]]:
-    table: dict[str, type] = {}
-
-    def register(cls: type) -> type:
-        table[cls.kind] = cls  # type: ignore[attr-defined]
-        return cls
-
-    return table, register
-
-
-TIERS, register_tier = _registry()
-RULES, register_rule = _registry()
-FUSIONS, register_fusion = _registry()
-
-
-def _build(table: dict[str, type], what: str, cfg: dict, **kw):
-    kind = cfg.get("kind")
-    if kind not in table:
-        raise ValueError(f"unknown {what} kind {kind!r}; known: {', '.join(sorted(table))}")
-    return table[kind].from_config(cfg, **kw)
+TIERS, register_tier = registry()
 
 
 # ----------------------------------------------------------------------------- tiers
+
+
+@dataclass(frozen=True)
+class TierCaps:
+    """What a tier can do: the GPU path and the server ask this, never the tier's type."""
+
+    gflops: float  # mean cost per image
+    tensor_input: int | None = None  # S: the tier is ``model(uint8 (n, 3, S, S) resized PIL-exact) -> logit`` plus
+    #   its calibrator (``model``, ``mean``, ``std``, ``calibrator``), so the GPU path may run it as a compiled
+    #   engine on device-resized pixels; None: it runs its own ``run`` on decoded HxWx3 uint8 arrays
+    decode_size: int | None = None  # the short side a reduced-size decode must keep (None: the full image)
+    reads_earlier: bool = False  # its output depends on earlier tiers' logits (``run_after``)
 
 
 class Tier(ABC):
@@ -127,6 +148,15 @@ class Tier(ABC):
 
     @abstractmethod
     def run(self, images: Sequence[np.ndarray]) -> TierOutput: ...
+
+    def run_after(self, images: Sequence[np.ndarray], names: Sequence[str], logits: np.ndarray) -> TierOutput:
+        """``run`` when tiers ``names`` already ran on these images with raw ``logits`` (n, len(names)): a tier
+        may reuse what they found (test-time scaling reuses its base tier's logit). Default: ``run``."""
+        return self.run(images)
+
+    def caps(self) -> TierCaps:
+        """What this tier can do (see :class:`TierCaps`); the default is the generic tier."""
+        return TierCaps(gflops=float(self.gflops), decode_size=self.decode_size())
 
     @abstractmethod
     def to_config(self, bundle_dir: Path) -> dict:
@@ -234,6 +264,11 @@ class ClassifierTier(Tier):
     def decode_size(self) -> int:
         return max(self.input_size, self.view_size if self.squares > 1 else 0)  # the largest view it makes
 
+    def caps(self) -> TierCaps:
+        # square views pool over several crops of one image: its own code, not one resized tensor
+        return TierCaps(gflops=self.gflops, tensor_input=self.input_size if self.squares == 1 else None,
+                        decode_size=self.decode_size())
+
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
         z, n_views = self._pooled(images)
@@ -287,102 +322,12 @@ class ClassifierTier(Tier):
         )
 
 
-# ----------------------------------------------------------------------------- rules
-
-
-class Rule(ABC):
-    """Decides, at one exit point, which images may stop there."""
-
-    kind: ClassVar[str]
-
-    @abstractmethod
-    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
-        """Boolean (n,): True where the image stops at this exit."""
-
-    def to_config(self) -> dict:
-        return {"kind": self.kind}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "Rule":
-        return cls()
-
-
-@register_rule
-class FinalRule(Rule):
-    """The last exit: every image stops."""
-
-    kind = "final"
-
-    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
-        return np.ones(len(folded), dtype=bool)
-
-
-@register_rule
-class ConfidenceRule(Rule):
-    """Stop when the folded probability is at least ``tau`` away from 0.5 on either side."""
-
-    kind = "confidence"
-
-    def __init__(self, tau: float):
-        self.tau = float(tau)
-
-    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
-        return np.abs(np.asarray(folded) - 0.5) >= self.tau
-
-    def to_config(self) -> dict:
-        return {"kind": self.kind, "tau": self.tau}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ConfidenceRule":
-        return cls(cfg["tau"])
-
-
-# ----------------------------------------------------------------------------- fusion
-
-
-class Fusion(ABC):
-    """Fuses the outputs of tiers 0..k (k = len of each state's logits - 1) into one calibrated probability."""
-
-    kind: ClassVar[str]
-
-    @abstractmethod
-    def prob(self, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """logits, probs: (n, k+1) per-tier values of the tiers that ran -> (n,) calibrated probability."""
-
-    def to_config(self) -> dict:
-        return {"kind": self.kind}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "Fusion":
-        return cls()
-
-
-@register_fusion
-class LastTierFusion(Fusion):
-    """The calibrated probability of the last tier that ran."""
-
-    kind = "last"
-
-    def prob(self, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        return probs[:, -1]
-
-
-@dataclass
-class ExitPoint:
-    fusion: Fusion
-    threshold: float  # decision threshold of the fused probability, folded to 0.5
-    rule: Rule
-
-    def to_config(self) -> dict:
-        return {"fusion": self.fusion.to_config(), "threshold": self.threshold, "rule": self.rule.to_config()}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ExitPoint":
-        return cls(
-            fusion=_build(FUSIONS, "fusion", cfg["fusion"]),
-            threshold=float(cfg["threshold"]),
-            rule=_build(RULES, "rule", cfg["rule"]),
-        )
+def run_tier(tier: Tier, images: Sequence[np.ndarray], names: Sequence[str], logits: np.ndarray) -> TierOutput:
+    """Run a tier on images that tiers ``names`` already saw (raw ``logits`` (n, len(names))): through
+    ``run_after`` when the tier reads earlier outputs (test-time scaling reuses its base tier's logit)."""
+    if len(names) and tier.caps().reads_earlier:
+        return tier.run_after(images, names, logits)
+    return tier.run(images)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -408,39 +353,25 @@ class Cascade:
     def tier_names(self) -> list[str]:
         return [t.name for t in self.tiers]
 
-    def _fused(self, k: int, states: Sequence[ImageState]) -> np.ndarray:
-        """Calibrated fused probability at exit k (before the fold)."""
-        logits = np.array([s.logits[: k + 1] for s in states], dtype=np.float64).reshape(len(states), k + 1)
-        probs = np.array([s.probs[: k + 1] for s in states], dtype=np.float64).reshape(len(states), k + 1)
-        return self.exits[k].fusion.prob(logits, probs)
-
     def run_stage(self, k: int, states: Sequence[ImageState]) -> None:
-        """Run tier k once on all given states (as one batch), then apply exit point k."""
+        """Run tier k once on all given states (as one batch), then apply exit point k (:func:`decide`)."""
         if not states:
             return
         if any(s.stage != k or s.done for s in states):
             raise ValueError(f"run_stage({k}) got states that are done or at another stage")
         tier = self.tiers[k]
-        # a tier may read what earlier tiers found (test-time scaling reuses its base tier's logit)
-        run_states = getattr(tier, "run_states", None)
-        out = run_states(states) if callable(run_states) else tier.run([s.image for s in states])
+        earlier = np.array([s.logits for s in states], dtype=np.float64).reshape(len(states), k)
+        out = run_tier(tier, [s.image for s in states], self.tier_names[:k], earlier)
         for i, s in enumerate(states):
             s.logits.append(float(out.logits[i]))
             s.probs.append(float(out.prob[i]))
             s.features.append(None if out.features is None else out.features[i])
-            s.trace.tiers.append(tier.name)
-            s.trace.probs[tier.name] = float(out.prob[i])
-            s.trace.ms[tier.name] = out.ms
-            s.trace.gflops[tier.name] = float(tier.gflops if out.gflops is None else out.gflops[i])
-        calibrated = self._fused(k, states)
-        folded = fold(calibrated, self.exits[k].threshold)
-        last = k == self.n_stages - 1
-        stop = np.ones(len(states), dtype=bool) if last else self.exits[k].rule.stop(folded, states)
-        for s, p, c, st in zip(states, folded, calibrated, stop):
+            s.trace.add(tier.name, out.prob[i], out.ms, tier.gflops if out.gflops is None else out.gflops[i])
+        d = decide(self.exits[k], *state_arrays(states), last=k == self.n_stages - 1)
+        for s, p, c, st in zip(states, d.probability, d.calibrated, d.stop):
             s.probability, s.calibrated = float(p), float(c)
             if st:
-                s.done, s.trace.exit = True, k
-                s.trace.rule = "final" if last else self.exits[k].rule.kind
+                s.done, s.trace.exit, s.trace.rule = True, k, d.rule
 
     def answer(self, state: ImageState) -> Prediction:
         """The answer for a state: final if done, else the anytime answer from the tiers that ran."""

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .console import console, fail as _fail, out_console, progress_bar
 
 app = typer.Typer(
     help="roadcascade: is there roadwork in this street image? Train, calibrate, evaluate and serve an adaptive cascade.",
@@ -22,8 +21,6 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: load tests against a server, GPU throughput, CPU decode of native-size images.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
-out_console = Console(width=None if Console().is_terminal else 160)  # tables stay readable in logs and CI
 
 DEFAULT_QUICKSTART = Path("runs/quickstart")
 # The synthetic set and the dashcam style are off in the quickstart recipe: at its 160 px they did not raise
@@ -36,28 +33,6 @@ QUICKSTART_EVAL = None  # stage-1 inference resolution (None: the model's, 224 f
 QUICKSTART_SQUARES = 3  # non-square frames seen as 3 aspect-preserving squares, max-pooled (docs/DASHCAM.md)
 QUICKSTART_VIEW_SCALE = 1.3  # ... each at 1.3x the tier's input size (224 -> 288)
 QUICKSTART_GUARD_FPR = 0.01  # open-set guard: thresholds at most where 1 % of val's real dashcam negatives pass (guard.py)
-
-
-@contextmanager
-def progress_bar():
-    """A rich progress display; yields a callback ``(description, done, total)``."""
-    with Progress(
-        TextColumn("[bold]{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal and False,
-    ) as prog:
-        tasks: dict[str, int] = {}
-
-        def cb(desc: str, done: int, total: int) -> None:
-            if desc not in tasks:
-                tasks[desc] = prog.add_task(desc, total=total)
-            prog.update(tasks[desc], completed=done, total=total)
-
-        yield cb
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(code)
 
 
 @app.command()

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from .bundle import Bundle
 from .calibration import TemperatureCalibrator, logit
-from .cascade import Cascade, ExitPoint, ImageState, Rule
+from .cascade import Cascade, ConfidenceRule, ExitPoint
 from .challenge import ChallengeConfig, challenge_views
 from .data import IMAGE_SUFFIXES, Dataset, Sample, open_dataset
 from .preprocess import normalize, pick_device, resize_square
-from .train import (decode_all, ema_update, lr_at, predict_logits, score_logits, seed_everything, smooth_targets,
-                    stage1_cascade, view_set)
+from .schedule import ema_update, lr_at
+from .train import decode_all, predict_logits, score_logits, seed_everything, smooth_targets, stage1_cascade, view_set
 from .zoo import create_model, get_spec
 
 Progress = Callable[[str, int, int], None]
@@ -87,20 +87,12 @@ def student_spec(student: str) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- teacher targets
 
 
-class _NeverStop(Rule):
-    """Every image goes on to the next tier: the cascade run as its full ensemble."""
-
-    kind = "never"
-
-    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
-        return np.zeros(len(folded), dtype=bool)
-
-
 def teacher_probs(cascade: Cascade, images: Sequence[np.ndarray], mode: str = "ensemble", batch: int = 32) -> np.ndarray:
     """The teacher's fused, calibrated probability (before the fold), every tier run (``ensemble``) or with the
     bundle's own early exits (``cascade``)."""
     if mode == "ensemble" and cascade.n_stages > 1:
-        cascade = Cascade(cascade.tiers, [ExitPoint(e.fusion, e.threshold, _NeverStop()) for e in cascade.exits])
+        never = ConfidenceRule(1.0)  # |folded - 0.5| never reaches 1: every image goes on to the last tier
+        cascade = Cascade(cascade.tiers, [ExitPoint(e.fusion, e.threshold, never) for e in cascade.exits])
     out = [np.array([p.calibrated for p in cascade.predict(images[i : i + batch])]) for i in range(0, len(images), batch)]
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -7,79 +7,24 @@ and the timed path starts from those JPEG bytes: decode, preprocess, every tier,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from .build import baselines_report
 from .bundle import Bundle
-from .challenge import ChallengeConfig, challenge_views
+from .challenge import ChallengeConfig
 from .data import Dataset
-from .images import BadImage, decode_bytes, encode_jpeg
+from .images import BadImage, decode_bytes
+from .items import DEFAULT_VIEW_SEEDS, EvalItem, Progress, bad_row, make_items, view_seed
 from .metrics import DASHCAM_SOURCES, percentiles, reliability, summarize
 
-Progress = Callable[[str, int, int], None]
-
-#: DESIGN.md: challenge views use seed 0 on val and seed 1 on test
-DEFAULT_VIEW_SEEDS = {"val": 0, "test": 1}
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    key: str
-    label: int
-    source: str
-    payload: bytes  # JPEG (or the stored file's) bytes, exactly what a client would send
-
-
-def view_seed(split: str | None, seed: int | None) -> int:
-    if seed is not None:
-        return seed
-    return DEFAULT_VIEW_SEEDS.get(split or "", 0)
-
-
-def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int = 224, progress: Progress | None = None,
-               bad: list[dict] | None = None, protocol: str = "v2.0.4") -> list[EvalItem]:
-    """The requests to send: stored bytes (clean) or n seeded challenge views per image as JPEG q75, made under the
-    challenge ``protocol`` (``challenge.PROTOCOLS``; ``native`` sends each image once, at its own size, since its views
-    are all the same). With a ``bad`` list, an image that is missing or does not decode is recorded there and skipped
-    (else it raises)."""
-    if views not in ("clean", "challenge"):
-        raise ValueError(f"views must be 'clean' or 'challenge', not {views!r}")
-    items: list[EvalItem] = []
-    cfg = ChallengeConfig(size=size, jpeg_quality=None, protocol=protocol)  # encoded once below, as the validator does
-    if protocol == "native":
-        n_views = 1  # no augmentation: every view of an image would be the same request
-    for i, s in enumerate(ds.samples):
-        try:
-            if views == "clean":
-                data = s.data if s.data is not None else s.path.read_bytes()  # type: ignore[union-attr]
-                items.append(EvalItem(s.key, s.label, s.source, data))
-            else:
-                for j, v in enumerate(challenge_views(s.load(), seed=seed, key=s.key, n=n_views, cfg=cfg)):
-                    items.append(EvalItem(f"{s.key}#v{j}", s.label, s.source, encode_jpeg(v, 75)))
-        except (OSError, BadImage) as e:
-            if bad is None:
-                raise
-            bad.append(bad_row(s.key, e))
-        if progress:
-            progress(f"prepare {views} views", i + 1, len(ds))
-    return items
-
+__all__ = ["evaluate", "evaluate_items", "public", "EvalItem", "make_items", "view_seed", "bad_row", "DEFAULT_VIEW_SEEDS"]
 
 def _group_metrics(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict:
     s = summarize(y[mask], p[mask])
     return {"n": s.n, "pos": int(y[mask].sum()), "mcc": s.mcc, "accuracy": s.accuracy, "confusion": s.confusion}
-
-
-def bad_row(key: str, e: BaseException) -> dict:
-    """A skipped image for the report: missing (file not there) or its BadImage reason."""
-    if isinstance(e, BadImage):
-        reason = "missing" if e.reason == "not_found" else e.reason
-    else:
-        reason = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
-    return {"key": key, "reason": reason, "message": str(e)[:300]}
 
 
 def _decode_chunk(chunk: Sequence[EvalItem], bad: list[dict] | None,
@@ -168,8 +113,6 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
         "_p": p.tolist(),
     }
     if baselines and bundle.meta.get("ensemble"):  # a cascade bundle: best single tier and full ensemble, same items, same run
-        from .build import baselines_report
-
         rep["baselines"] = baselines_report(bundle, items, p, batch_size=batch_size, progress=progress)
     return rep
 

@@ -28,7 +28,7 @@ def export_command(
     """Export every classifier tier to ONNX (dynamic batch; --int8: INT8), write a bundle that runs with
     `--backend onnxruntime`, and check it against PyTorch (largest |dp|, decision agreement)."""
     from .bundle import BundleError
-    from .cli import _fail, console, out_console
+    from .console import console, fail as _fail, out_console
     from .data import DataError
     from .export import ExportConfig, export_bundle
 
@@ -72,7 +72,7 @@ def bench_onnx_command(
     from rich.table import Table
 
     from .bundle import Bundle, BundleError
-    from .cli import _fail, out_console, progress_bar
+    from .console import fail as _fail, out_console, progress_bar
     from .data import DataError, open_dataset
     from .evaluate import make_items, view_seed
     from .onnx_bench import bench_backends
@@ -131,7 +131,7 @@ def distill_command(
 ) -> None:
     """Distil any bundle into one student network, written as a calibrated, folded stage-1 bundle."""
     from .bundle import BundleError
-    from .cli import _fail, console, progress_bar
+    from .console import console, fail as _fail, progress_bar
     from .data import DataError
     from .distill import DistillConfig, distill
 

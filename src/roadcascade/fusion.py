@@ -1,7 +1,12 @@
 """Fusion of the tiers that ran: a learned, calibrated stacking model and plain weighted voting.
 
-Both are ``Fusion`` kinds of the cascade (registered with ``register_fusion``); one instance per exit
-point, fitted on the val outputs of the tiers ``0..k`` in the cascade's order.
+The fusion interface (:class:`Fusion`: ``prob(logits, probs)`` on the (n, k+1) outputs of the tiers that
+ran) and its one registry (``FUSIONS``, ``register_fusion``) live here. A new fusion is one registered
+class; one with ``fit(logits, probs, y)`` (``fittable = True``) is also one the policy optimiser can fit
+(:func:`make_fusion`). One instance per exit point, fitted on the val outputs of the tiers ``0..k`` in the
+cascade's order.
+
+- ``last``: the calibrated probability of the last tier that ran (a stage-1 bundle's fusion).
 
 - ``stacking``: logistic regression on the raw per-tier logits (one weight per tier plus a bias, L2
   penalised). Its output is a calibrated probability (it is fitted by log loss); the exit point's
@@ -18,15 +23,24 @@ for out-of-fold predictions.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from .calibration import best_threshold, logit, sigmoid
-from .cascade import Fusion, register_fusion
+from .registry import registry
+
+FUSIONS, register_fusion = registry()
 
 __all__ = [
+    "Fusion",
+    "FUSIONS",
+    "register_fusion",
+    "LastTierFusion",
+    "fittable_fusions",
     "LogisticModel",
     "fit_logistic",
     "group_folds",
@@ -35,8 +49,38 @@ __all__ = [
     "WeightedVoteFusion",
     "vote_weights",
     "make_fusion",
-    "FUSION_FACTORIES",
 ]
+
+
+# ----------------------------------------------------------------------------- the interface
+
+
+class Fusion(ABC):
+    """Fuses the outputs of tiers 0..k into one calibrated probability."""
+
+    kind: ClassVar[str]
+    fittable: ClassVar[bool] = False  # has fit(logits, probs, y): the policy optimiser can fit it
+
+    @abstractmethod
+    def prob(self, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """logits, probs: (n, k+1) per-tier values of the tiers that ran -> (n,) calibrated probability."""
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Fusion":
+        return cls()
+
+
+@register_fusion
+class LastTierFusion(Fusion):
+    """The calibrated probability of the last tier that ran."""
+
+    kind = "last"
+
+    def prob(self, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        return probs[:, -1]
 
 
 # ----------------------------------------------------------------------------- logistic regression
@@ -162,6 +206,7 @@ class StackingFusion(Fusion):
     """Logistic regression on the per-tier raw logits: a learned, calibrated combination."""
 
     kind = "stacking"
+    fittable = True
 
     def __init__(self, l2: float = 1.0):
         self.l2 = float(l2)
@@ -217,6 +262,7 @@ class WeightedVoteFusion(Fusion):
     """Plain weighted (soft) voting: sum_j w_j * p_j over the tiers' calibrated probabilities."""
 
     kind = "vote"
+    fittable = True
 
     def __init__(self, weights: Sequence[float] | None = None):
         if weights is not None:
@@ -245,15 +291,14 @@ class WeightedVoteFusion(Fusion):
         return cls(cfg["weights"])
 
 
-#: fusion kinds the policy optimiser can fit (name -> factory of an unfitted fusion)
-FUSION_FACTORIES: dict[str, Callable[[], Fusion]] = {
-    "stacking": StackingFusion,
-    "vote": WeightedVoteFusion,
-}
+def fittable_fusions() -> list[str]:
+    """The fusion kinds the policy optimiser can fit (those with ``fittable = True``)."""
+    return sorted(k for k, c in FUSIONS.items() if c.fittable)
 
 
 def make_fusion(kind: str) -> Fusion:
-    try:
-        return FUSION_FACTORIES[kind]()
-    except KeyError:
-        raise ValueError(f"unknown fusion {kind!r}; known: {', '.join(sorted(FUSION_FACTORIES))}") from None
+    """An unfitted fusion of a fittable kind."""
+    cls = FUSIONS.get(kind)
+    if cls is None or not cls.fittable:
+        raise ValueError(f"unknown fusion {kind!r}; known: {', '.join(fittable_fusions())}")
+    return cls()

@@ -43,9 +43,7 @@ CPU too; ``GpuCascade(..., device="cpu")`` is the same runtime without CUDA (use
 
 from __future__ import annotations
 
-import copy
 import math
-import struct
 import threading
 import time
 import warnings
@@ -59,11 +57,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .calibration import fold
-from .cascade import Cascade, ClassifierTier, FinalRule, ConfidenceRule, ImageState, Prediction, Rule, Trace
-from .images import BadImage, DecodeLimits, decode_any, decode_bytes
+from .cascade import Cascade, Prediction, Trace, run_tier
+from .decision import decide, exit_rule_name, stack_features
+from .gpu_config import GpuConfig, adapt_share, auto_procs, gpu_available
+from .gpu_decode import Decoded, NvImgCodecDecoder, Payload, Pinned, decode_into, nvimgcodec_available
+from .gpu_engine import ClassifierEngine, bucket_for, fold_batchnorm
+from .gpu_jpeg import jpeg_gpu_info
+from .gpu_resize import horizontal_first, pil_bilinear_weights, resize_exact, resize_images
+from .images import BadImage, decode_any, decode_bytes
 
 __all__ = [
     "GpuConfig",
@@ -84,534 +86,6 @@ __all__ = [
 ]
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch.frombuffer(bytes): read only
-
-Payload = bytes | bytearray | memoryview | np.ndarray
-
-
-def auto_procs(cpus: int | None = None) -> int:
-    """Decode processes for ``GpuConfig(procs=-1)``: CPUs - 4 (this process's threads and the GPU decoder's
-    need some), at most 12, none below 8 CPUs."""
-    import os
-
-    n = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    n = n or 1
-    return min(12, n - 4) if n >= 8 else 0
-
-
-def adapt_share(share: float, ready: bool, waited_s: float, own_s: float, step: float = 0.02,
-                lo: float = 0.05, hi: float = 0.95) -> float:
-    """One step of the decode-process share controller, after a batch: the processes had finished before this
-    process did its part (``ready``): give them more; this process then waited for them a noticeable time
-    (over 10% of its own ``own_s``): give them less; else keep. Stays in [lo, hi]."""
-    if ready:
-        share += step
-    elif waited_s > 0.1 * max(own_s, 0.0):
-        share -= step
-    return min(hi, max(lo, share))
-
-
-def gpu_available() -> bool:
-    """CUDA present and torchvision's GPU JPEG decoder importable."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import torchvision.io  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import problem means no GPU decoder
-        return False
-    return True
-
-
-# ============================================================================ configuration
-
-
-@dataclass
-class GpuConfig:
-    """Knobs of the fast path. docs/GPU.md says which defaults were measured on the H100 (decode routing,
-    cpu_share, gpu_decode_min) and which were not swept (workers, prefetch, threads, graph sizes)."""
-
-    dtype: str = "bf16"  # bf16 | fp16 | fp32 (weights and activations; BN folded in fp32 first)
-    compile: bool = True  # torch.compile (inductor), dynamic batch dimension
-    compile_later_tiers: bool = False  # also compile later tiers (they see few images; eager + graphs saves ~1 min start-up)
-    graphs: bool = True  # CUDA graphs for the fixed batch sizes below
-    graph_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
-    chunk: int = 256  # larger batches run as chunks of this size (one graph replay each)
-    fold_bn: bool = True  # fold BatchNorm into the preceding convolution (checked numerically)
-    decode: str = "auto"  # auto | gpu | cpu (gpu / cpu: that decoder in this process for every row, no processes)
-    gpu_decoder: str = "auto"  # auto | nvimgcodec | torchvision: the library decoding the GPU rows. auto: torchvision's
-    #                            nvJPEG op (every H100 sweep measured it faster end to end than nvImageCodec: 21-29k
-    #                            against 10-22k img/s, docs/GPU.md); nvimgcodec: PIL-identical pixels, opt-in
-    nvimg_hw_share: float = 0.7  # nvImageCodec: share of a batch for the hardware JPEG engines; the rest goes to its
-    #                              libjpeg-turbo threads (0.7: 24.0k img/s against 19.9k all-hardware, decode alone, H100)
-    nvimg_threads: int = 0  # nvImageCodec's CPU threads (0: CPUs - 1)
-    gil_switch_ms: float | None = None  # if set, sys.setswitchinterval (process-wide): how soon a thread returning
-    #                                     from the decoder gets the GIL back from a thread running Python
-    gpu_decode_min: int = 1  # auto: batches with fewer plain JPEGs than this decode on CPU threads (nvJPEG was
-    #                          faster at batch 1 too on the H100: p50 0.90-1.23 ms against 1.55 ms, docs/GPU.md)
-    cpu_share: float = 0.0  # share of the plain JPEGs decoded on CPU threads instead of nvJPEG (0 measured best:
-    #                         torchvision's nvJPEG call holds the GIL, so mixing slows both, docs/GPU.md)
-    cpu_threads: int = 12  # CPU decoder threads (OpenCV/libjpeg-turbo, GIL released)
-    procs: int = -1  # decode processes (roadcascade.procdecode): the CPU path's decode + resize in worker
-    #                  processes into shared page-locked memory, no GIL shared with this process. 0: off;
-    #                  -1 (auto): on CUDA with >= 8 CPUs, CPUs - 4 up to 12 (12 of 16 measured best on the H100,
-    #                  docs/GPU.md); else off
-    proc_share: float = 0.7  # share of each batch's encoded payloads sent to the decode processes (the start
-    #                          value when proc_adapt; 0.7 measured best of 0.5/0.7 fixed on the H100, q75 images)
-    proc_adapt: bool = False  # move the share after each batch toward the point where the processes and this
-    #                           process finish together (adapt_share), so images that are costlier to decode on the
-    #                           CPU (large, PNG) get a smaller share without a setting. Off: on the H100 it wandered
-    #                           (0.05-0.9) and was not faster than a fixed 0.7 (docs/GPU.md)
-    proc_min: int = 64  # batches smaller than this skip the processes (latency: batch 1 stays on the GPU decoder)
-    gc_freeze: bool = True  # after warm-up: gc.collect() + gc.freeze(), so the collector does not walk the
-    #                         model and library objects during requests (stalls at batch 1)
-    decode_workers: int = 3  # threads preparing batches (parse, decode, resize) ahead of the model (3 with decode
-    #                          processes, 2 without: H100 sweep)
-    prefetch: int = 3  # batches decoded ahead in predict_stream
-    cudnn_benchmark: bool = True
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"dtype must be bf16, fp16 or fp32, not {self.dtype!r}")
-        if self.decode not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"decode must be auto, gpu or cpu, not {self.decode!r}")
-        if self.gpu_decoder not in ("auto", "nvimgcodec", "torchvision"):
-            raise ValueError(f"gpu_decoder must be auto, nvimgcodec or torchvision, not {self.gpu_decoder!r}")
-        if not 0.0 <= self.nvimg_hw_share <= 1.0:
-            raise ValueError(f"nvimg_hw_share must be in [0, 1], got {self.nvimg_hw_share}")
-        if self.gil_switch_ms is not None and not 0.0 < self.gil_switch_ms <= 100.0:
-            raise ValueError(f"gil_switch_ms must be in (0, 100], got {self.gil_switch_ms}")
-        if not 0.0 <= self.cpu_share <= 1.0:
-            raise ValueError(f"cpu_share must be in [0, 1], got {self.cpu_share}")
-        if not 0.0 <= self.proc_share <= 1.0:
-            raise ValueError(f"proc_share must be in [0, 1], got {self.proc_share}")
-        if self.procs < -1:
-            raise ValueError(f"procs must be >= 0 (or -1: auto), got {self.procs}")
-        sizes = tuple(sorted({int(s) for s in self.graph_sizes}))
-        if not sizes or sizes[0] < 1:
-            raise ValueError(f"graph_sizes must be positive, got {self.graph_sizes}")
-        self.graph_sizes = sizes
-        if self.chunk < 1:
-            raise ValueError("chunk must be >= 1")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
-
-
-# ============================================================================ JPEG header walk
-
-_SOF_SEQUENTIAL = frozenset({0xC0, 0xC1})  # baseline / extended sequential, Huffman: what nvJPEG's engine takes
-_SOF_OTHER = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_MAX_GPU_SEGMENTS = 256  # far above an encoder's ~10; the CPU path has its own (higher) cap
-
-
-def _exif_orientation_is_one(seg: bytes) -> bool:
-    """Whether an APP1 Exif payload (after ``Exif\\0\\0``) has no orientation or orientation 1.
-
-    Anything unreadable returns False (the CPU decoder then decides, as PIL does)."""
-    try:
-        if len(seg) < 8:
-            return False
-        bo = seg[:2]
-        if bo == b"II":
-            e = "<"
-        elif bo == b"MM":
-            e = ">"
-        else:
-            return False
-        (ifd,) = struct.unpack_from(e + "I", seg, 4)
-        if ifd + 2 > len(seg):
-            return False
-        (count,) = struct.unpack_from(e + "H", seg, ifd)
-        for i in range(count):
-            off = ifd + 2 + 12 * i
-            if off + 12 > len(seg):
-                return False
-            tag, typ = struct.unpack_from(e + "HH", seg, off)
-            if tag == 0x0112:
-                if typ != 3:
-                    return False
-                (value,) = struct.unpack_from(e + "H", seg, off + 8)
-                return value == 1
-        return True
-    except struct.error:
-        return False
-
-
-def jpeg_gpu_info(data: bytes, limits: DecodeLimits | None = None) -> tuple[int, int] | None:
-    """``(height, width)`` when ``data`` is a JPEG the GPU decoder may take, else ``None``.
-
-    Taken: a baseline/extended-sequential Huffman JPEG, 8-bit, 3 components (not Adobe/RGB-coded), one
-    scan followed by an EOI marker, no EXIF or XMP orientation other than 1, inside ``limits``. Anything
-    else (PNG, progressive, grayscale, CMYK, rotated, truncated, oversized, odd) returns ``None`` and is
-    decoded by :func:`roadcascade.images.decode_bytes`, which gives the CPU path's pixels or BadImage.
-    """
-    limits = limits or _LIMITS
-    n = len(data)
-    if n < 4 or n > limits.max_bytes or data[:3] != b"\xff\xd8\xff" or "JPEG" not in limits.formats:
-        return None
-    pos, segments, hw = 2, 0, None
-    while True:
-        if pos + 4 > n or data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7 or marker == 0xD9:
-            return None  # no stand-alone marker belongs in a header
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if length < 2 or pos + 2 + length > n:
-            return None
-        segments += 1
-        if segments > _MAX_GPU_SEGMENTS:
-            return None
-        body = pos + 4
-        if marker in _SOF_SEQUENTIAL:
-            if length < 17 or data[body] != 8 or data[body + 5] != 3:
-                return None
-            height = (data[body + 1] << 8) | data[body + 2]
-            width = (data[body + 3] << 8) | data[body + 4]
-            ids = (data[body + 6], data[body + 9], data[body + 12])
-            if ids == (82, 71, 66) or hw is not None:  # 'R','G','B' component ids: libjpeg reads RGB
-                return None
-            hw = (height, width)
-        elif marker in _SOF_OTHER:
-            return None
-        elif marker == 0xE1:
-            seg = data[body:pos + 2 + length]
-            if seg[:6] == b"Exif\x00\x00":
-                if not _exif_orientation_is_one(seg[6:]):
-                    return None
-            elif b"Orientation" in seg:  # XMP tiff:Orientation: Pillow honours it
-                return None
-        elif marker == 0xEE and data[body:body + 5] == b"Adobe":
-            return None
-        elif marker == 0xDA:  # start of scan: header over
-            break
-        pos += 2 + length
-    if hw is None:
-        return None
-    height, width = hw
-    if (width < limits.min_side or height < limits.min_side or width * height > limits.max_pixels
-            or max(width, height) > limits.max_side):
-        return None
-    if data.find(b"\xff\xda", pos + 2) >= 0:  # more than one scan
-        return None
-    if data.rfind(b"\xff\xd9") <= pos:  # no EOI after the scan: truncated
-        return None
-    return hw
-
-
-_LIMITS = DecodeLimits()
-
-# ============================================================================ PIL-exact resize
-
-_PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c, 8 bits per channel
-
-
-def pil_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) integer fixed-point weights of Pillow's BILINEAR resample (antialiased).
-
-    ``out = clip8((sum_k w[o, k] * in[k] + 2**21) >> 22)``, the same coefficients, support and rounding
-    as ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` in Pillow's Resample.c.
-    """
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
-    scale = float(in_size) / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale
-    ss = 1.0 / filterscale
-    w = np.zeros((out_size, in_size), dtype=np.float64)
-    one = float(1 << _PRECISION_BITS)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        ks = []
-        for x in range(xmax):
-            t = abs((x + xmin - center + 0.5) * ss)
-            ks.append(1.0 - t if t < 1.0 else 0.0)
-        ww = sum(ks)
-        for x, k in enumerate(ks):
-            if ww != 0.0:
-                k = k / ww
-            w[xx, xmin + x] = float(int(-0.5 + k * one)) if k < 0 else float(int(0.5 + k * one))
-    return w
-
-
-_WEIGHTS: dict[tuple[int, int, str], torch.Tensor] = {}
-_WEIGHTS_LOCK = threading.Lock()
-
-
-def _weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    key = (in_size, out_size, str(device))
-    w = _WEIGHTS.get(key)
-    if w is None:
-        with _WEIGHTS_LOCK:
-            w = _WEIGHTS.get(key)
-            if w is None:
-                w = torch.from_numpy(pil_bilinear_weights(in_size, out_size)).to(device)
-                _WEIGHTS[key] = w
-    return w
-
-
-def _round8(acc: torch.Tensor) -> torch.Tensor:
-    """Pillow's clip8 on exact float64 fixed-point sums."""
-    return acc.add_(float(1 << (_PRECISION_BITS - 1))).mul_(2.0 ** -_PRECISION_BITS).floor_().clamp_(0.0, 255.0)
-
-
-_ORDER: dict[tuple[int, int, int, int], bool] = {}
-_ORDER_MAX = 8192
-
-
-def _passes(y: torch.Tensor, out_h: int, out_w: int, horizontal_first: bool) -> torch.Tensor:
-    h, w = y.shape[-2:]
-    for horizontal in ((True, False) if horizontal_first else (False, True)):
-        if horizontal and w != out_w:
-            y = _round8(torch.matmul(y, _weights(w, out_w, y.device).t()))
-        elif not horizontal and h != out_h:
-            y = _round8(torch.matmul(_weights(h, out_h, y.device), y))
-    return y
-
-
-def horizontal_first(h: int, w: int, out_h: int, out_w: int, device: torch.device | str = "cpu") -> bool:
-    """Which pass the installed Pillow runs first when both sides change.
-
-    Pillow up to 12 always runs the horizontal pass first; other builds choose per size. Found once per
-    size by resizing a random probe image with PIL and comparing with both orders (cached)."""
-    key = (h, w, out_h, out_w)
-    hit = _ORDER.get(key)
-    if hit is not None:
-        return hit
-    from PIL import Image
-
-    rng = np.random.default_rng((h * 7919 + w) * 104729 + out_h * 31 + out_w)
-    probe = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    ref = torch.from_numpy(np.asarray(Image.fromarray(probe).resize((out_w, out_h), Image.BILINEAR)).copy())
-    x = torch.from_numpy(probe).permute(2, 0, 1)[None].to(device=device, dtype=torch.float64)
-    hf = _passes(x, out_h, out_w, True)[0].permute(1, 2, 0).to("cpu", torch.uint8)
-    first = bool(torch.equal(hf, ref))
-    if not first:
-        vf = _passes(x, out_h, out_w, False)[0].permute(1, 2, 0).to("cpu", torch.uint8)
-        first = not torch.equal(vf, ref)  # neither matches: keep Pillow's classic order
-    if len(_ORDER) >= _ORDER_MAX:
-        _ORDER.clear()
-    _ORDER[key] = first
-    return first
-
-
-def resize_exact(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """(n, C, H, W) uint8 -> (n, C, out_h, out_w) uint8, bit-exact with ``PIL.Image.resize(BILINEAR)``.
-
-    Two separable passes, each rounded to uint8 as Pillow does, each only when that side changes, in
-    the order the installed Pillow uses (:func:`horizontal_first`). float64 sums of integer products
-    are exact, so so is the rounding.
-    """
-    if x.dtype != torch.uint8 or x.dim() != 4:
-        raise ValueError(f"resize_exact expects (n, C, H, W) uint8, got {tuple(x.shape)} {x.dtype}")
-    n, c, h, w = x.shape
-    if (h, w) == (out_h, out_w):
-        return x
-    first = True if (h == out_h or w == out_w) else horizontal_first(h, w, out_h, out_w, x.device)
-    return _passes(x.to(torch.float64), out_h, out_w, first).to(torch.uint8)
-
-
-def resize_images(images: Sequence[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
-    """List of (3, H, W) uint8 tensors (any sizes, any strides) -> (n, 3, size, size) uint8, PIL-exact.
-
-    Images of one size are stacked and resized together (one pair of matrix products per size)."""
-    n = len(images)
-    if n == 0:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
-    shapes = [tuple(t.shape[1:]) for t in images]
-    first = shapes[0]
-    if all(s == first for s in shapes):
-        return resize_exact(torch.stack(list(images)), size, size)
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(shapes):
-        groups.setdefault(s, []).append(i)
-    for idx in groups.values():
-        block = resize_exact(torch.stack([images[i] for i in idx]), size, size)
-        if len(idx) == 1:
-            out[idx[0]].copy_(block[0])
-        else:
-            out.index_copy_(0, torch.tensor(idx, device=device), block)
-    return out
-
-
-# ============================================================================ model preparation
-
-
-def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    with torch.no_grad():
-        w = conv.weight.detach().double()
-        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
-        new_b = (bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
-        conv.weight.copy_((w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-        if conv.bias is None:
-            conv.bias = nn.Parameter(new_b.to(conv.weight.dtype), requires_grad=False)
-        else:
-            conv.bias.copy_(new_b.to(conv.bias.dtype))
-
-
-def _bn_tail(bn: nn.Module) -> nn.Module:
-    """What remains of a BatchNorm after folding: timm's BatchNormAct2d keeps its drop and activation."""
-    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
-    parts = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
-    if not parts:
-        return nn.Identity()
-    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
-
-
-def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every eval-mode BatchNorm2d (timm's BatchNormAct2d too) into the Conv2d registered right
-    before it in the same parent (how timm's EfficientNet/MobileNet blocks are laid out), in float64.
-
-    Returns the number of folded pairs. The caller checks the folded model against the original
-    (registration order is not data flow in every architecture)."""
-    folded = 0
-    for parent in list(model.modules()):
-        prev: nn.Module | None = None
-        for name, mod in list(parent._modules.items()):
-            if (isinstance(mod, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and mod.running_mean is not None
-                    and mod.affine and prev.out_channels == mod.num_features and not mod.training):
-                _fold_pair(prev, mod)
-                parent._modules[name] = _bn_tail(mod)
-                folded += 1
-                prev = None
-                continue
-            prev = mod
-    return folded
-
-
-def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
-    """The smallest graph size >= n, or None when n is larger than all."""
-    for s in sizes:
-        if s >= n:
-            return s
-    return None
-
-
-class _ClassifierEngine:
-    """One ClassifierTier on the device: uint8 (n, 3, S, S) -> float32 logits (n,)."""
-
-    def __init__(self, tier: ClassifierTier, device: torch.device, cfg: GpuConfig, compile_: bool,
-                 log: Callable[[str], None]):
-        self.tier, self.device, self.cfg, self.size = tier, device, cfg, tier.input_size
-        self.log = log
-        cuda = device.type == "cuda"
-        dtype = cfg.torch_dtype if cuda else torch.float32
-        src = copy.deepcopy(tier.model).to(device=device, dtype=torch.float32).eval()
-        model = copy.deepcopy(src)
-        self.folded = 0
-        if cfg.fold_bn:
-            self.folded = fold_batchnorm(model)
-            if self.folded and not self._same(src, model):
-                log(f"{tier.name}: BatchNorm folding changed the outputs; running unfolded")
-                model, self.folded = copy.deepcopy(src), 0
-        del src
-        self.model = model.to(dtype=dtype).to(memory_format=torch.channels_last).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.dtype = dtype
-        self.mean = (torch.tensor(tier.mean, dtype=torch.float32, device=device) * 255.0).view(1, 3, 1, 1)
-        self.std = (torch.tensor(tier.std, dtype=torch.float32, device=device) * 255.0).view(1, 3, 1, 1)
-        self.fn: Callable[[torch.Tensor], torch.Tensor] = self._forward
-        self.compiled = False
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.compile_s = 0.0
-        self.capture_s = 0.0
-        self._want_compile = compile_ and cuda
-
-    def _same(self, a: nn.Module, b: nn.Module) -> bool:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.rand((2, 3, self.size, self.size), generator=g).to(self.device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            ya, yb = a(x).double(), b(x).double()
-        err = float((ya - yb).abs().max()) / max(1.0, float(ya.abs().max()))
-        return err < 1e-3
-
-    def _forward(self, x_u8: torch.Tensor) -> torch.Tensor:
-        x = (x_u8.to(torch.float32) - self.mean) / self.std  # the CPU path's normalise, in fp32
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().reshape(-1)
-
-    # -- set-up -------------------------------------------------------------------------------
-
-    def warmup(self) -> None:
-        """Compile (dynamic batch) and capture the CUDA graphs; no-op on CPU."""
-        if self.device.type != "cuda":
-            return
-        torch.backends.cudnn.benchmark = self.cfg.cudnn_benchmark
-        S = self.size
-        big = max(self.cfg.graph_sizes) if self.cfg.graphs else self.cfg.chunk
-        g = torch.Generator(device="cpu").manual_seed(1)
-        sample = torch.randint(0, 256, (big, 3, S, S), generator=g, dtype=torch.uint8).to(self.device)
-        with torch.inference_mode():
-            if self._want_compile:
-                t0 = time.perf_counter()
-                try:
-                    fn = torch.compile(self._forward, dynamic=None)
-                    x = sample.clone()
-                    torch._dynamo.mark_dynamic(x, 0)
-                    ref = self._forward(sample[:8])
-                    fn(x)
-                    got = fn(sample[:8].clone())
-                    torch.cuda.synchronize()
-                    if not torch.allclose(got, ref, atol=0.25, rtol=0.05):
-                        raise RuntimeError(f"compiled logits differ from eager: {float((got - ref).abs().max()):.4f}")
-                    self.fn, self.compiled = fn, True
-                except Exception as e:  # noqa: BLE001 - any compile problem: run eager (graphs still apply)
-                    self.log(f"{self.tier.name}: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); eager")
-                    self.fn, self.compiled = self._forward, False
-                self.compile_s = time.perf_counter() - t0
-            if self.cfg.graphs:
-                t0 = time.perf_counter()
-                self._capture(sample)
-                self.capture_s = time.perf_counter() - t0
-
-    def _capture(self, sample: torch.Tensor) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        for b in sorted(self.cfg.graph_sizes, reverse=True):
-            # cuDNN's benchmark search is slow (runtime-compiled engines): only where throughput matters
-            torch.backends.cudnn.benchmark = self.cfg.cudnn_benchmark and b >= 128
-            static_in = sample[:b].clone() if b <= len(sample) else sample[:1].repeat(b, 1, 1, 1)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.fn(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                static_out = self.fn(static_in)
-            self.graphs[b] = (graph, static_in, static_out)
-        torch.cuda.synchronize(self.device)
-
-    # -- run ------------------------------------------------------------------------------------
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) uint8 on the device -> (n,) float32 on the device (current stream)."""
-        n = len(x)
-        out = torch.empty(n, dtype=torch.float32, device=self.device)
-        step = self.cfg.chunk if not self.graphs else max(self.cfg.graph_sizes)
-        for start in range(0, n, step):
-            part = x[start:start + step]
-            m = len(part)
-            b = bucket_for(m, self.cfg.graph_sizes) if self.graphs else None
-            if b is not None and b in self.graphs:
-                graph, static_in, static_out = self.graphs[b]
-                static_in[:m].copy_(part)
-                graph.replay()
-                out[start:start + m].copy_(static_out[:m])
-            else:
-                out[start:start + m].copy_(self.fn(part.contiguous()))
-        return out
 
 
 # ============================================================================ results
@@ -645,6 +119,15 @@ class BatchResult:
     def label(self) -> np.ndarray:
         return (self.probability > 0.5).astype(np.int64)
 
+    def trace(self, i: int) -> Trace:
+        """Row i's trace, as Cascade.run_stage records it (a good row)."""
+        k = int(self.exit[i])
+        tr = Trace()
+        for t in range(k + 1):
+            tr.add(self.tier_names[t], self.probs[i, t], self.tier_ms[t], self.gflops[i, t])
+        tr.exit, tr.rule = k, self.rule_names[k]
+        return tr
+
     def predictions(self) -> list[Prediction | BadImage]:
         """Cascade.predict's objects (with traces) for good rows, the BadImage for bad ones."""
         out: list[Prediction | BadImage] = []
@@ -652,203 +135,12 @@ class BatchResult:
             if i in self.errors:
                 out.append(self.errors[i])
                 continue
-            k = int(self.exit[i])
-            tr = Trace()
-            for t in range(k + 1):
-                name = self.tier_names[t]
-                tr.tiers.append(name)
-                tr.probs[name] = float(self.probs[i, t])
-                tr.ms[name] = float(self.tier_ms[t])
-                tr.gflops[name] = float(self.gflops[i, t])
-            tr.exit, tr.rule = k, self.rule_names[k]
             p = float(self.probability[i])
-            out.append(Prediction(probability=p, label=int(p > 0.5), trace=tr, calibrated=float(self.calibrated[i])))
-        return out
-
-
-@dataclass
-class _Decoded:
-    n: int
-    images: list[torch.Tensor | None]  # (3, H, W) uint8 on the device
-    host: dict[int, np.ndarray]  # HxWx3 arrays of CPU-decoded rows (reused by CPU-only tiers)
-    errors: dict[int, BadImage]
-    good: np.ndarray  # row indices of decoded images, in order
-    x0: torch.Tensor | None  # first tier's input (len(good), 3, S, S) uint8
-    event: Any = None
-    decode_ms: float = 0.0
-    n_gpu: int = 0
-    n_cpu: int = 0
-    payloads: Sequence[Payload] = ()
-    proc_x: dict[int, torch.Tensor] = field(default_factory=dict)  # size -> (n_proc, 3, S, S) from the processes
-    proc_pos: dict[int, int] = field(default_factory=dict)  # row -> its index in proc_x (good rows only)
-    proc_dims: np.ndarray | None = None  # (n_proc, 2) decoded (height, width) of the process rows
-    n_proc: int = 0
-
-
-class _Pinned:
-    """A ring of pinned host buffers for host -> device copies; a buffer is reused only after the copy
-    that last read it has finished (its event)."""
-
-    def __init__(self, n: int = 4) -> None:
-        self.bufs: list[torch.Tensor | None] = [None] * n
-        self.events: list[Any] = [None] * n
-        self.i = 0
-
-    def reserve(self, nbytes: int) -> tuple[int, torch.Tensor]:
-        i, self.i = self.i, (self.i + 1) % len(self.bufs)
-        if self.events[i] is not None:
-            self.events[i].synchronize()
-            self.events[i] = None
-        buf = self.bufs[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1 << 22) * 5 // 4, dtype=torch.uint8, pin_memory=True)
-            self.bufs[i] = buf
-        return i, buf
-
-    def send(self, i: int, nbytes: int, device: torch.device) -> torch.Tensor:
-        """Copy the first nbytes of buffer i to the device (current stream, asynchronous)."""
-        dev = self.bufs[i][:nbytes].to(device, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        self.events[i] = ev
-        return dev
-
-    def upload(self, arrays: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        total = sum(int(a.numel()) for a in arrays)
-        i, buf = self.reserve(total)
-        offs, off = [], 0
-        for a in arrays:
-            m = int(a.numel())
-            buf[off:off + m].view(a.shape).copy_(a)
-            offs.append(off)
-            off += m
-        dev = self.send(i, total, device)
-        return [dev[o:o + int(a.numel())].view(a.shape) for o, a in zip(offs, arrays)]
-
-
-def _cv2():
-    try:
-        import cv2
-
-        return cv2
-    except Exception:  # noqa: BLE001 - no OpenCV: torchvision's CPU decoder instead
-        return None
-
-
-def _decode_into(rows: Sequence[int], payloads: Sequence[Payload], dims: dict[int, tuple[int, int]],
-                 offsets: dict[int, int], out: np.ndarray) -> list[int]:
-    """Decode plain JPEGs with libjpeg-turbo straight into ``out`` (a pinned staging buffer) as HxWx3 RGB
-    at ``offsets``; returns the rows that failed. OpenCV releases the GIL while it decodes, so these
-    jobs run in parallel on the CPU threads (torchvision's CPU decoder does not)."""
-    cv2 = _cv2()
-    failed = []
-    for i in rows:
-        h, w = dims[i]
-        view = out[offsets[i]:offsets[i] + h * w * 3].reshape(h, w, 3)
-        try:
-            if cv2 is not None:
-                bgr = cv2.imdecode(np.frombuffer(payloads[i], np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-                if bgr is None or bgr.shape != (h, w, 3):
-                    failed.append(i)
-                    continue
-                res = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=view)
-                if not np.shares_memory(res, view):
-                    view[...] = res
-            else:
-                from torchvision.io import ImageReadMode, decode_jpeg
-
-                t = decode_jpeg(torch.frombuffer(payloads[i], dtype=torch.uint8), mode=ImageReadMode.RGB)
-                if tuple(t.shape) != (3, h, w):
-                    failed.append(i)
-                    continue
-                view[...] = t.permute(1, 2, 0).numpy()
-        except Exception:  # noqa: BLE001 - the exact CPU path decides
-            failed.append(i)
-    return failed
-
-
-def nvimgcodec_available() -> bool:
-    """Whether nvImageCodec's Python package (``nvidia-nvimgcodec-cu13``) can be imported."""
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, or its libraries do not load
-        return False
-    return True
-
-
-class NvImgCodecDecoder:
-    """Batched JPEG decoding with nvImageCodec (optional: ``pip install 'roadcascade[nvimgcodec]'``).
-
-    A batch is split inside the library between the GPU's hardware JPEG engines (``hw_share`` of it) and
-    libjpeg-turbo on its own CPU threads; the Python GIL is released while it decodes, so a decode worker
-    in nvImageCodec does not stop the thread running the model. Output: planar RGB (3, H, W) uint8 tensors
-    on the device (zero-copy views of nvImageCodec's buffers), ready in order on ``stream``; ``None`` for an
-    image it could not decode (the caller sends those to the CPU path). On the H100 its pixels were
-    identical to PIL's (libjpeg-turbo) for the benchmark images (docs/GPU.md). One decoder serves all
-    threads (calls are serialised: two concurrent decoders were slower than one, measured)."""
-
-    def __init__(self, device: torch.device, hw_share: float = 0.7, threads: int = 0):
-        try:
-            from nvidia import nvimgcodec as nv
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError("nvImageCodec is not installed: pip install 'roadcascade[nvimgcodec]' "
-                               f"(nvidia-nvimgcodec-cu13 and nvidia-nvjpeg), or use gpu_decoder='torchvision' ({e})") from e
-        import os
-
-        K = nv.BackendKind
-        backends = [nv.Backend(K.HW_GPU_ONLY, load_hint=hw_share), nv.Backend(K.CPU_ONLY)] if hw_share > 0 \
-            else [nv.Backend(K.CPU_ONLY)]
-        threads = threads or max(1, (os.cpu_count() or 2) - 1)
-        self.device = device
-        self._dec = nv.Decoder(device_id=device.index or 0, max_num_cpu_threads=threads, backends=backends)
-        self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
-                                       sample_format=nv.SampleFormat.P_RGB)
-        self._lock = threading.Lock()
-        self.version = getattr(nv, "__version__", "?")
-
-    def close(self) -> None:
-        """Release the decoder and its CPU threads (an idle decoder left alive slowed other decoders down)."""
-        with self._lock:
-            dec, self._dec = self._dec, None
-        if dec is not None:
-            try:
-                dec.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-
-    def decode(self, datas: Sequence[bytes], stream: Any) -> list[torch.Tensor | None]:
-        with self._lock:
-            if self._dec is None:
-                raise RuntimeError("the nvImageCodec decoder was closed")
-            imgs = self._dec.decode([d if isinstance(d, bytes) else bytes(d) for d in datas], params=self._params,
-                                    cuda_stream=stream.cuda_stream)
-        out: list[torch.Tensor | None] = []
-        for im in imgs:
-            if im is None:
-                out.append(None)
-                continue
-            t = torch.as_tensor(im, device=self.device)
-            out.append(t if t.dim() == 3 and t.shape[0] == 3 and t.dtype == torch.uint8 else None)
+            out.append(Prediction(probability=p, label=int(p > 0.5), trace=self.trace(i), calibrated=float(self.calibrated[i])))
         return out
 
 
 # ============================================================================ the runtime
-
-
-def _stop_mask(rule: Rule, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray, feats: list) -> np.ndarray:
-    try:
-        from .rules import stop_mask
-    except ImportError:  # pragma: no cover - rules.py absent: the base rules only
-        stop_mask = None
-    if stop_mask is not None:
-        return stop_mask(rule, folded, logits, probs, feats)
-    if isinstance(rule, FinalRule):
-        return np.ones(len(folded), dtype=bool)
-    if isinstance(rule, ConfidenceRule):
-        return np.abs(folded - 0.5) >= rule.tau
-    states = [ImageState(image=np.zeros((1, 1, 3), np.uint8), logits=list(logits[i]), probs=list(probs[i]),
-                         features=[None if f is None else f[i] for f in feats]) for i in range(len(folded))]
-    return np.asarray(rule.stop(folded, states), dtype=bool)
 
 
 class GpuCascade:
@@ -857,8 +149,9 @@ class GpuCascade:
     Cascade.predict-compatible objects.
 
     Payloads are encoded image bytes (anything :func:`decode_bytes` takes) or HxWx3 uint8 arrays.
-    Tiers other than :class:`ClassifierTier` (test-time scaling, detectors) run through their own
-    ``run``/``run_states`` on the decoded images, on their own device, as in Cascade.run_stage.
+    A tier whose :meth:`~roadcascade.cascade.Tier.caps` give a ``tensor_input`` runs as a compiled engine on
+    device-resized pixels; any other (test-time scaling, detectors) runs its own ``run``/``run_after`` on the
+    decoded images, on their own device, as in Cascade.run_stage.
     """
 
     def __init__(self, cascade: Cascade, device: str | torch.device | None = None, config: GpuConfig | None = None,
@@ -875,15 +168,15 @@ class GpuCascade:
             self.cfg = _replace(self.cfg, compile=False, graphs=False, decode="cpu", fold_bn=False)
         if self.cfg.procs == -1:
             self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda else 0)
-        self.engines: list[_ClassifierEngine | None] = []
+        self.engines: list[ClassifierEngine | None] = []
         for k, tier in enumerate(cascade.tiers):
-            # a tier that pools over square views of non-square images runs its own code (the generic path)
-            if type(tier) is ClassifierTier and tier.squares == 1:
+            # a tier that is one model on one resized tensor gets an engine; any other runs its own code
+            if tier.caps().tensor_input is not None:
                 comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
-                self.engines.append(_ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
+                self.engines.append(ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
             else:
                 self.engines.append(None)
-        self.rule_names = [("final" if k == cascade.n_stages - 1 else e.rule.kind) for k, e in enumerate(cascade.exits)]
+        self.rule_names = [exit_rule_name(e, k == cascade.n_stages - 1) for k, e in enumerate(cascade.exits)]
         self._local = threading.local()
         self._cpu_pool = ThreadPoolExecutor(max(1, self.cfg.cpu_threads), thread_name_prefix="rc-gpu-cpudec")
         self._workers = ThreadPoolExecutor(max(1, self.cfg.decode_workers), thread_name_prefix="rc-gpu-prep")
@@ -975,7 +268,7 @@ class GpuCascade:
     def _state(self):
         st = self._local
         if not hasattr(st, "pinned"):
-            st.pinned = _Pinned() if self.cuda else None
+            st.pinned = Pinned() if self.cuda else None
             st.stream = torch.cuda.Stream(self.device) if self.cuda else None
         return st
 
@@ -1002,7 +295,7 @@ class GpuCascade:
         step = math.ceil(len(rows) / k)
         return [self._cpu_pool.submit(fn, rows[j:j + step], payloads) for j in range(0, len(rows), step)]
 
-    def _decode(self, payloads: Sequence[Payload], inline: bool = False) -> _Decoded:
+    def _decode(self, payloads: Sequence[Payload], inline: bool = False) -> Decoded:
         """Parse, route, decode and make the first tier's input. Runs in a worker (or the caller)."""
         t0 = time.perf_counter()
         n = len(payloads)
@@ -1028,7 +321,7 @@ class GpuCascade:
             raise
 
     def _decode_rest(self, payloads: Sequence[Payload], inline: bool, t0: float, st, rest: Iterable[int],
-                     proc_rows: list[int], job, first_input: bool = True) -> _Decoded:
+                     proc_rows: list[int], job, first_input: bool = True) -> Decoded:
         n = len(payloads)
         dims: dict[int, tuple[int, int]] = {}  # plain JPEGs: nvJPEG, or libjpeg-turbo on the CPU threads
         exact_rows: list[int] = []  # everything else: images.decode_bytes / decode_any (the CPU path)
@@ -1062,11 +355,11 @@ class GpuCascade:
                 slot, buf = st.pinned.reserve(off)
                 out = buf.numpy()
                 if inline and len(fast_rows) <= 2:
-                    fast_futs = [_decode_into(fast_rows, payloads, dims, offsets, out)]
+                    fast_futs = [decode_into(fast_rows, payloads, dims, offsets, out)]
                 else:
                     k = max(1, min(self.cfg.cpu_threads, math.ceil(len(fast_rows) / 4)))
                     step = math.ceil(len(fast_rows) / k)
-                    fast_futs = [self._cpu_pool.submit(_decode_into, fast_rows[j:j + step], payloads, dims, offsets, out)
+                    fast_futs = [self._cpu_pool.submit(decode_into, fast_rows[j:j + step], payloads, dims, offsets, out)
                                  for j in range(0, len(fast_rows), step)]
                 fast_total = off
             fut_exact = self._map_cpu(self._cpu_exact, exact_rows, payloads, inline and len(exact_rows) <= 2)
@@ -1126,7 +419,7 @@ class GpuCascade:
                     else:
                         proc_pos[i] = j
             good = np.array([i for i in range(n) if images[i] is not None or i in proc_pos], dtype=np.int64)
-            dec = _Decoded(n=n, images=images, host=host, errors=errors, good=good, x0=None,
+            dec = Decoded(n=n, images=images, host=host, errors=errors, good=good, x0=None,
                            n_gpu=len(gpu_rows), n_cpu=len(exact_rows) + len(fast_rows) - len(failed),
                            payloads=payloads, proc_x=proc_x, proc_pos=proc_pos, proc_dims=proc_dims,
                            n_proc=len(proc_pos))
@@ -1161,7 +454,7 @@ class GpuCascade:
             return None
         return resize_images(imgs, size, self.device)
 
-    def _gather(self, dec: _Decoded, rows: np.ndarray, k: int) -> torch.Tensor | None:
+    def _gather(self, dec: Decoded, rows: np.ndarray, k: int) -> torch.Tensor | None:
         """Tier k's input (len(rows), 3, S, S) uint8 for the given good rows: rows decoded in this process are
         resized on the device, rows from the decode processes come resized already."""
         size = self._input_size(k)
@@ -1188,7 +481,7 @@ class GpuCascade:
             out.index_copy_(0, torch.from_numpy(theirs).to(self.device), src)
         return out
 
-    def _fill_images(self, dec: _Decoded, rows: np.ndarray) -> None:
+    def _fill_images(self, dec: Decoded, rows: np.ndarray) -> None:
         """Decoded images for process rows (the processes return the first tier's input only): an image that
         was already that size is that input (exact); the others are decoded again here, on this thread's
         stream, which the current stream then waits for."""
@@ -1217,7 +510,7 @@ class GpuCascade:
 
     # -- the cascade loop ---------------------------------------------------------------------
 
-    def _compute(self, dec: _Decoded) -> BatchResult:
+    def _compute(self, dec: Decoded) -> BatchResult:
         n, K = dec.n, self.cascade.n_stages
         L = np.full((n, K), np.nan)
         P = np.full((n, K), np.nan)
@@ -1251,41 +544,28 @@ class GpuCascade:
                     P[active, k] = tier.calibrator.calibrated(z)
                     G[active, k] = tier.gflops
                 else:
-                    out = self._run_other(k, tier, dec, active, L, P, feats)
+                    out = self._run_other(k, tier, dec, active, L)
                     L[active, k] = np.asarray(out.logits, dtype=np.float64)
                     P[active, k] = np.asarray(out.prob, dtype=np.float64)
                     G[active, k] = tier.gflops if out.gflops is None else np.asarray(out.gflops, dtype=np.float64)
                     if out.features is not None:
                         for j, i in enumerate(active):
                             feats[k][int(i)] = np.asarray(out.features[j])
-                ext = self.cascade.exits[k]
-                fused = ext.fusion.prob(L[active, :k + 1], P[active, :k + 1])
-                folded = fold(fused, ext.threshold)
-                last = k == K - 1
-                if last:
-                    stop = np.ones(len(active), dtype=bool)
-                else:
-                    flist = []
-                    for t in range(k + 1):
-                        if all(int(i) in feats[t] for i in active):
-                            flist.append(np.stack([np.asarray(feats[t][int(i)], dtype=np.float64).reshape(-1)
-                                                   for i in active]))
-                        else:
-                            flist.append(None)
-                    stop = _stop_mask(ext.rule, folded, L[active, :k + 1], P[active, :k + 1], flist)
-                prob[active] = folded
-                cal[active] = fused
-                ex[active[stop]] = k
-                active = active[~stop]
+                flist = stack_features([[feats[t].get(int(i)) for i in active] for t in range(k + 1)])
+                d = decide(self.cascade.exits[k], L[active, :k + 1], P[active, :k + 1], flist, last=k == K - 1)
+                prob[active] = d.probability
+                cal[active] = d.calibrated
+                ex[active[d.stop]] = k
+                active = active[~d.stop]
                 tier_ms[k] = (time.perf_counter() - t0) * 1e3
         return BatchResult(probability=np.clip(prob, 0.0, 1.0), calibrated=cal, exit=ex, logits=L, probs=P, gflops=G,
                            errors=dec.errors, tier_ms=tier_ms, decode_ms=dec.decode_ms, n_gpu_decoded=dec.n_gpu,
                            n_cpu_decoded=dec.n_cpu, n_proc_decoded=dec.n_proc, tier_names=self.tier_names, rule_names=self.rule_names,
                            features=feats)
 
-    def _run_other(self, k: int, tier, dec: _Decoded, active: np.ndarray, L, P, feats):
-        """A tier without a GPU engine: its own run/run_states on HxWx3 uint8 arrays, as run_stage does."""
-        states = []
+    def _run_other(self, k: int, tier, dec: Decoded, active: np.ndarray, L):
+        """A tier without a GPU engine: its own run/run_after on HxWx3 uint8 arrays, as run_stage does."""
+        images = []
         for i in active:
             i = int(i)
             img = dec.host.get(i)
@@ -1298,13 +578,8 @@ class GpuCascade:
                         raise got
                     img = got
                 dec.host[i] = img
-            s = ImageState(image=img, logits=[float(v) for v in L[i, :k]], probs=[float(v) for v in P[i, :k]],
-                           features=[feats[t].get(i) for t in range(k)])
-            s.trace.tiers = list(self.tier_names[:k])
-            s.trace.probs = {self.tier_names[t]: float(P[i, t]) for t in range(k)}
-            states.append(s)
-        run_states = getattr(tier, "run_states", None)
-        return run_states(states) if callable(run_states) else tier.run([s.image for s in states])
+            images.append(img)
+        return run_tier(tier, images, self.tier_names[:k], L[active, :k])
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -1362,18 +637,21 @@ def _replace(cfg: GpuConfig, **kw) -> GpuConfig:
 
 def maybe_gpu_cascade(cascade: Cascade, enabled: str = "auto", config: GpuConfig | None = None,
                       log: Callable[[str], None] | None = None, device: str | torch.device | None = None) -> GpuCascade | None:
-    """A GpuCascade when CUDA and the GPU decoder are there (``enabled``: auto | on | off), else None.
+    """The one place that chooses the runtime: a GpuCascade (the fast path) or None (the CPU runtime,
+    ``Cascade`` and the multi-stage batcher). ``eval``, ``serve`` and ``predict`` all ask it.
 
-    The hook for ``eval`` and ``serve``: ``gc = maybe_gpu_cascade(bundle.cascade)``; if not None, feed it
-    the request bytes (``gc.predict(payloads)``) instead of decoding and calling ``cascade.predict``.
-    The instance is cached on the cascade object."""
+    ``enabled``: ``on`` (the fast-path runtime, on the CPU when there is no CUDA), ``off``, or ``auto``
+    (the environment's ``ROADCASCADE_GPU`` decides if set, else: on when CUDA and the GPU JPEG decoder are
+    there and ``device`` is not ``cpu``). The instance is cached on the cascade object."""
     import os
 
-    enabled = os.environ.get("ROADCASCADE_GPU", enabled)
-    if enabled in ("off", "0", "false") or (enabled == "auto" and not gpu_available()):
+    if enabled == "auto":
+        enabled = os.environ.get("ROADCASCADE_GPU", "auto")
+    if enabled in ("off", "0", "false") or (enabled == "auto" and (str(device) == "cpu" or not gpu_available())):
         return None
     gc = getattr(cascade, "_gpu_cascade", None)
     if gc is None:
-        gc = GpuCascade(cascade, device=device, config=config, log=log)
+        gc = GpuCascade(cascade, device="cpu" if str(device) == "cpu" else None if device in (None, "auto") else device,
+                        config=config, log=log)
         cascade._gpu_cascade = gc  # type: ignore[attr-defined]
     return gc

@@ -74,10 +74,10 @@ def _read_dir(d: Path, limit: int | None = None) -> list[bytes]:
 
 
 def _pct(xs: list[float]) -> dict[str, float]:
+    from .metrics import percentiles
+
     a = np.asarray(xs, dtype=np.float64)
-    if len(a) == 0:
-        return {"p50": float("nan"), "p99": float("nan"), "mean": float("nan")}
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+    return {**percentiles(a, (50, 99)), "mean": float(a.mean()) if len(a) else float("nan")}
 
 
 def _batches(pool: list[bytes], b: int, start: int = 0):

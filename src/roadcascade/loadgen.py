@@ -25,11 +25,13 @@ import math
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from .metrics import percentiles as _percentiles
 
 ENDPOINTS = {"streetvision": "/streetvision", "predict": "/v1/predict"}
 MAX_REQUESTS_HARD = 2_000_000
@@ -271,11 +273,11 @@ class Sample:
 
 
 def percentiles(x: Sequence[float]) -> dict:
+    """n, mean, p50/p95/p99 and max of latencies (``{"n": 0}`` when there are none)."""
     a = np.asarray(x, dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
-    return {"n": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+    return {"n": int(a.size), "mean": float(a.mean()), **_percentiles(a), "max": float(a.max())}
 
 
 def summarize(samples: Sequence[Sample], elapsed: float, deadline_ms: float | None = None) -> dict:

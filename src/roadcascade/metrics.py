@@ -135,8 +135,10 @@ def summarize(y: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> Summary:
     )
 
 
-def percentiles(values_ms: np.ndarray) -> dict[str, float]:
-    v = np.asarray(values_ms, dtype=np.float64)
-    if len(v) == 0:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
-    return {k: float(np.percentile(v, q)) for k, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+def percentiles(values, qs=(50, 95, 99), empty: float | None = float("nan")) -> dict[str, float | None]:
+    """``{"p50": ..., "p95": ..., "p99": ...}`` (one key per q in ``qs``) of the values; ``empty`` for each
+    when there are none. The one percentile helper (eval, load generator, server metrics, GPU bench)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return {f"p{q}": empty for q in qs}
+    return {f"p{q}": float(np.percentile(v, q)) for q in qs}

@@ -48,11 +48,10 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import best_threshold, fold
-from .cascade import Cascade, ExitPoint, FinalRule, ImageState, Tier, TierOutput
+from .cascade import Cascade, ExitPoint, ImageState, Tier, TierOutput, state_arrays
+from .decision import decide
 from .fusion import make_fusion, out_of_fold
-from .rules import (
-    SEARCHABLE_RULES, DifficultyEstimator, difficulty_features, make_rule, rule_score, state_arrays, stop_mask,
-)
+from .rules import SEARCHABLE_RULES, DifficultyEstimator, FinalRule, difficulty_features, family_rules, make_rule, rule_score
 
 __all__ = [
     "TierTable",
@@ -383,9 +382,9 @@ class CascadePolicy:
     # ------------------------------------------------------------------------ fitting
 
     def _check_params(self, table: TierTable) -> None:
-        bad = [r for r in self.rules if r not in ("confidence", "margin", "entropy", "difficulty", "agreement")]
+        bad = [r for r in self.rules if r not in family_rules()]
         if bad:
-            raise ValueError(f"unknown rule kinds {bad}; searchable: confidence, difficulty, agreement (margin, entropy)")
+            raise ValueError(f"unknown rule kinds {bad}; searchable: {', '.join(family_rules())}")
         make_fusion(self.fusion)
         if self.orders not in ("cost", "given", "all"):
             raise ValueError(f"orders must be cost, given or all, not {self.orders!r}")
@@ -689,7 +688,7 @@ class ReplayResult:
 
 
 def replay(exits: Sequence[ExitPoint], seq: Sequence[int], table: TierTable) -> ReplayResult:
-    """Run a policy on cached tier outputs, with the runtime's semantics (Cascade.run_stage), vectorised."""
+    """Run a policy on cached tier outputs: the runtime's decision step (:func:`decide`), vectorised."""
     n = table.n
     seq = list(seq)
     alive = np.ones(n, dtype=bool)
@@ -704,10 +703,9 @@ def replay(exits: Sequence[ExitPoint], seq: Sequence[int], table: TierTable) -> 
         P = seq[: k + 1]
         L, Pr = table.logits[np.ix_(rows, P)], table.probs[np.ix_(rows, P)]
         feats = [None if table.features[t] is None else table.features[t][rows] for t in P]
-        folded = fold(e.fusion.prob(L, Pr), e.threshold)
-        stop = np.ones(len(rows), dtype=bool) if k == len(seq) - 1 else stop_mask(e.rule, folded, L, Pr, feats)
-        prob[rows] = folded  # the last value reached is kept, as in the runtime
-        done = rows[stop]
+        d = decide(e, L, Pr, feats, last=k == len(seq) - 1)
+        prob[rows] = d.probability  # the last value reached is kept, as in the runtime
+        done = rows[d.stop]
         ex_at[done], cost_g[done], cost_m[done] = k, cg[k][done], cm[k][done]
         alive[done] = False
     return ReplayResult(prob, prob > 0.5, ex_at, cost_g, cost_m)

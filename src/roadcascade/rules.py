@@ -1,23 +1,26 @@
-"""Deferral rules beyond confidence: margin, entropy, a learned difficulty estimator, tier agreement.
+"""Deferral rules: the rule interface, its one registry, and every generic rule.
 
-Each rule decides at one exit point which images may stop there (``Rule.stop``). Every rule here is
-also an :class:`ArrayRule`: the same decision as a pure function of arrays (``stop_arrays``), which
-the policy optimiser evaluates on cached val outputs; ``stop`` only gathers those arrays from the
-image states, so the optimiser and the runtime share one code path.
+A rule decides at one exit point which images may stop there: ``Rule.stop(folded, logits, probs,
+features)`` on arrays (the folded fused probability (n,), the per-tier logits and calibrated
+probabilities (n, k+1) of the tiers that ran, and per tier an (n, d) feature array or None). The
+runtime, the policy replay, the GPU path and the server all reach it through
+:func:`roadcascade.decision.decide`. A new rule is one class registered with ``@register_rule``.
 
-A rule is a one-parameter family ``stop iff score >= threshold`` (see :func:`rule_score`), which is
-how the optimiser searches it:
+A rule that is a one-parameter family ``stop iff score >= threshold`` (``family = True``) also gives
+the optimiser its score (``Rule.score``) and its member at a threshold (``Rule.at``); ``searchable``
+marks the families the optimiser searches by default (:data:`SEARCHABLE_RULES`):
 
 ========== ============================================== ========================================
 kind       score                                          parameter
 ========== ============================================== ========================================
-confidence ``|folded - 0.5|``                             ``tau`` = threshold (cascade.ConfidenceRule)
+confidence ``|folded - 0.5|``                             ``tau`` = threshold
 margin     ``|logit(folded)|``                            ``m`` = threshold
 entropy    ``-H(folded)`` (bits)                          ``h`` = -threshold
 difficulty ``-P(answer wrong | features)``                ``max_risk`` = -threshold
 agreement  ``-|u_a - u_b|`` if the last two tiers decide   ``tol`` = -threshold
            alike, else -inf (``u`` = a tier's folded logit)
 never      -inf (never stops; used to run every tier)     none
+final      (the last exit: every image stops)             none
 ========== ============================================== ========================================
 
 For one binary answer, margin and entropy order images exactly as confidence does (each is a
@@ -29,17 +32,24 @@ test-time-scaling tier's view dispersion), and the two last tiers' separate deci
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
 from .calibration import logit
-from .cascade import ConfidenceRule, FinalRule, ImageState, Rule, register_rule
 from .fusion import LogisticModel, fit_logistic
+from .registry import registry
+
+RULES, register_rule = registry()
 
 __all__ = [
-    "ArrayRule",
+    "Rule",
+    "RULES",
+    "register_rule",
+    "FinalRule",
+    "ConfidenceRule",
     "MarginRule",
     "EntropyRule",
     "AgreementRule",
@@ -47,17 +57,60 @@ __all__ = [
     "DifficultyEstimator",
     "NeverRule",
     "binary_entropy",
+    "per_image",
     "difficulty_features",
     "agreement_gap",
-    "state_arrays",
-    "stop_mask",
     "rule_score",
     "make_rule",
+    "family_rules",
     "SEARCHABLE_RULES",
 ]
 
 
+# ----------------------------------------------------------------------------- the interface
+
+
+class Rule(ABC):
+    """Decides, at one exit point, which images may stop there."""
+
+    kind: ClassVar[str]
+    family: ClassVar[bool] = False  # a one-parameter family: ``score`` and ``at`` are defined
+    searchable: ClassVar[bool] = False  # searched by the policy optimiser by default
+
+    @abstractmethod
+    def stop(self, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray,
+             features: Sequence[np.ndarray | None] = ()) -> np.ndarray:
+        """Boolean (n,): True where the image stops. logits/probs: (n, k+1) of the tiers that ran."""
+
+    @classmethod
+    def score(cls, folded: np.ndarray, probs: np.ndarray | None = None, tier_thresholds: Sequence[float] = (),
+              risk: np.ndarray | None = None) -> np.ndarray:
+        """The family's score: its upper level sets are the rule's stop sets (``stop iff score >= threshold``)."""
+        raise ValueError(f"no score for rule kind {cls.kind!r}")
+
+    @classmethod
+    def at(cls, threshold: float, tier_thresholds: Sequence[float] = (),
+           estimator: "DifficultyEstimator | None" = None) -> "Rule":
+        """The member of the family whose stop set is ``{score >= threshold}``."""
+        raise ValueError(f"rule kind {cls.kind!r} is not a one-parameter family")
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Rule":
+        return cls()
+
+
 # ----------------------------------------------------------------------------- pure pieces
+
+
+def per_image(a, n: int) -> np.ndarray:
+    """``a`` as float64 rows, one per image: (n, d) (a 1-D array is one column; n = 0 keeps d)."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 1:
+        return a.reshape(n, -1) if n else a.reshape(0, 1)
+    return a.reshape(n, -1) if n else a.reshape(0, a.shape[-1])
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
@@ -85,7 +138,7 @@ def difficulty_features(folded: np.ndarray, logits: np.ndarray, probs: np.ndarra
     calibrated logits, the mean distance of those from the fused logit, and every tier feature
     vector that the tiers provided (in tier order)."""
     folded = np.asarray(folded, dtype=np.float64)
-    P = np.asarray(probs, dtype=np.float64).reshape(len(folded), -1)
+    P = per_image(probs, len(folded))
     c = logit(P)
     fused_logit = logit(folded)
     cols = [
@@ -95,84 +148,86 @@ def difficulty_features(folded: np.ndarray, logits: np.ndarray, probs: np.ndarra
         np.abs(c - c.mean(axis=1, keepdims=True)).mean(axis=1),
     ]
     X = np.column_stack(cols)
-    extra = [np.asarray(f, dtype=np.float64).reshape(len(folded), -1) for f in features if f is not None]
+    extra = [per_image(f, len(folded)) for f in features if f is not None]
     return np.hstack([X, *extra]) if extra else X
-
-
-def state_arrays(states: Sequence[ImageState]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
-    """(logits (n, k+1), probs (n, k+1), per-tier features (n, d) or None) of states at one stage."""
-    n = len(states)
-    k1 = len(states[0].logits) if n else 0
-    logits = np.array([s.logits for s in states], dtype=np.float64).reshape(n, k1)
-    probs = np.array([s.probs for s in states], dtype=np.float64).reshape(n, k1)
-    feats: list[np.ndarray | None] = []
-    for t in range(k1):
-        if n and all(s.features[t] is not None for s in states):
-            feats.append(np.stack([np.asarray(s.features[t], dtype=np.float64).reshape(-1) for s in states]))
-        else:
-            feats.append(None)
-    return logits, probs, feats
 
 
 # ----------------------------------------------------------------------------- rules
 
 
-class ArrayRule(Rule):
-    """A rule that is a pure function of arrays; ``stop`` gathers them from the states."""
+@register_rule
+class FinalRule(Rule):
+    """The last exit: every image stops."""
 
-    @abstractmethod
-    def stop_arrays(self, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray,
-                    features: Sequence[np.ndarray | None] = ()) -> np.ndarray:
-        """Boolean (n,): True where the image stops. logits/probs: (n, k+1) of the tiers that ran."""
+    kind = "final"
 
-    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
-        if len(states) == 0:
-            return np.zeros(0, dtype=bool)
-        logits, probs, feats = state_arrays(states)
-        return np.asarray(self.stop_arrays(np.asarray(folded, dtype=np.float64), logits, probs, feats), dtype=bool)
-
-
-def stop_mask(rule: Rule, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray,
-              features: Sequence[np.ndarray | None] = ()) -> np.ndarray:
-    """Any rule's decision on arrays (the base rules of cascade.py included)."""
-    folded = np.asarray(folded, dtype=np.float64)
-    if isinstance(rule, ArrayRule):
-        return np.asarray(rule.stop_arrays(folded, logits, probs, features), dtype=bool)
-    if isinstance(rule, FinalRule):
+    def stop(self, folded, logits, probs, features=()):
         return np.ones(len(folded), dtype=bool)
-    if isinstance(rule, ConfidenceRule):
-        return np.abs(folded - 0.5) >= rule.tau
-    # any other rule: through states built from the arrays
-    L, P = np.asarray(logits).reshape(len(folded), -1), np.asarray(probs).reshape(len(folded), -1)
-    states = []
-    for i in range(len(folded)):
-        s = ImageState(image=np.zeros((1, 1, 3), np.uint8), logits=list(L[i]), probs=list(P[i]),
-                       features=[None if f is None else f[i] for f in (list(features) or [None] * L.shape[1])])
-        states.append(s)
-    return np.asarray(rule.stop(folded, states), dtype=bool)
 
 
 @register_rule
-class NeverRule(ArrayRule):
+class ConfidenceRule(Rule):
+    """Stop when the folded probability is at least ``tau`` away from 0.5 on either side."""
+
+    kind = "confidence"
+    family = searchable = True
+
+    def __init__(self, tau: float):
+        self.tau = float(tau)
+
+    def stop(self, folded, logits, probs, features=()):
+        return np.abs(np.asarray(folded, dtype=np.float64) - 0.5) >= self.tau
+
+    @classmethod
+    def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
+        return np.abs(np.asarray(folded, dtype=np.float64) - 0.5)
+
+    @classmethod
+    def at(cls, threshold, tier_thresholds=(), estimator=None):
+        return cls(threshold)
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind, "tau": self.tau}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ConfidenceRule":
+        return cls(cfg["tau"])
+
+
+@register_rule
+class NeverRule(Rule):
     """Never stops early: every image goes on to the next tier (the full ensemble's exits)."""
 
     kind = "never"
 
-    def stop_arrays(self, folded, logits, probs, features=()):
+    def stop(self, folded, logits, probs, features=()):
         return np.zeros(len(folded), dtype=bool)
+
+    @classmethod
+    def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
+        return np.full(len(folded), -np.inf)
 
 
 @register_rule
-class MarginRule(ArrayRule):
+class MarginRule(Rule):
     """Stop when the fused answer's logit margin ``|logit(folded)|`` is at least ``m``."""
 
     kind = "margin"
+    family = True
 
     def __init__(self, m: float):
         self.m = float(m)
 
-    def stop_arrays(self, folded, logits, probs, features=()):
+    def stop(self, folded, logits, probs, features=()):
         return np.abs(logit(folded)) >= self.m
+
+    @classmethod
+    def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
+        return np.abs(logit(folded))
+
+    @classmethod
+    def at(cls, threshold, tier_thresholds=(), estimator=None):
+        return cls(threshold)
 
     def to_config(self) -> dict:
         return {"kind": self.kind, "m": self.m}
@@ -183,16 +238,25 @@ class MarginRule(ArrayRule):
 
 
 @register_rule
-class EntropyRule(ArrayRule):
+class EntropyRule(Rule):
     """Stop when the fused answer's binary entropy is at most ``h`` bits."""
 
     kind = "entropy"
+    family = True
 
     def __init__(self, h: float):
         self.h = float(h)
 
-    def stop_arrays(self, folded, logits, probs, features=()):
+    def stop(self, folded, logits, probs, features=()):
         return binary_entropy(folded) <= self.h
+
+    @classmethod
+    def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
+        return -binary_entropy(folded)
+
+    @classmethod
+    def at(cls, threshold, tier_thresholds=(), estimator=None):
+        return cls(-threshold)
 
     def to_config(self) -> dict:
         return {"kind": self.kind, "h": self.h}
@@ -200,36 +264,6 @@ class EntropyRule(ArrayRule):
     @classmethod
     def from_config(cls, cfg: dict) -> "EntropyRule":
         return cls(cfg["h"])
-
-
-@register_rule
-class AgreementRule(ArrayRule):
-    """Speculative-cascade style: stop when the last two tiers give the same decision and their
-    folded logits are within ``tol`` of each other (compares two tiers' scores, not one confidence).
-
-    ``thresholds`` are the two tiers' own decision thresholds on their calibrated probabilities.
-    At the first exit (one tier ran) nothing stops."""
-
-    kind = "agreement"
-
-    def __init__(self, tol: float, thresholds: Sequence[float] = (0.5, 0.5)):
-        if len(thresholds) != 2:
-            raise ValueError("AgreementRule needs the two tiers' thresholds")
-        self.tol = float(tol)
-        self.thresholds = (float(thresholds[0]), float(thresholds[1]))
-
-    def stop_arrays(self, folded, logits, probs, features=()):
-        P = np.asarray(probs, dtype=np.float64).reshape(len(folded), -1)
-        if P.shape[1] < 2:
-            return np.zeros(len(folded), dtype=bool)
-        return agreement_gap(P[:, -2], P[:, -1], *self.thresholds) <= self.tol
-
-    def to_config(self) -> dict:
-        return {"kind": self.kind, "tol": self.tol, "thresholds": list(self.thresholds)}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "AgreementRule":
-        return cls(cfg["tol"], cfg.get("thresholds", (0.5, 0.5)))
 
 
 class DifficultyEstimator:
@@ -264,10 +298,11 @@ class DifficultyEstimator:
 
 
 @register_rule
-class DifficultyRule(ArrayRule):
+class DifficultyRule(Rule):
     """Stop when the learned estimate of P(current answer is wrong) is at most ``max_risk``."""
 
     kind = "difficulty"
+    family = searchable = True
 
     def __init__(self, max_risk: float, estimator: DifficultyEstimator):
         self.max_risk = float(max_risk)
@@ -276,8 +311,20 @@ class DifficultyRule(ArrayRule):
     def risk(self, folded, logits, probs, features=()) -> np.ndarray:
         return self.estimator.predict_proba(difficulty_features(folded, logits, probs, features))
 
-    def stop_arrays(self, folded, logits, probs, features=()):
+    def stop(self, folded, logits, probs, features=()):
         return self.risk(folded, logits, probs, features) <= self.max_risk
+
+    @classmethod
+    def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
+        if risk is None:
+            raise ValueError("difficulty score needs the estimated risk")
+        return -np.asarray(risk, dtype=np.float64)
+
+    @classmethod
+    def at(cls, threshold, tier_thresholds=(), estimator=None):
+        if estimator is None:
+            raise ValueError("a difficulty rule needs its fitted estimator")
+        return cls(-threshold, estimator)
 
     def to_config(self) -> dict:
         return {"kind": self.kind, "max_risk": self.max_risk, "estimator": self.estimator.to_dict()}
@@ -287,49 +334,72 @@ class DifficultyRule(ArrayRule):
         return cls(cfg["max_risk"], DifficultyEstimator.from_dict(cfg["estimator"]))
 
 
-#: rule families the policy optimiser searches (margin and entropy order images as confidence does)
-SEARCHABLE_RULES: tuple[str, ...] = ("confidence", "difficulty", "agreement")
+@register_rule
+class AgreementRule(Rule):
+    """Speculative-cascade style: stop when the last two tiers give the same decision and their
+    folded logits are within ``tol`` of each other (compares two tiers' scores, not one confidence).
+
+    ``thresholds`` are the two tiers' own decision thresholds on their calibrated probabilities.
+    At the first exit (one tier ran) nothing stops."""
+
+    kind = "agreement"
+    family = searchable = True
+
+    def __init__(self, tol: float, thresholds: Sequence[float] = (0.5, 0.5)):
+        if len(thresholds) != 2:
+            raise ValueError("AgreementRule needs the two tiers' thresholds")
+        self.tol = float(tol)
+        self.thresholds = (float(thresholds[0]), float(thresholds[1]))
+
+    def stop(self, folded, logits, probs, features=()):
+        P = per_image(probs, len(folded))
+        if P.shape[1] < 2:
+            return np.zeros(len(folded), dtype=bool)
+        return agreement_gap(P[:, -2], P[:, -1], *self.thresholds) <= self.tol
+
+    @classmethod
+    def score(cls, folded, probs=None, tier_thresholds=(), risk=None):
+        P = per_image(probs, len(folded))
+        if P.shape[1] < 2:
+            return np.full(len(folded), -np.inf)
+        return -agreement_gap(P[:, -2], P[:, -1], tier_thresholds[-2], tier_thresholds[-1])
+
+    @classmethod
+    def at(cls, threshold, tier_thresholds=(), estimator=None):
+        return cls(-threshold, tuple(tier_thresholds[-2:]))
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind, "tol": self.tol, "thresholds": list(self.thresholds)}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "AgreementRule":
+        return cls(cfg["tol"], cfg.get("thresholds", (0.5, 0.5)))
+
+
+def family_rules() -> tuple[str, ...]:
+    """Every one-parameter rule family (what the policy optimiser can search), in registry order."""
+    return tuple(k for k, c in RULES.items() if c.family)
+
+
+#: rule families the policy optimiser searches by default (margin and entropy order images as confidence does)
+SEARCHABLE_RULES: tuple[str, ...] = tuple(k for k, c in RULES.items() if c.searchable)
+
+
+def _rule_class(kind: str) -> type[Rule]:
+    if kind not in RULES:
+        raise ValueError(f"unknown rule kind {kind!r}; known: {', '.join(sorted(RULES))}")
+    return RULES[kind]
 
 
 def rule_score(kind: str, folded: np.ndarray, probs: np.ndarray | None = None,
                tier_thresholds: Sequence[float] = (), risk: np.ndarray | None = None) -> np.ndarray:
     """The score whose upper level sets are the rule's stop sets (``stop iff score >= threshold``)."""
-    folded = np.asarray(folded, dtype=np.float64)
-    if kind == "confidence":
-        return np.abs(folded - 0.5)
-    if kind == "margin":
-        return np.abs(logit(folded))
-    if kind == "entropy":
-        return -binary_entropy(folded)
-    if kind == "difficulty":
-        if risk is None:
-            raise ValueError("difficulty score needs the estimated risk")
-        return -np.asarray(risk, dtype=np.float64)
-    if kind == "agreement":
-        P = np.asarray(probs, dtype=np.float64).reshape(len(folded), -1)
-        if P.shape[1] < 2:
-            return np.full(len(folded), -np.inf)
-        return -agreement_gap(P[:, -2], P[:, -1], tier_thresholds[-2], tier_thresholds[-1])
-    if kind == "never":
-        return np.full(len(folded), -np.inf)
-    raise ValueError(f"no score for rule kind {kind!r}")
+    return _rule_class(kind).score(np.asarray(folded, dtype=np.float64), probs, tier_thresholds, risk)
 
 
 def make_rule(kind: str, threshold: float, tier_thresholds: Sequence[float] = (),
               estimator: DifficultyEstimator | None = None) -> Rule:
-    """The rule whose stop set is ``{score >= threshold}`` for :func:`rule_score`."""
+    """The rule whose stop set is ``{score >= threshold}`` for :func:`rule_score` (+inf: never stops)."""
     if kind == "never" or (np.isinf(threshold) and threshold > 0):
         return NeverRule()
-    if kind == "confidence":
-        return ConfidenceRule(threshold)
-    if kind == "margin":
-        return MarginRule(threshold)
-    if kind == "entropy":
-        return EntropyRule(-threshold)
-    if kind == "difficulty":
-        if estimator is None:
-            raise ValueError("a difficulty rule needs its fitted estimator")
-        return DifficultyRule(-threshold, estimator)
-    if kind == "agreement":
-        return AgreementRule(-threshold, tuple(tier_thresholds[-2:]))
-    raise ValueError(f"unknown rule kind {kind!r}")
+    return _rule_class(kind).at(threshold, tier_thresholds, estimator)

@@ -5,7 +5,6 @@ Writes a stage-1 bundle (a cascade of one classifier tier)."""
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from .challenge import ChallengeConfig, challenge_view, challenge_views
 from .data import Dataset, open_dataset
 from .metrics import auroc
 from .preprocess import normalize, pick_device, resize_square
+from .schedule import ema_update, lr_at
 from .zoo import create_model, get_spec, gflops
 
 Progress = Callable[[str, int, int], None]
@@ -87,27 +87,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return base * (step + 1) / max(1, warmup)
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
 def smooth_targets(y: torch.Tensor, eps: float) -> torch.Tensor:
     return y * (1.0 - eps) + 0.5 * eps
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    """One EMA step of ``ema`` towards ``model`` (decay warmed up over the first steps; buffers copied)."""
-    d = min(decay, (1 + step) / (10 + step))
-    for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-        if pe.dtype.is_floating_point:
-            pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-        else:
-            pe.copy_(pm)
 
 
 def augment(img: np.ndarray, rng: np.random.Generator, size: int, clean_prob: float, style_p: float = 0.0,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .calibration import TemperatureCalibrator, logit
-from .cascade import ClassifierTier, ImageState, Tier, TierOutput, register_tier
+from .cascade import ClassifierTier, Tier, TierCaps, TierOutput, register_tier
 from .fusion import LogisticModel, fit_logistic, group_folds
 from .preprocess import to_batch
 
@@ -383,14 +383,15 @@ class TTATier(Tier):
         W = view_weights(self.verifier_, V, z_thr)
         return self._outputs(V, W, counts, reused, ms=(time.perf_counter() - t0) * 1e3)
 
-    def run_states(self, states: Sequence[ImageState]) -> TierOutput:
+    def run_after(self, images: Sequence[np.ndarray], names: Sequence[str], logits: np.ndarray) -> TierOutput:
         """The cascade's entry point: reuses the base tier's logit where it already ran on the image."""
-        ident = np.full(len(states), np.nan)
-        if self.reuse:
-            for i, s in enumerate(states):
-                if self.base.name in s.trace.tiers:
-                    ident[i] = s.logits[s.trace.tiers.index(self.base.name)]
-        return self.run([s.image for s in states], identity=ident)
+        ident = np.full(len(images), np.nan)
+        if self.reuse and self.base.name in names:
+            ident = np.asarray(logits, dtype=np.float64).reshape(len(images), -1)[:, list(names).index(self.base.name)]
+        return self.run(images, identity=ident)
+
+    def caps(self) -> TierCaps:
+        return TierCaps(gflops=float(self.gflops), decode_size=self.decode_size(), reads_earlier=self.reuse)
 
     # -- bundle ----------------------------------------------------------------------------------
 

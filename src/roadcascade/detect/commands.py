@@ -14,13 +14,12 @@ from typing import Optional
 
 import typer
 
+from ..console import console, progress_bar
 from . import tier as _tier  # noqa: F401  (registers tier kind "detector" and rule "cone_verify")
 from . import yolox as _yolox  # noqa: F401  (registers tier kind "coco_context")
 
 
 def _console():
-    from ..cli import console
-
     return console
 
 
@@ -68,7 +67,6 @@ def train_detector_cmd(
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    from ..cli import progress_bar
 
     with progress_bar() as cb:
         res = train_detector(cfg, out, progress=cb, log=console.print)
@@ -109,7 +107,6 @@ def calibrate_detector_cmd(
                            min_size=t.detector.cfg.min_size, max_size=t.detector.cfg.max_size, backbone=t.detector.cfg.backbone)
     data_meta = {k: v for k, v in (b.meta.get("data") or {}).items() if k.startswith("n_train")}
     train_meta["recalibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    from ..cli import progress_bar
 
     with progress_bar() as cb:
         finalize_detector(t.detector, cfg, open_dataset(data), out or bundle, train_meta, data_meta, progress=cb, log=console.print)
@@ -189,7 +186,6 @@ def coco_context_cmd(
     from ..calibration import best_threshold, fold
     from ..cascade import Cascade, ExitPoint, FinalRule, LastTierFusion
     from ..challenge import challenge_views
-    from ..cli import progress_bar
     from ..data import open_dataset
     from ..metrics import summarize
     from .yolox import CocoContextTier, YoloxNano, context_features
@@ -241,7 +237,6 @@ def detector_effect_cmd(
     from rich.table import Table
 
     from ..bundle import Bundle
-    from ..cli import progress_bar
     from ..preprocess import pick_device
     from .effect import measure_effect
 

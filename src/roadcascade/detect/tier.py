@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import ImageState, Rule, Tier, TierOutput, register_rule, register_tier
+from ..cascade import Rule, Tier, TierOutput, register_rule, register_tier
+from ..rules import per_image
 from ..preprocess import pick_device
 from .boxes import box_area
 from .model import ConeDetector, Detections, load_detector, save_detector
@@ -262,27 +263,14 @@ class ConeVerifyRule(Rule):
         f = feats[self.detector]
         if f is None:
             return np.zeros(n, dtype=bool)
-        cone = np.asarray(f, dtype=np.float64).reshape(n, -1)[:, self.feature]
+        cone = per_image(f, n)[:, self.feature]
         says = P[:, self.classifier] > self.classifier_threshold
         return (says & (cone < self.low)) | (~says & (cone >= self.high))
 
-    def stop_arrays(self, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray,
-                    features: Sequence[np.ndarray | None] = ()) -> np.ndarray:
-        """The same decision on arrays (as the policy optimiser evaluates rules on cached val outputs)."""
+    def stop(self, folded: np.ndarray, logits: np.ndarray, probs: np.ndarray,
+             features: Sequence[np.ndarray | None] = ()) -> np.ndarray:
         confident = np.abs(np.asarray(folded, dtype=np.float64) - 0.5) >= self.tau
         return confident & ~self.disagree_arrays(probs, features)
-
-    def stop(self, folded: np.ndarray, states: Sequence[ImageState]) -> np.ndarray:
-        n = len(states)
-        if n == 0:
-            return np.zeros(0, dtype=bool)
-        k1 = len(states[0].probs)
-        probs = np.array([s.probs for s in states], dtype=np.float64).reshape(n, k1)
-        feats: list[np.ndarray | None] = []
-        for t in range(k1):
-            col = [s.features[t] if len(s.features) > t else None for s in states]
-            feats.append(None if any(c is None for c in col) else np.stack([np.asarray(c, np.float64).reshape(-1) for c in col]))
-        return self.stop_arrays(folded, None, probs, feats)
 
     def to_config(self) -> dict:
         return {"kind": self.kind, "low": self.low, "high": self.high, "classifier": self.classifier,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ import torch
 
 from ..data import Dataset, Sample, open_dataset
 from ..preprocess import pick_device
+from ..schedule import ema_update, lr_at
 from .boxes import box_area, yolo_to_xyxy
 from .evaluate import DetEval, coco_map, evaluate_detector, measure_speed, operating_point, run_split
 from .model import ConeDetector, DetectorConfig
@@ -244,10 +244,7 @@ def fit_evidence(model: ConeDetector, val: DetEval, count_threshold: float, view
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return lr_at(step, total, warmup, 1.0)  # the same as (step + 1) / warmup, bit for bit
 
 
 def _val_map(model: ConeDetector, samples: Sequence[Sample], images: Sequence[np.ndarray], amp: bool, batch_size: int = 16) -> dict:
@@ -382,13 +379,7 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | No
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-                    if pe.dtype.is_floating_point:
-                        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-                    else:
-                        pe.copy_(pm)
+            ema_update(ema, model, step, cfg.ema_decay)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())

@@ -39,7 +39,8 @@ def label_cmd(
     from ..cli import progress_bar
     from ..data import DataError
     from .inputs import list_inputs
-    from .label import LabelConfig, label
+    from .job import label
+    from .label import LabelConfig
 
     try:
         cfg = LabelConfig(bundle=bundle, out=out, engine=engine, batch=batch, shard_rows=shard_rows, address=address, actors=actors,

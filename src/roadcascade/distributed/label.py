@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from ..images import BadImage, DecodeLimits, decode_bytes, decode_path
 from .inputs import InputRecord
-from .shards import ShardWriter, done_paths
+from .shards import ShardWriter
 
 Progress = Callable[[str, int, int], None]
 ENGINES = ("local", "ray")
@@ -214,40 +213,3 @@ def run_local(cfg: LabelConfig, todo: list[InputRecord], writer: ShardWriter, pr
         done += len(chunk)
         progress("labelling (local)", done, len(todo))
     return "local"
-
-
-def label(cfg: LabelConfig, inputs: list[InputRecord], progress: Progress | None = None) -> LabelReport:
-    """Label ``inputs`` into ``cfg.out``, skipping paths already there."""
-    user_progress = progress or (lambda *_: None)
-    first: dict[str, float] = {}
-
-    def progress(desc: str, n: int, total: int) -> None:
-        if not first:
-            first.update(rows=n, t=time.perf_counter())
-        user_progress(desc, n, total)
-
-    done = done_paths(cfg.out)
-    todo = [r for r in inputs if r.path not in done]
-    writer = ShardWriter(cfg.out, cfg.shard_rows, done)
-    startup = 0.0
-    t0 = time.perf_counter()
-    if todo and cfg.engine == "ray":
-        from .ray_label import run_ray
-
-        startup = run_ray(cfg, todo, writer, progress)
-    elif todo:
-        run_local(cfg, todo, writer, progress)
-    writer.close()
-    seconds = time.perf_counter() - t0 - startup
-    from .shards import read_output
-
-    table = read_output(cfg.out)
-    errors = sum(1 for e in table.column("error").to_pylist() if e is not None)
-    workers: dict[str, int] = {}
-    for w in table.column("worker").to_pylist():
-        workers[w] = workers.get(w, 0) + 1
-    rep = LabelReport(cfg.engine, len(inputs), len(inputs) - len(todo), writer.written, errors, writer.duplicates,
-                      seconds, startup, workers)
-    if first:
-        rep.first_rows, rep.first_s = int(first["rows"]), first["t"] - t0 - startup
-    return rep

@@ -348,11 +348,11 @@ class Server:
             cascade = self._cascade()
             self.cascade = cascade
             runner: Any = cascade
-            if self.cfg.gpu == "on" or (self.cfg.gpu == "auto" and self.device not in ("cpu",)):
+            if self.cfg.gpu != "off":
                 from ..gpu import GpuConfig, maybe_gpu_cascade
 
                 gc = maybe_gpu_cascade(cascade, enabled=self.cfg.gpu, config=GpuConfig(limits=self.cfg.decode_limits),
-                                       log=log.info, device="cpu" if self.device == "cpu" else None)
+                                       log=log.info, device=self.device)
                 if gc is not None:
                     from .gpu_stage import GpuStageCascade
 

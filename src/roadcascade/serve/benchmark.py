@@ -301,11 +301,3 @@ def _summary(r: dict) -> dict:
                                 "speculation": v["speculation"], "exits": v["exits"]}
                             for k, v in r["speculation"].items()}
     return s
-
-
-if __name__ == "__main__":  # python -m roadcascade.serve.benchmark --bundle B ... (same options as `bench serve`)
-    import typer
-
-    from .commands import bench_serve
-
-    typer.run(bench_serve)

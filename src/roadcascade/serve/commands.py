@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -12,45 +11,43 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+from ..console import console, fail as _fail
+from .config import ServeConfig
 
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(code)
+_D = ServeConfig()  # the command's defaults are the config's
 
 
 def serve(
     bundle: Path = typer.Option(..., help="bundle directory (see `roadcascade train` / `quickstart`)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, min=0, max=65535, help="port (0: any free port)"),
-    max_batch: int = typer.Option(16, min=1, help="largest batch a tier runs"),
-    max_wait_ms: float = typer.Option(4.0, min=0.0, help="how long a stage waits to fill a batch"),
-    max_queue: int = typer.Option(128, min=1, help="images admitted and not yet answered; past it: 503 + Retry-After"),
-    deadline_ms: float = typer.Option(2000.0, min=1.0, help="default deadline (clients shorten it with X-Deadline-Ms)"),
-    streetvision_deadline_ms: float = typer.Option(8000.0, min=1.0, help="default deadline of POST /streetvision (validators wait 9 s)"),
-    speculate: str = typer.Option("auto", help="auto | on | off: run the next tier speculatively while the queue is short"),
-    gpu: str = typer.Option("auto", help="auto | on | off: the GPU fast path (JPEG bytes decoded on the GPU, whole cascade "
+    max_batch: int = typer.Option(_D.max_batch, min=1, help="largest batch a tier runs"),
+    max_wait_ms: float = typer.Option(_D.max_wait_ms, min=0.0, help="how long a stage waits to fill a batch"),
+    max_queue: int = typer.Option(_D.max_queue, min=1, help="images admitted and not yet answered; past it: 503 + Retry-After"),
+    deadline_ms: float = typer.Option(_D.default_deadline_ms, min=1.0, help="default deadline (clients shorten it with X-Deadline-Ms)"),
+    streetvision_deadline_ms: float = typer.Option(_D.streetvision_deadline_ms, min=1.0, help="default deadline of POST /streetvision (validators wait 9 s)"),
+    speculate: str = typer.Option(_D.speculate, help="auto | on | off: run the next tier speculatively while the queue is short"),
+    gpu: str = typer.Option(_D.gpu, help="auto | on | off: the GPU fast path (JPEG bytes decoded on the GPU, whole cascade "
                             "as one batched stage) when CUDA is there; use --max-batch 64..256 with it"),
-    max_body_mb: float = typer.Option(16.0, min=0.01, help="largest request body, MiB (413 past it, before reading it)"),
-    decode_threads: int = typer.Option(2, min=1, help="threads decoding images"),
-    header_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client has to send its request headers (408 past it)"),
-    body_timeout_s: float = typer.Option(30.0, min=0.1, help="seconds a client has to send its request body (408 past it)"),
-    max_header_kb: int = typer.Option(32, min=1, help="request line + headers, KiB (431 past it)"),
-    max_headers: int = typer.Option(100, min=1, help="header lines per request (431 past it)"),
-    request_mpx: float = typer.Option(100.0, min=1.0, help="decoded megapixels one request may hold (413 past it)"),
-    server_mpx: float = typer.Option(200.0, min=1.0, help="decoded megapixels all requests together may hold (503 past it)"),
+    max_body_mb: float = typer.Option(_D.max_body_bytes / 2**20, min=0.01, help="largest request body, MiB (413 past it, before reading it)"),
+    decode_threads: int = typer.Option(_D.decode_threads, min=1, help="threads decoding images"),
+    header_timeout_s: float = typer.Option(_D.conn.header_timeout_s, min=0.1, help="seconds a client has to send its request headers (408 past it)"),
+    body_timeout_s: float = typer.Option(_D.conn.body_timeout_s, min=0.1, help="seconds a client has to send its request body (408 past it)"),
+    max_header_kb: int = typer.Option(_D.conn.max_header_bytes // 1024, min=1, help="request line + headers, KiB (431 past it)"),
+    max_headers: int = typer.Option(_D.conn.max_headers, min=1, help="header lines per request (431 past it)"),
+    request_mpx: float = typer.Option(_D.request_pixels / 1e6, min=1.0, help="decoded megapixels one request may hold (413 past it)"),
+    server_mpx: float = typer.Option(_D.server_pixels / 1e6, min=1.0, help="decoded megapixels all requests together may hold (503 past it)"),
     api_key: Optional[str] = typer.Option(None, envvar="ROADCASCADE_API_KEY", show_default=False,
                                           help="require this key (Authorization: Bearer <key> or X-API-Key) on every "
                                           "endpoint but the dashboard page and, with --open-health, /healthz /readyz /metrics"),
-    open_health: bool = typer.Option(True, help="/healthz, /readyz and /metrics answer without the API key"),
-    anytime: bool = typer.Option(True, help="answer from the tiers that ran when the deadline comes (X-Anytime: true); "
+    open_health: bool = typer.Option(_D.open_health, help="/healthz, /readyz and /metrics answer without the API key"),
+    anytime: bool = typer.Option(_D.anytime, help="answer from the tiers that ran when the deadline comes (X-Anytime: true); "
                                  "--no-anytime answers 503 instead"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch intra-op threads (default: torch's)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime: how classifier tiers run (onnxruntime needs a "
                                 "bundle from `roadcascade export`); sets $ROADCASCADE_BACKEND, so reloads keep it"),
-    warmup: bool = typer.Option(True, help="warm every tier up before /readyz turns 200"),
+    warmup: bool = typer.Option(_D.warmup, help="warm every tier up before /readyz turns 200"),
     malloc_arenas: int = typer.Option(2, min=0, help="cap glibc malloc arenas (threads otherwise grow memory); 0: glibc default"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
     engine: str = typer.Option("native", help="native (this process) | ray (Ray Serve: an ingress and one deployment per stage; "
@@ -63,7 +60,6 @@ def serve(
     import uvicorn
 
     from .app import create_app
-    from .config import ServeConfig
     from .protocol import ConnLimits, server_config
 
     if not (bundle / "bundle.json").exists() and not (bundle.is_file() and bundle.suffix == ".json"):

@@ -22,7 +22,6 @@ import numpy as np
 
 from ..cascade import ImageState, Prediction
 from ..gpu import GpuCascade
-from ..images import BadImage
 
 
 @dataclass
@@ -56,19 +55,17 @@ class GpuStageCascade:
         if not states:
             return
         res = self.gc.predict_batch([s.image for s in states])
-        for i, (s, p) in enumerate(zip(states, res.predictions())):
-            if isinstance(p, BadImage):
-                s.error = p
-                s.logits = [float("nan")]  # a tier ran on it (stage 1): the batcher answers it now
-                s.done = True
+        for i, s in enumerate(states):
+            s.done = True
+            s.error = res.errors.get(i)
+            if s.error is not None:  # the batcher answers it with the client's error (4xx)
                 continue
             ran = np.isfinite(res.logits[i])
             s.logits = [float(v) for v in res.logits[i][ran]]
             s.probs = [float(v) for v in res.probs[i][ran]]
-            s.trace = p.trace
-            s.probability = p.probability
-            s.calibrated = p.calibrated
-            s.done = True
+            s.trace = res.trace(i)
+            s.probability = float(res.probability[i])
+            s.calibrated = float(res.calibrated[i])
 
     def answer(self, state: ImageState) -> Prediction:
         return self.inner.answer(state)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from ..metrics import percentiles
 from .batcher import BatcherEvents
 from .messages import Job, Outcome
 
@@ -183,8 +184,7 @@ class ServeMetrics(BatcherEvents):
                 series.append({
                     "t": t,
                     "rps": s.requests if s else 0,
-                    "p50": float(np.percentile(s.lat, 50)) if s and s.lat else None,
-                    "p95": float(np.percentile(s.lat, 95)) if s and s.lat else None,
+                    **percentiles(s.lat if s else [], (50, 95), empty=None),
                 })
             spec = dict(self._spec_counts)
             out = {
@@ -194,7 +194,7 @@ class ServeMetrics(BatcherEvents):
                 "requests_per_s": sum(s.requests for s in window) / span,
                 "images_per_s": sum(s.images for s in window) / span,
                 "errors_per_s": sum(s.errors for s in window) / span,
-                "latency_ms": {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 95, 99)},
+                "latency_ms": percentiles(lat, empty=None),
                 "status_counts": dict(self._status),
                 "tiers": list(self.tier_names),
                 "exit_counts": exits,

@@ -1,0 +1,147 @@
+"""Resizing on the device, bit-exact with PIL's bilinear + antialias (PIL's fixed-point filter coefficients
+applied as two float64 matrix products, with PIL's intermediate rounding)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["pil_bilinear_weights", "horizontal_first", "resize_exact", "resize_images"]
+
+# ============================================================================ PIL-exact resize
+
+_PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c, 8 bits per channel
+
+
+def pil_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) integer fixed-point weights of Pillow's BILINEAR resample (antialiased).
+
+    ``out = clip8((sum_k w[o, k] * in[k] + 2**21) >> 22)``, the same coefficients, support and rounding
+    as ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` in Pillow's Resample.c.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    ss = 1.0 / filterscale
+    w = np.zeros((out_size, in_size), dtype=np.float64)
+    one = float(1 << _PRECISION_BITS)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        ks = []
+        for x in range(xmax):
+            t = abs((x + xmin - center + 0.5) * ss)
+            ks.append(1.0 - t if t < 1.0 else 0.0)
+        ww = sum(ks)
+        for x, k in enumerate(ks):
+            if ww != 0.0:
+                k = k / ww
+            w[xx, xmin + x] = float(int(-0.5 + k * one)) if k < 0 else float(int(0.5 + k * one))
+    return w
+
+
+_WEIGHTS: dict[tuple[int, int, str], torch.Tensor] = {}
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def _weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    key = (in_size, out_size, str(device))
+    w = _WEIGHTS.get(key)
+    if w is None:
+        with _WEIGHTS_LOCK:
+            w = _WEIGHTS.get(key)
+            if w is None:
+                w = torch.from_numpy(pil_bilinear_weights(in_size, out_size)).to(device)
+                _WEIGHTS[key] = w
+    return w
+
+
+def _round8(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8 on exact float64 fixed-point sums."""
+    return acc.add_(float(1 << (_PRECISION_BITS - 1))).mul_(2.0 ** -_PRECISION_BITS).floor_().clamp_(0.0, 255.0)
+
+
+_ORDER: dict[tuple[int, int, int, int], bool] = {}
+_ORDER_MAX = 8192
+
+
+def _passes(y: torch.Tensor, out_h: int, out_w: int, horizontal_first: bool) -> torch.Tensor:
+    h, w = y.shape[-2:]
+    for horizontal in ((True, False) if horizontal_first else (False, True)):
+        if horizontal and w != out_w:
+            y = _round8(torch.matmul(y, _weights(w, out_w, y.device).t()))
+        elif not horizontal and h != out_h:
+            y = _round8(torch.matmul(_weights(h, out_h, y.device), y))
+    return y
+
+
+def horizontal_first(h: int, w: int, out_h: int, out_w: int, device: torch.device | str = "cpu") -> bool:
+    """Which pass the installed Pillow runs first when both sides change.
+
+    Pillow up to 12 always runs the horizontal pass first; other builds choose per size. Found once per
+    size by resizing a random probe image with PIL and comparing with both orders (cached)."""
+    key = (h, w, out_h, out_w)
+    hit = _ORDER.get(key)
+    if hit is not None:
+        return hit
+    from PIL import Image
+
+    rng = np.random.default_rng((h * 7919 + w) * 104729 + out_h * 31 + out_w)
+    probe = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ref = torch.from_numpy(np.asarray(Image.fromarray(probe).resize((out_w, out_h), Image.BILINEAR)).copy())
+    x = torch.from_numpy(probe).permute(2, 0, 1)[None].to(device=device, dtype=torch.float64)
+    hf = _passes(x, out_h, out_w, True)[0].permute(1, 2, 0).to("cpu", torch.uint8)
+    first = bool(torch.equal(hf, ref))
+    if not first:
+        vf = _passes(x, out_h, out_w, False)[0].permute(1, 2, 0).to("cpu", torch.uint8)
+        first = not torch.equal(vf, ref)  # neither matches: keep Pillow's classic order
+    if len(_ORDER) >= _ORDER_MAX:
+        _ORDER.clear()
+    _ORDER[key] = first
+    return first
+
+
+def resize_exact(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """(n, C, H, W) uint8 -> (n, C, out_h, out_w) uint8, bit-exact with ``PIL.Image.resize(BILINEAR)``.
+
+    Two separable passes, each rounded to uint8 as Pillow does, each only when that side changes, in
+    the order the installed Pillow uses (:func:`horizontal_first`). float64 sums of integer products
+    are exact, so so is the rounding.
+    """
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"resize_exact expects (n, C, H, W) uint8, got {tuple(x.shape)} {x.dtype}")
+    n, c, h, w = x.shape
+    if (h, w) == (out_h, out_w):
+        return x
+    first = True if (h == out_h or w == out_w) else horizontal_first(h, w, out_h, out_w, x.device)
+    return _passes(x.to(torch.float64), out_h, out_w, first).to(torch.uint8)
+
+
+def resize_images(images: Sequence[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """List of (3, H, W) uint8 tensors (any sizes, any strides) -> (n, 3, size, size) uint8, PIL-exact.
+
+    Images of one size are stacked and resized together (one pair of matrix products per size)."""
+    n = len(images)
+    if n == 0:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
+    shapes = [tuple(t.shape[1:]) for t in images]
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return resize_exact(torch.stack(list(images)), size, size)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(s, []).append(i)
+    for idx in groups.values():
+        block = resize_exact(torch.stack([images[i] for i in idx]), size, size)
+        if len(idx) == 1:
+            out[idx[0]].copy_(block[0])
+        else:
+            out.index_copy_(0, torch.tensor(idx, device=device), block)
+    return out
