@@ -108,8 +108,10 @@ def _classifier_width(arch: str, weights: Path, classifier: str | None) -> int:
 def _check_model_args(name: str, arch: str, model_args: dict) -> None:
     """timm's save_for_hf writes the constructor arguments of the saved model; a bundle rebuilds the bare
     architecture, so any argument other than the classifier width must equal the architecture's default."""
-    from timm.models._input import get_model_args
-
+    try:
+        from timm.models._input import get_model_args
+    except ImportError:  # timm before 1.0.20 cannot say; the strict state-dict load still refuses a mismatched shape
+        return
     if not model_args:
         return
     with torch.device("meta"):
