@@ -150,6 +150,16 @@ def _classifier(name: str = "tiny@64", seed: int = 0) -> ClassifierTier:
     return ClassifierTier(name, "test_tiny", model, 64, (0.5,) * 3, (0.5,) * 3, cal, 0.01, device=CPU)
 
 
+def _onnx_classifier(tmp_path: Path):
+    from roadcascade.export import export_onnx
+    from roadcascade.onnx_tier import OnnxClassifierTier, load_session
+
+    src = _classifier()
+    path = export_onnx(src.model, 64, tmp_path / "tiny@64.fp32.onnx")
+    return OnnxClassifierTier(src.name, src.model_name, load_session(path), 64, src.mean, src.std, src.calibrator, src.gflops,
+                              squares=2, onnx_file=path.name)
+
+
 def _tta(tmp_path: Path):
     from roadcascade.tta import TTATier
 
@@ -197,6 +207,7 @@ def _vlm(tmp_path: Path):
 
 TIER_EXAMPLES = {
     "classifier": lambda tmp_path: _classifier(),
+    "onnx_classifier": _onnx_classifier,
     "zeroshot": _zeroshot,
     "vlm": _vlm,
     "tta": _tta,

@@ -21,6 +21,7 @@ import torch
 from .cascade import Cascade
 from . import kinds as _kinds  # noqa: F401,E402  (every tier, rule and fusion kind: any bundle loads wherever it is read)
 from .open_models import timm_local as _timm_local  # noqa: E402  (local timm backbones: bundle section)
+from . import onnx_tier as _onnx_tier  # noqa: E402  (select_backend; its tier kind is listed in kinds.py)
 
 FORMAT = "roadcascade.bundle/1"
 
@@ -57,9 +58,10 @@ class Bundle:
         return out
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str | None = None) -> "Bundle":
+    def load(cls, path: str | Path, device: torch.device | str | None = None, backend: str | None = None) -> "Bundle":
         """Load and check a bundle: schema and ranges of bundle.json, files confined to the bundle directory,
-        weights hashes where recorded. Any problem is a :class:`BundleError` naming the field or file."""
+        weights hashes where recorded. Any problem is a :class:`BundleError` naming the field or file.
+        ``backend`` (auto | torch | onnxruntime; None: $ROADCASCADE_BACKEND): see ``onnx_tier.select_backend``."""
         path = Path(path)
         root, name = (path, "bundle.json") if path.is_dir() else (path.parent, path.name)
         if not (root / name).exists() and not (root / name).is_symlink():
@@ -67,6 +69,10 @@ class Bundle:
         doc = parse_json(read_regular(regular_file(root, name, name, LIMITS.max_json_bytes), name, LIMITS.max_json_bytes))
         from .cascade import FUSIONS, RULES, TIERS
 
+        try:
+            doc = _onnx_tier.select_backend(doc, backend)
+        except ValueError as e:
+            raise BundleError(str(e)) from None
         check_doc(doc, FORMAT, set(TIERS), set(RULES), set(FUSIONS))
         check_files(doc, root)
         try:

@@ -145,6 +145,7 @@ def eval_cmd(
     strict: bool = typer.Option(False, help="stop at the first bad row (missing or corrupt image, bad label) "
                                 "instead of recording it in the report and going on"),
     device: str = typer.Option("auto"),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime: how classifier tiers run (onnxruntime needs a bundle from `roadcascade export`)"),
 ) -> None:
     """Evaluate a bundle the way a validator would; print a summary, write JSON and HTML. Bad rows are listed
     in the JSON (``bad_rows``) and left out of the metrics, unless --strict."""
@@ -163,7 +164,7 @@ def eval_cmd(
     if protocol not in PROTOCOLS:
         _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     try:
-        b = Bundle.load(bundle, device=pick_device(device))
+        b = Bundle.load(bundle, device=pick_device(device), backend=backend)
         ds = open_dataset(data, split, strict=strict).subset(max_images)
     except (BundleError, DataError, FileNotFoundError) as e:
         _fail(str(e))
@@ -197,6 +198,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line: file, probability, label (or error)"),
     batch_size: int = typer.Option(32, min=1, help="images decoded and predicted at a time (output streams per batch)"),
     device: str = typer.Option("auto"),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime: how classifier tiers run (onnxruntime needs a bundle from `roadcascade export`)"),
 ) -> None:
     """Print P(roadwork) for image files (calibrated and folded: > 0.5 means roadwork). Tab-separated lines
     (file names with control characters escaped) or JSON lines; exit code 1 if any image was bad."""
@@ -205,7 +207,7 @@ def predict(
     from .preprocess import pick_device
 
     try:
-        b = Bundle.load(bundle, device=pick_device(device))
+        b = Bundle.load(bundle, device=pick_device(device), backend=backend)
     except (BundleError, FileNotFoundError) as e:
         _fail(str(e))
     bad = 0
@@ -403,6 +405,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "roadcascade.gpu_commands",
     "roadcascade.native_commands",
     "roadcascade.distributed.commands",
+    "roadcascade.export_commands",
 )
 
 

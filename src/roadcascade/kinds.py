@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import cascade, fusion, rules, tta  # noqa: F401  (classifier tier; last/stacking/vote; every generic rule; tta)
 from .detect import tier as detect_tier, yolox  # noqa: F401  (detector tier and cone_verify rule; coco_context tier)
 from .open_models import vlm, zeroshot  # noqa: F401  (zero-shot CLIP/SigLIP and vision-language tiers)
+from . import onnx_tier  # noqa: F401  (onnx_classifier: a classifier tier run by onnxruntime)
 from .cascade import TIERS
 from .fusion import FUSIONS
 from .rules import RULES

@@ -198,6 +198,17 @@ def score_logits(z: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"mcc_best": float(m.max()), "auroc": auroc(y, z), "nll": binary_nll(z, y)}
 
 
+def stage1_cascade(model_name: str, model: torch.nn.Module, eval_size: int, mean, std, calibrator: TemperatureCalibrator,
+                   squares: int = 1, view_scale: float = 1.0) -> Cascade:
+    """A stage-1 cascade: one calibrated classifier tier (on the CPU), its MCC-optimal threshold folded to 0.5."""
+    tier = ClassifierTier(
+        name=f"{model_name}@{eval_size}", model_name=model_name, model=model.float().cpu(), input_size=eval_size, mean=mean,
+        std=std, calibrator=calibrator, gflops=gflops(model_name, eval_size), device=torch.device("cpu"), squares=squares,
+        view_scale=view_scale,
+    )
+    return Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -306,12 +317,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
     calibrator = TemperatureCalibrator().fit(cal_z, cal_y)
     log(f"selected epoch {best['epoch']}; temperature {calibrator.temperature_:.3f}, threshold {calibrator.threshold_:.3f}")
 
-    name = f"{cfg.model}@{eval_size}"
-    tier = ClassifierTier(
-        name=name, model_name=cfg.model, model=ema.float().cpu(), input_size=eval_size, mean=mean, std=std,
-        calibrator=calibrator, gflops=gflops(cfg.model, eval_size), device=torch.device("cpu"), squares=cfg.squares, view_scale=cfg.view_scale,
-    )
-    cascade = Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
+    cascade = stage1_cascade(cfg.model, ema, eval_size, mean, std, calibrator, cfg.squares, cfg.view_scale)
     seconds = time.perf_counter() - t_start
     from .metrics import summarize
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,8 @@ def serve(
                                  "--no-anytime answers 503 instead"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch intra-op threads (default: torch's)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime: how classifier tiers run (onnxruntime needs a "
+                                "bundle from `roadcascade export`); sets $ROADCASCADE_BACKEND, so reloads keep it"),
     warmup: bool = typer.Option(_D.warmup, help="warm every tier up before /readyz turns 200"),
     malloc_arenas: int = typer.Option(2, min=0, help="cap glibc malloc arenas (threads otherwise grow memory); 0: glibc default"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
@@ -73,6 +76,11 @@ def serve(
                           api_key=api_key or None, open_health=open_health, anytime=anytime)
     except ValueError as e:
         _fail(str(e))
+    from ..onnx_tier import BACKEND_ENV, BACKENDS
+
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}")
+    os.environ[BACKEND_ENV] = backend  # read by Bundle.load in the server's (re)loads
     if malloc_arenas:
         _cap_malloc_arenas(malloc_arenas)
     if threads:
