@@ -155,8 +155,8 @@ def test_cascade_decode_size_is_what_every_tier_needs():
     from roadcascade.cascade import Cascade, ClassifierTier, ExitPoint, Tier
 
     class Dummy(ClassifierTier):
-        def __init__(self, size):  # no model: only the size matters here
-            self.input_size, self.name = size, f"t{size}"
+        def __init__(self, size, squares=1, view_scale=1.0):  # no model: only the sizes matter here
+            self.input_size, self.name, self.squares, self.view_scale = size, f"t{size}", squares, view_scale
 
     class Full(Tier):
         kind, name, gflops = "full", "full", 0.0
@@ -175,6 +175,8 @@ def test_cascade_decode_size_is_what_every_tier_needs():
     assert Cascade([Dummy(128)], [ex]).decode_size() == 128
     assert Cascade([Dummy(128), Dummy(224)], [ex, ex]).decode_size() == 224  # tier 2 must not upsample
     assert Cascade([Dummy(128), Full()], [ex, ex]).decode_size() is None  # a tier that wants the whole image
+    assert Cascade([Dummy(128), Dummy(224, 3, 1.3)], [ex, ex]).decode_size() == 288  # closer views of full frames
+    assert Cascade([Dummy(224, 1, 1.3)], [ex]).decode_size() == 224  # without square views there are none
 
 
 def test_tta_decode_size_covers_its_crops():
