@@ -11,10 +11,10 @@ import sys
 
 import numpy as np
 
-from roadcascade.bundle import Bundle
-from roadcascade.data import open_dataset
+from roadcascade.cascade.bundle import Bundle
+from roadcascade.io.data import open_dataset
 from roadcascade.metrics import auroc
-from roadcascade.realcam import dashcam_negatives, default_night_dev
+from roadcascade.bench.realcam import dashcam_negatives, default_night_dev
 
 
 def crop_square(im: np.ndarray, where: float = 0.5) -> np.ndarray:

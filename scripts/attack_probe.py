@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from roadcascade.serve.benchmark import ServerProcess
+from roadcascade.bench.serving import ServerProcess
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -23,15 +23,15 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from roadcascade.build import BuildConfig, _tier_threshold, build  # noqa: E402
-from roadcascade.bundle import Bundle  # noqa: E402
-from roadcascade.cascade import Cascade  # noqa: E402
-from roadcascade.data import open_dataset  # noqa: E402
-from roadcascade.evaluate import evaluate, make_items, public  # noqa: E402
-from roadcascade.images import decode_bytes  # noqa: E402
-from roadcascade.policy import TierTable, collect_states, group_means, learn_then_test, replay, table_from_states  # noqa: E402
-from roadcascade.report import write_html  # noqa: E402
-from roadcascade.tta import TTATier  # noqa: E402
+from roadcascade.fit.build import BuildConfig, _tier_threshold, build  # noqa: E402
+from roadcascade.cascade.bundle import Bundle  # noqa: E402
+from roadcascade.cascade.runtime import Cascade  # noqa: E402
+from roadcascade.io.data import open_dataset  # noqa: E402
+from roadcascade.bench.evaluate import evaluate, make_items, public  # noqa: E402
+from roadcascade.io.images import decode_bytes  # noqa: E402
+from roadcascade.fit.policy import TierTable, collect_states, group_means, learn_then_test, replay, table_from_states  # noqa: E402
+from roadcascade.bench.report import write_html  # noqa: E402
+from roadcascade.cascade.tta import TTATier  # noqa: E402
 
 C = os.environ.get("CARRY", "runs/cascade-carry")
 OUT = os.environ.get("OUT", f"{C}/results")

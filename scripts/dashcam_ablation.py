@@ -77,7 +77,7 @@ JOBS = {
 
 
 def make_synth(name: str, out: str, n: int) -> str:
-    from roadcascade.synth import SynthConfig, ensure_synth
+    from roadcascade.io.synth import SynthConfig, ensure_synth
 
     return str(ensure_synth(SynthConfig(n=n, **SYNTH_SETS[name]), Path(out) / f"synth-{name}", log=lambda m: None))
 
@@ -85,10 +85,10 @@ def make_synth(name: str, out: str, n: int) -> str:
 def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, workers: int) -> dict:
     import torch
 
-    from roadcascade.bundle import Bundle
-    from roadcascade.data import open_dataset
-    from roadcascade.preprocess import pick_device
-    from roadcascade.train import TrainConfig, train
+    from roadcascade.cascade.bundle import Bundle
+    from roadcascade.io.data import open_dataset
+    from roadcascade.models.preprocess import pick_device
+    from roadcascade.fit.train import TrainConfig, train
 
     torch.set_num_threads(2)
     spec = {**RECIPE, **JOBS[name]}
@@ -111,7 +111,7 @@ def run_job(name: str, out: str, synth_dirs: dict[str, str], quick: bool, worker
     for fpr in guards:  # the same bundle with the open-set guard at this rate (a guarded copy)
         import shutil
 
-        from roadcascade.guard import GuardConfig, guard_bundle
+        from roadcascade.fit.guard import GuardConfig, guard_bundle
 
         gdir = Path(out) / f"{name}-guard{fpr}"
         shutil.copytree(bdir, gdir, dirs_exist_ok=True)
@@ -143,9 +143,9 @@ def dump_views(b, path: Path, quick: bool) -> str:
     thresholds and false positives)."""
     import numpy as np
 
-    from roadcascade.cascade import square_views
-    from roadcascade.data import open_dataset
-    from roadcascade.realcam import default_night_dev
+    from roadcascade.cascade.runtime import square_views
+    from roadcascade.io.data import open_dataset
+    from roadcascade.bench.realcam import default_night_dev
 
     tier = b.cascade.tiers[0]
     size = tier.input_size
@@ -176,8 +176,8 @@ def dump_views(b, path: Path, quick: bool) -> str:
 
 
 def _score(b, test, views=("clean", "challenge")) -> dict:
-    from roadcascade.evaluate import evaluate, public
-    from roadcascade.realcam import realcam_report
+    from roadcascade.bench.evaluate import evaluate, public
+    from roadcascade.bench.realcam import realcam_report
 
     row = {}
     for v in views:

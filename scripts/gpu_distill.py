@@ -4,7 +4,7 @@ distilled from it, and the same student trained on labels alone, all evaluated o
     PYTHONPATH=src ROADCASCADE_DATA=.carry/streetwork ROADCASCADE_WEIGHTS_DIR=... \\
         python3 scripts/gpu_distill.py --out $OUT/distill [--teacher .carry/teacher_bundle] [--epochs 8]
 
-Without ``--teacher`` the teacher is built here with ``roadcascade.build.build`` (tiers ``--teacher-tiers``,
+Without ``--teacher`` the teacher is built here with ``roadcascade.fit.build.build`` (tiers ``--teacher-tiers``,
 missing ones trained for ``--epochs``). The student and the label-only baseline share every setting (model,
 resolution, epochs, seed, data); only the loss differs. ``OUT/summary.json`` holds test challenge MCC of the
 teacher cascade, of its full ensemble (``baselines`` of the evaluation), of both students, and the run times.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from roadcascade.build import BuildConfig, build
-from roadcascade.bundle import Bundle
-from roadcascade.data import open_dataset
-from roadcascade.distill import DistillConfig, distill
-from roadcascade.evaluate import evaluate, public
-from roadcascade.train import TrainConfig, train
+from roadcascade.fit.build import BuildConfig, build
+from roadcascade.cascade.bundle import Bundle
+from roadcascade.io.data import open_dataset
+from roadcascade.fit.distill import DistillConfig, distill
+from roadcascade.bench.evaluate import evaluate, public
+from roadcascade.fit.train import TrainConfig, train
 
 
 def test_challenge(path: Path, data: str | None, max_test: int | None = None) -> dict:

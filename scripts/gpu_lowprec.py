@@ -94,10 +94,10 @@ def lowprec_model(model: nn.Module, mode: str) -> tuple[nn.Module, int, int]:
 
 def load_model(bundle: str | None, device: torch.device):
     """(fp32 model, calibrator or None, input size, mean, std) from a stage-1 bundle, or random lite0 weights."""
-    from roadcascade.zoo import create_model, get_spec
+    from roadcascade.models.zoo import create_model, get_spec
 
     if bundle:
-        from roadcascade.bundle import Bundle
+        from roadcascade.cascade.bundle import Bundle
 
         tier = Bundle.load(bundle, device="cpu", backend="torch").cascade.tiers[0]
         return tier.model.float().to(device).eval(), tier.calibrator, tier.input_size, tier.mean, tier.std
@@ -110,9 +110,9 @@ def eval_inputs(data: str | None, split: str, n_images: int, size: int, mean, st
     if not data:
         g = torch.Generator().manual_seed(0)
         return torch.randn(512, 3, size, size, generator=g), None
-    from roadcascade.challenge import ChallengeConfig, challenge_views
-    from roadcascade.data import open_dataset
-    from roadcascade.preprocess import to_batch
+    from roadcascade.io.challenge import ChallengeConfig, challenge_views
+    from roadcascade.io.data import open_dataset
+    from roadcascade.models.preprocess import to_batch
 
     ds = open_dataset(data, split).subset(n_images)
     views, y = [], []

@@ -59,14 +59,14 @@ def timed(fn, dev: torch.device, reps: int, warmup: int = 2) -> float:
 
 
 def make_tiers(root: Path, dev: torch.device) -> dict:
-    from roadcascade.calibration import TemperatureCalibrator
-    from roadcascade.cascade import ClassifierTier
+    from roadcascade.cascade.calibration import TemperatureCalibrator
+    from roadcascade.cascade.runtime import ClassifierTier
     from roadcascade.open_models import tiny
     from roadcascade.open_models.local import LocalSource
     from roadcascade.open_models.timm_local import register_local_timm
     from roadcascade.open_models.vlm import VLMTier
     from roadcascade.open_models.zeroshot import ZeroShotTier
-    from roadcascade.zoo import create_model, gflops
+    from roadcascade.models.zoo import create_model, gflops
 
     builders = {"timm": lambda p: tiny.tiny_timm(p, "test_convnext"), "clip": tiny.tiny_clip, "siglip": tiny.tiny_siglip,
                 "llava": tiny.tiny_llava, "qwen2vl": tiny.tiny_qwen2vl}
@@ -98,7 +98,7 @@ def make_tiers(root: Path, dev: torch.device) -> dict:
 
 def bare_forward(tier, imgs):
     """A closure running only the model on inputs already prepared on the device."""
-    from roadcascade.preprocess import to_batch
+    from roadcascade.models.preprocess import to_batch
 
     kind = tier.kind
     with torch.inference_mode():

@@ -4,7 +4,7 @@
         name:model:input_size:epochs[:eval_size] ...
 
 Each run writes OUT/<name>/ (a bundle) and its val metrics; OUT/summary.json collects them.
-This calls the same ``roadcascade.train.train`` as ``roadcascade train`` / ``quickstart``.
+This calls the same ``roadcascade.fit.train.train`` as ``roadcascade train`` / ``quickstart``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from roadcascade.train import TrainConfig, train
+from roadcascade.fit.train import TrainConfig, train
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ def main() -> None:
                     "fresh host): defaults | gc_off | no_procs, comma-separated, repeats allowed")
     args = ap.parse_args()
 
-    from roadcascade.gpu import GpuCascade
+    from roadcascade.accel.runtime import GpuCascade
 
     pool = [f.read_bytes() for f in sorted(Path(args.images).glob("*.jp*g"))]
     gc_ = GpuCascade.from_bundle(args.bundle)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from roadcascade.loadgen import run_load, validator_images
-from roadcascade.serve.benchmark import ServerProcess, metric_sum
+from roadcascade.bench.loadgen import run_load, validator_images
+from roadcascade.bench.serving import ServerProcess, metric_sum
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from roadcascade.distributed.inputs import list_inputs
 from roadcascade.distributed.job import label
 from roadcascade.distributed.label import LabelConfig
 from roadcascade.distributed.shards import read_output
-from roadcascade.loadgen import run_fuzz, run_load, validator_images
-from roadcascade.serve.benchmark import ServerProcess
+from roadcascade.bench.loadgen import run_fuzz, run_load, validator_images
+from roadcascade.bench.serving import ServerProcess
 
 
 def compare(a: Path, b: Path) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from roadcascade.calibration import sigmoid
-from roadcascade.policy import TierTable
+from roadcascade.cascade.calibration import sigmoid
+from roadcascade.fit.policy import TierTable
 
 
 def synth_table(n_img: int = 300, views: int = 4, seed: int = 0, noise=(2.0, 1.0, 0.6), gflops=(0.25, 0.8, 4.0),

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.cascade import ImageState
+from roadcascade.cascade.runtime import ImageState
 from roadcascade.serve.batcher import BatcherEvents, MultiStageBatcher
 from roadcascade.serve.collate import STOP, collate, split_by_deadline
 from roadcascade.serve.config import ServeConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from roadcascade.build import TierSpec, parse_tiers
+from roadcascade.fit.build import TierSpec, parse_tiers
 
 
 def test_parse_tiers():
@@ -35,12 +35,12 @@ def test_parse_tiers_errors(bad, msg):
 
 @pytest.mark.integration
 def test_build_end_to_end_then_eval(streetwork, tmp_path: Path):
-    from roadcascade.bundle import Bundle
+    from roadcascade.cascade.bundle import Bundle
     from roadcascade.cli import app
-    from roadcascade.data import open_dataset
-    from roadcascade.evaluate import evaluate, public
-    from roadcascade.report import write_html
-    from roadcascade.tta import TTATier
+    from roadcascade.io.data import open_dataset
+    from roadcascade.bench.evaluate import evaluate, public
+    from roadcascade.bench.report import write_html
+    from roadcascade.cascade.tta import TTATier
 
     warnings.filterwarnings("ignore")
     out, work = tmp_path / "cascade", tmp_path / "work"
@@ -85,7 +85,7 @@ def test_build_end_to_end_then_eval(streetwork, tmp_path: Path):
 
     # the val cache is reused: a second build runs no model on val
     log: list[str] = []
-    from roadcascade.build import BuildConfig, build
+    from roadcascade.fit.build import BuildConfig, build
 
     build(BuildConfig(tiers="test_tiny@48,test_tiny@64,tta(test_tiny@64,n=2..3)", budget="60%", data=str(streetwork),
                       max_val=12, n_views=2, device="cpu", work=str(work), mode="guaranteed"), tmp_path / "g", log=log.append)

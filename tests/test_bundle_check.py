@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from roadcascade.bundle import Bundle, BundleError
+from roadcascade.cascade.bundle import Bundle, BundleError
 from roadcascade.serve.testing import tiny_bundle
 
 

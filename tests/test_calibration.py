@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.calibration import (
+from roadcascade.cascade.calibration import (
     TemperatureCalibrator, best_threshold, binary_nll, fit_temperature, fold, logit, mcc_curve, sigmoid,
 )
 from roadcascade.metrics import binarize, mcc

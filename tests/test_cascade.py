@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.calibration import fold, sigmoid
-from roadcascade.cascade import (
+from roadcascade.cascade.calibration import fold, sigmoid
+from roadcascade.cascade.runtime import (
     TIERS, Cascade, ConfidenceRule, ExitPoint, FinalRule, ImageState, LastTierFusion, Tier, TierOutput, register_tier,
 )
 

@@ -1,4 +1,4 @@
-"""Tests for roadcascade.challenge (validator-faithful augmentation, shared/docs/NATIX.md)."""
+"""Tests for roadcascade.io.challenge (validator-faithful augmentation, shared/docs/NATIX.md)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from roadcascade import challenge as ch
-from roadcascade.challenge import (
+from roadcascade.io import challenge as ch
+from roadcascade.io.challenge import (
     SEVERITY,
     ChallengeConfig,
     ViewInfo,
@@ -437,7 +437,7 @@ def test_challenge_views_deterministic_and_keyed():
 _DIGEST_SNIPPET = textwrap.dedent(
     """
     import hashlib, numpy as np
-    from roadcascade.challenge import challenge_views
+    from roadcascade.io.challenge import challenge_views
     img = np.random.default_rng(123).integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
     h = hashlib.sha256()
     for key in ("a", "b", 42):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from roadcascade.challenge import (
+from roadcascade.io.challenge import (
     PROTOCOLS,
     ChallengeConfig,
     challenge_view,
@@ -186,9 +186,9 @@ def test_native_has_no_levels():
 
 # ------------------------------------------------------------------------------------ eval items
 def test_make_items_follow_the_protocol(tmp_path):
-    from roadcascade.data import open_dataset
-    from roadcascade.evaluate import make_items
-    from roadcascade.images import decode_bytes
+    from roadcascade.io.data import open_dataset
+    from roadcascade.bench.evaluate import make_items
+    from roadcascade.io.images import decode_bytes
 
     root = tmp_path / "imgs"
     for cls, seed in (("roadwork", 1), ("none", 2)):
@@ -209,7 +209,7 @@ def test_make_items_follow_the_protocol(tmp_path):
 
 # ------------------------------------------------------------------------------------ training augmentation
 def test_training_augmentation_follows_the_protocol():
-    from roadcascade.train import AugmentedSet, TrainConfig, augment, view_set
+    from roadcascade.fit.train import AugmentedSet, TrainConfig, augment, view_set
 
     img = _bright(180, 320, 9)
     for protocol in PROTOCOLS:

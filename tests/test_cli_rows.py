@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from roadcascade.cli import app
-from roadcascade.predict_out import printable
+from roadcascade.cli.predict_out import printable
 from roadcascade.serve.testing import tiny_bundle
 
 

@@ -18,15 +18,15 @@ import pytest
 import torch
 from helpers import random_image
 
-from roadcascade.calibration import TemperatureCalibrator, sigmoid
-from roadcascade.cascade import Cascade, ClassifierTier, ExitPoint, TierCaps
-from roadcascade.decision import decide
+from roadcascade.cascade.calibration import TemperatureCalibrator, sigmoid
+from roadcascade.cascade.runtime import Cascade, ClassifierTier, ExitPoint, TierCaps
+from roadcascade.cascade.decision import decide
 from roadcascade.detect.tier import EVIDENCE_FEATURES, ConeVerifyRule
-from roadcascade.fusion import LastTierFusion, WeightedVoteFusion, fittable_fusions, make_fusion
-from roadcascade.kinds import FUSIONS as _FUSIONS, RULES as _RULES, TIERS as _TIERS
-from roadcascade.policy import TierTable, replay, row_images, runtime_cascade
-from roadcascade.registry import build
-from roadcascade.rules import (
+from roadcascade.cascade.fusion import LastTierFusion, WeightedVoteFusion, fittable_fusions, make_fusion
+from roadcascade.cascade.kinds import FUSIONS as _FUSIONS, RULES as _RULES, TIERS as _TIERS
+from roadcascade.fit.policy import TierTable, replay, row_images, runtime_cascade
+from roadcascade.cascade.registry import build
+from roadcascade.cascade.rules import (
     AgreementRule, ConfidenceRule, DifficultyEstimator, DifficultyRule, EntropyRule, FinalRule, MarginRule, NeverRule,
     difficulty_features,
 )
@@ -142,7 +142,7 @@ def test_fusion_contract(kind):
 
 
 def _classifier(name: str = "tiny@64", seed: int = 0) -> ClassifierTier:
-    from roadcascade.zoo import create_model
+    from roadcascade.models.zoo import create_model
 
     torch.manual_seed(seed)
     model = create_model("test_tiny", num_classes=1, pretrained=False)
@@ -151,8 +151,8 @@ def _classifier(name: str = "tiny@64", seed: int = 0) -> ClassifierTier:
 
 
 def _onnx_classifier(tmp_path: Path):
-    from roadcascade.export import export_onnx
-    from roadcascade.onnx_tier import OnnxClassifierTier, load_session
+    from roadcascade.models.export import export_onnx
+    from roadcascade.cascade.onnx_tier import OnnxClassifierTier, load_session
 
     src = _classifier()
     path = export_onnx(src.model, 64, tmp_path / "tiny@64.fp32.onnx")
@@ -161,7 +161,7 @@ def _onnx_classifier(tmp_path: Path):
 
 
 def _tta(tmp_path: Path):
-    from roadcascade.tta import TTATier
+    from roadcascade.cascade.tta import TTATier
 
     rng = np.random.default_rng(0)
     ims = [random_image(rng, 40, 56) for _ in range(24)]

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from roadcascade.cli import app
-from roadcascade.data import open_dataset
-from roadcascade.realcam import DASHCAM_NEGATIVE_SOURCES, dashcam_negatives, realcam_report
-from roadcascade.synth import SynthConfig, synthesize
-from roadcascade.train import TrainConfig, train
+from roadcascade.io.data import open_dataset
+from roadcascade.bench.realcam import DASHCAM_NEGATIVE_SOURCES, dashcam_negatives, realcam_report
+from roadcascade.io.synth import SynthConfig, synthesize
+from roadcascade.fit.train import TrainConfig, train
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ def test_quickstart_retrains_when_the_recipe_changes(run, tmp_path):
 
 
 def test_realcam_html_table_escapes_and_counts():
-    from roadcascade.realcam import realcam_html
+    from roadcascade.bench.realcam import realcam_html
 
     r = {"night_dev": {"n": 33, "recall": 6 / 33, "median_p": 0.05, "exit_rates": [0.75, 0.25]},
          "dashcam_negatives": {"n": 143, "fpr": 2 / 143}, "joint": {"mcc": 0.4, "auroc": 0.9}}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes, random_image
-from roadcascade.data import DataError, open_dataset, to_parquet_bytes
+from roadcascade.io.data import DataError, open_dataset, to_parquet_bytes
 
 
 def test_streetwork_manifest_counts(streetwork):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from roadcascade.cascade import ImageState, state_arrays
+from roadcascade.cascade.runtime import ImageState, state_arrays
 from roadcascade.detect.boxes import batched_nms, box_iou, cxcywh_to_xyxy, nms, xyxy_to_yolo, yolo_to_xyxy
 from roadcascade.detect.evaluate import _match, coco_map, negative_false_positives, operating_point
 from roadcascade.detect.model import Detections

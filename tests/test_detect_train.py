@@ -98,7 +98,7 @@ def test_tiny_training_overfits_a_few_images(trained):
 
 
 def test_trained_bundle_loads_as_a_detector_tier(trained):
-    from roadcascade.bundle import Bundle
+    from roadcascade.cascade.bundle import Bundle
     from roadcascade.detect.tier import EVIDENCE_FEATURES, DetectorTier
 
     res, boxed, empty = trained

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from roadcascade.bundle import Bundle
-from roadcascade.cascade import ClassifierTier
-from roadcascade.distill import (DistillConfig, TargetCache, distill, distill_loss, fill_targets, soft_target, student_spec,
+from roadcascade.cascade.bundle import Bundle
+from roadcascade.cascade.runtime import ClassifierTier
+from roadcascade.fit.distill import (DistillConfig, TargetCache, distill, distill_loss, fill_targets, soft_target, student_spec,
                                  teacher_id, teacher_probs, unlabelled_folder)
 from roadcascade.serve.testing import tiny_bundle
 

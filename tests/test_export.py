@@ -10,15 +10,15 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from roadcascade.bundle import Bundle, BundleError
-from roadcascade.calibration import TemperatureCalibrator
-from roadcascade.cascade import Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion
+from roadcascade.cascade.bundle import Bundle, BundleError
+from roadcascade.cascade.calibration import TemperatureCalibrator
+from roadcascade.cascade.runtime import Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion
 from roadcascade.cli import app
-from roadcascade.export import ExportConfig, export_bundle, static_same_padding
-from roadcascade.onnx_tier import OnnxClassifierTier, select_backend
+from roadcascade.models.export import ExportConfig, export_bundle, static_same_padding
+from roadcascade.cascade.onnx_tier import OnnxClassifierTier, select_backend
 from roadcascade.serve import ServeConfig, create_app
 from roadcascade.serve.testing import tiny_bundle
-from roadcascade.zoo import create_model
+from roadcascade.models.zoo import create_model
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +182,7 @@ def test_server_runs_an_onnx_bundle(exported):
 
 @pytest.mark.parametrize("n,batch", [(1, 8), (8, 8), (17, 8), (346, 8)])
 def test_calibration_reader_gives_every_input_once_in_strided_ranges(n, batch):
-    from roadcascade.export import _Batches
+    from roadcascade.models.export import _Batches
 
     x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
     r = _Batches(x, "image", batch)

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade_synth import synth_table
-from roadcascade.calibration import best_threshold, fold, sigmoid
-from roadcascade.cascade import ExitPoint, FinalRule
-from roadcascade.fusion import (
+from roadcascade.cascade.calibration import best_threshold, fold, sigmoid
+from roadcascade.cascade.runtime import ExitPoint, FinalRule
+from roadcascade.cascade.fusion import (
     StackingFusion, WeightedVoteFusion, fit_logistic, group_folds, make_fusion, out_of_fold, vote_weights,
 )
 from roadcascade.metrics import ece, mcc

@@ -1,4 +1,4 @@
-"""The GPU fast path (roadcascade.gpu).
+"""The GPU fast path (roadcascade.accel.runtime).
 
 Everywhere: the pure pieces (JPEG header routing, PIL-exact resize, BatchNorm folding) and the whole
 runtime on the CPU (``GpuCascade(device="cpu")``), which must give Cascade.predict's answers exactly.
@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from roadcascade.calibration import TemperatureCalibrator
-from roadcascade.cascade import Cascade, ClassifierTier, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
-from roadcascade.gpu import (
+from roadcascade.cascade.calibration import TemperatureCalibrator
+from roadcascade.cascade.runtime import Cascade, ClassifierTier, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
+from roadcascade.accel.runtime import (
     GpuCascade,
     GpuConfig,
     bucket_for,
@@ -43,7 +43,7 @@ from roadcascade.gpu import (
     nvimgcodec_available,
     resize_images,
 )
-from roadcascade.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
+from roadcascade.io.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
 
 # tolerances of the CPU/GPU match (docs/GPU.md gives the measured values)
 PIXEL_MEAN_TOL = 1.0  # measured 0.21 (224 q75) / 0.43 (native) on the H100
@@ -134,7 +134,7 @@ def test_exif_orientation_one_stays_on_gpu():
 
 
 def test_decode_into_staging_matches_pil():
-    from roadcascade.gpu_decode import decode_into as _decode_into
+    from roadcascade.accel.decode import decode_into as _decode_into
 
     rng = np.random.default_rng(7)
     payloads = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 48), (40, 40), (17, 23))]
@@ -246,7 +246,7 @@ def _tier(name: str, size: int, seed: int, t: float, thr: float) -> ClassifierTi
 
 
 def _tiny_cascade() -> Cascade:
-    from roadcascade.fusion import WeightedVoteFusion
+    from roadcascade.cascade.fusion import WeightedVoteFusion
 
     t0, t1 = _tier("a@32", 32, 0, 0.8, 0.45), _tier("b@40", 40, 1, 1.2, 0.55)
     return Cascade([t0, t1], [ExitPoint(LastTierFusion(), 0.45, ConfidenceRule(0.15)),
@@ -327,7 +327,7 @@ def test_config_validation():
 def test_nvimgcodec_missing_is_a_clear_error(monkeypatch):
     import sys
 
-    from roadcascade.gpu import NvImgCodecDecoder, nvimgcodec_available
+    from roadcascade.accel.runtime import NvImgCodecDecoder, nvimgcodec_available
 
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails as if not installed
     assert not nvimgcodec_available()
@@ -343,9 +343,9 @@ def _rules_cascade(kind: str) -> tuple[Cascade, list[bytes]]:
     registry example, see test_contract.py) at both early exits and weighted voting over the tiers that ran."""
     from test_contract import RULE_EXAMPLES
 
-    from roadcascade.fusion import WeightedVoteFusion
-    from roadcascade.rules import DifficultyEstimator, DifficultyRule
-    from roadcascade.tta import TTATier
+    from roadcascade.cascade.fusion import WeightedVoteFusion
+    from roadcascade.cascade.rules import DifficultyEstimator, DifficultyRule
+    from roadcascade.cascade.tta import TTATier
 
     rng = np.random.default_rng(7)
     fit_ims = [_smooth(rng, 40, 48) for _ in range(24)]
@@ -411,7 +411,7 @@ def test_gpu_matches_cascade_for_every_rule_and_a_tta_tier(kind):
 
 
 def _gpu_bundle():
-    from roadcascade.bundle import Bundle
+    from roadcascade.cascade.bundle import Bundle
 
     path = os.environ.get("ROADCASCADE_GPU_BUNDLE") or (ROOT / "runs/gpu/qs")
     if Path(path, "bundle.json").exists():

@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.bundle import Bundle, BundleError
-from roadcascade.calibration import TemperatureCalibrator
-from roadcascade.cascade import Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion, square_views
-from roadcascade.guard import GuardConfig, exit_probabilities, guard_bundle, guard_exits, np_threshold
-from roadcascade.rules import MarginRule
-from roadcascade.zoo import create_model
+from roadcascade.cascade.bundle import Bundle, BundleError
+from roadcascade.cascade.calibration import TemperatureCalibrator
+from roadcascade.cascade.runtime import Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion, square_views
+from roadcascade.fit.guard import GuardConfig, exit_probabilities, guard_bundle, guard_exits, np_threshold
+from roadcascade.cascade.rules import MarginRule
+from roadcascade.models.zoo import create_model
 
 
 def _img(h: int, w: int, seed: int = 0) -> np.ndarray:

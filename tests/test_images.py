@@ -1,4 +1,4 @@
-"""Tests for roadcascade.images: a hostile-input corpus, every pixel mode, EXIF, limits, properties."""
+"""Tests for roadcascade.io.images: a hostile-input corpus, every pixel mode, EXIF, limits, properties."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile, ImageOps
 
-from roadcascade import images
-from roadcascade.images import (
+from roadcascade.io import images
+from roadcascade.io.images import (
     REASONS,
     BadImage,
     DecodeLimits,
@@ -650,7 +650,7 @@ def _jpeg_of(w: int, h: int, progressive: bool = False, noise: bool = True) -> b
 @pytest.mark.parametrize("w,h,progressive,noise", [(4000, 4000, False, False), (4000, 4000, True, False),
                                                    (640, 480, False, True), (640, 480, True, True)])
 def test_jpeg_scan_cut_before_its_rows_with_an_end_marker_is_truncated(w, h, progressive, noise):
-    from roadcascade.images import DecodeLimits
+    from roadcascade.io.images import DecodeLimits
     data = _jpeg_of(w, h, progressive, noise)
     limits = DecodeLimits(max_pixels=16_000_000, max_side=10_000)
     assert decode_bytes(data, limits).shape == (h, w, 3)
@@ -691,7 +691,7 @@ def test_load_truncated_images_is_switched_back_off():
 
 
 def test_image_size_reads_the_header_only():
-    from roadcascade.images import image_size
+    from roadcascade.io.images import image_size
     data = _jpeg_of(640, 480)
     assert image_size(data) == (640, 480)
     assert image_size(data[:700]) == (640, 480)  # no pixel decoded: a cut scan does not matter here
@@ -700,7 +700,7 @@ def test_image_size_reads_the_header_only():
 
 
 def test_check_jpeg_scan_size_without_decoding():
-    from roadcascade.images import check_jpeg_scan_size
+    from roadcascade.io.images import check_jpeg_scan_size
     data = _jpeg_of(640, 480)
     check_jpeg_scan_size(data)
     with pytest.raises(BadImage) as e:

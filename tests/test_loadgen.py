@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from roadcascade.cli import app as cli_app
-from roadcascade.images import BadImage, DecodeLimits, decode_bytes
-from roadcascade.loadgen import (
+from roadcascade.io.images import BadImage, DecodeLimits, decode_bytes
+from roadcascade.bench.loadgen import (
     LoadgenError, Sample, arrival_times, fuzz_requests, jpeg_with_size, loopback_target, png_bomb, summarize, synthetic_images,
     validator_images,
 )

@@ -48,7 +48,7 @@ def imgs(n: int, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("arch", ["test_vit", "test_convnext", "test_efficientnet"])
 def test_local_timm_snapshot_and_file(arch, tmp_path, monkeypatch):
-    from roadcascade import zoo
+    from roadcascade.models import zoo
     from roadcascade.open_models.timm_local import register_local_timm
 
     snap = tiny.tiny_timm(tmp_path / "snap", arch, seed=1)
@@ -76,7 +76,7 @@ def test_local_timm_snapshot_and_file(arch, tmp_path, monkeypatch):
 
 
 def test_models_file_resolver(models, tmp_path, monkeypatch):
-    from roadcascade import zoo
+    from roadcascade.models import zoo
 
     (tmp_path / "m.json").write_text(json.dumps({"t15_env": str(models["timm"])}))
     monkeypatch.setenv("ROADCASCADE_MODELS", str(tmp_path / "m.json"))
@@ -102,7 +102,7 @@ def test_checksum_missing_and_changed(models, tmp_path):
 
 
 def test_parse_open_tier_items():
-    from roadcascade.build import parse_tiers
+    from roadcascade.fit.build import parse_tiers
     from roadcascade.open_models.spec import OpenTierSpec
 
     specs = parse_tiers("test_tiny@48,zeroshot(path=/m/siglip-base),vlm(path=/m/llava,name=llava,batch=4,budget_ms=300,prefix_cache=0)")
@@ -167,9 +167,9 @@ def test_vlm_batched_equals_unbatched_and_budget(models):
 def test_bundle_roundtrip_and_refusal(models, tmp_path):
     """A zero-shot -> VLM cascade saved and reloaded gives the same answers; the bundle refuses a changed model
     folder or a malformed source, with a BundleError naming the problem."""
-    from roadcascade.bundle import Bundle, BundleError
-    from roadcascade.calibration import TemperatureCalibrator
-    from roadcascade.cascade import Cascade, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
+    from roadcascade.cascade.bundle import Bundle, BundleError
+    from roadcascade.cascade.calibration import TemperatureCalibrator
+    from roadcascade.cascade.runtime import Cascade, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
     from roadcascade.open_models.vlm import VLMTier
     from roadcascade.open_models.zeroshot import ZeroShotTier
 
@@ -223,10 +223,10 @@ def test_build_eval_serve_with_open_tiers(models, streetwork, tmp_path, monkeypa
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
-    from roadcascade.bundle import Bundle, BundleError
+    from roadcascade.cascade.bundle import Bundle, BundleError
     from roadcascade.cli import app
-    from roadcascade.data import open_dataset
-    from roadcascade.evaluate import evaluate
+    from roadcascade.io.data import open_dataset
+    from roadcascade.bench.evaluate import evaluate
     from roadcascade.serve import ServeConfig, create_app
 
     (tmp_path / "models.json").write_text(json.dumps({"t15_backbone": str(models["timm"])}))
@@ -263,7 +263,7 @@ def test_build_eval_serve_with_open_tiers(models, streetwork, tmp_path, monkeypa
 
     # the bundle refuses a changed or missing VLM folder, naming it (the chosen cascade, or else the full
     # ensemble that eval's baselines load, holds the VLM tier)
-    from roadcascade.cascade import Cascade
+    from roadcascade.cascade.runtime import Cascade
 
     def load():
         if "llava" in b.cascade.tier_names:

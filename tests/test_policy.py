@@ -11,7 +11,7 @@ from scipy.stats import binom
 
 from cascade_synth import known_optimum_table, synth_table
 from roadcascade.metrics import mcc_from_counts
-from roadcascade.policy import (
+from roadcascade.fit.policy import (
     CascadePolicy, TierTable, bentkus_pvalue, binomial_pvalue, fixed_sequence_select, group_means, hb_pvalue,
     hoeffding_pvalue, learn_then_test, mcc_counts, pareto_front, parse_budget, replay, row_images, runtime_cascade,
 )

@@ -1,4 +1,4 @@
-"""Decode processes (roadcascade.procdecode): the CPU path's pixels and errors, from worker processes,
+"""Decode processes (roadcascade.accel.procdecode): the CPU path's pixels and errors, from worker processes,
 through shared memory; and the GPU runtime using them (on the CPU here) giving Cascade.predict's answers."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from roadcascade.gpu import GpuCascade, GpuConfig
-from roadcascade.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
-from roadcascade.preprocess import resize_square
-from roadcascade.procdecode import DecodeProcs, decode_rows
+from roadcascade.accel.runtime import GpuCascade, GpuConfig
+from roadcascade.io.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
+from roadcascade.models.preprocess import resize_square
+from roadcascade.accel.procdecode import DecodeProcs, decode_rows
 
 from test_gpu import _payloads, _smooth, _tiny_cascade
 
@@ -155,7 +155,7 @@ def test_config_validation():
 
 @given(st.integers(1, 512))
 def test_auto_procs(cpus):
-    from roadcascade.gpu import auto_procs
+    from roadcascade.accel.runtime import auto_procs
 
     n = auto_procs(cpus)
     assert 0 <= n <= 12 and n <= cpus - 4 if cpus >= 8 else n == 0
@@ -207,7 +207,7 @@ def _boom(limits):
 def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
     """A pool whose workers die at start: DecodeProcs says why (and how to run without it); the runtime
     warns and runs without processes, with the same answers."""
-    import roadcascade.procdecode as pd
+    import roadcascade.accel.procdecode as pd
 
     monkeypatch.setattr(pd, "_worker_init", _boom)
     with pytest.raises(RuntimeError, match="did not start.*__main__.*procs=0"):
@@ -226,7 +226,7 @@ def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
 
 @given(share=st.floats(0.0, 1.0), ready=st.booleans(), waited=st.floats(0.0, 1.0), own=st.floats(0.0, 1.0))
 def test_adapt_share_properties(share, ready, waited, own):
-    from roadcascade.gpu import adapt_share
+    from roadcascade.accel.runtime import adapt_share
 
     new = adapt_share(share, ready, waited, own)
     assert 0.05 <= new <= 0.95

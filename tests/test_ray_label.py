@@ -108,7 +108,7 @@ def test_gpu_fast_path_runner_on_cpu(bundle, streetwork, tmp_path):
     """The GPU actor's path (encoded bytes -> gpu.GpuCascade) runs on the CPU too: bad files stay error rows and the
     answers agree with the CPU path up to the GPU runtime's own resize (docs/GPU.md)."""
     from roadcascade.distributed.label import CascadeRunner, _columns, decode_batch
-    from roadcascade.images import DecodeLimits
+    from roadcascade.io.images import DecodeLimits
 
     recs = list_inputs(_inputs(streetwork, tmp_path, n=6))
     cols = _columns(recs)

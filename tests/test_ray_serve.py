@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from roadcascade.bundle import Bundle
+from roadcascade.cascade.bundle import Bundle
 from roadcascade.distributed.autoscale import StageCost, autoscaling_config, stage_costs
 from roadcascade.distributed.serve_command import parse_stage_gpus
-from roadcascade.images import decode_base64
+from roadcascade.io.images import decode_base64
 from roadcascade.serve.config import SERVE_DECODE_LIMITS, ServeConfig
 from roadcascade.serve.testing import tiny_bundle
 
@@ -100,7 +100,7 @@ def test_deadline_too_short_is_503_with_retry_after(served):
 
 
 def test_fuzz_never_5xx(served):
-    from roadcascade.loadgen import run_fuzz
+    from roadcascade.bench.loadgen import run_fuzz
 
     url, _ = served
     rep = run_fuzz(url, 120, concurrency=8, timeout=30, max_body=2 * 2**20, synthetic=True, huge_cases=2)

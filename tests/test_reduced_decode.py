@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from roadcascade.images import BadImage, DecodeLimits, decode_any, decode_base64, decode_bytes, decode_path, draft_scale
-from roadcascade.native import agreement_of, compare_decodes, native_payloads, photo_paths, upscaled_jpeg
-from roadcascade.preprocess import resize_square
+from roadcascade.io.images import BadImage, DecodeLimits, decode_any, decode_base64, decode_bytes, decode_path, draft_scale
+from roadcascade.bench.native import agreement_of, compare_decodes, native_payloads, photo_paths, upscaled_jpeg
+from roadcascade.models.preprocess import resize_square
 
 
 def _scene(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -152,7 +152,7 @@ def test_every_decoder_takes_min_size(big, tmp_path):
 
 # ------------------------------------------------------------------------------------ cascade and server sizes
 def test_cascade_decode_size_is_what_every_tier_needs():
-    from roadcascade.cascade import Cascade, ClassifierTier, ExitPoint, Tier
+    from roadcascade.cascade.runtime import Cascade, ClassifierTier, ExitPoint, Tier
 
     class Dummy(ClassifierTier):
         def __init__(self, size, squares=1, view_scale=1.0):  # no model: only the sizes matter here
@@ -180,10 +180,10 @@ def test_cascade_decode_size_is_what_every_tier_needs():
 
 
 def test_tta_decode_size_covers_its_crops():
-    from roadcascade.tta import TTATier
+    from roadcascade.cascade.tta import TTATier
 
     t = TTATier.__new__(TTATier)
-    from roadcascade.tta import View
+    from roadcascade.cascade.tta import View
 
     t.views = [View.parse("id"), View.parse("c80"), View.parse("hflip+tl70")]
     t.sizes = [224, 224, 224]
@@ -220,7 +220,7 @@ def _test_photos(n: int = 40) -> list[np.ndarray]:
 
     if not (DATA / "manifest.csv").exists():
         pytest.skip("StreetWork data not available")
-    from roadcascade.data import open_dataset
+    from roadcascade.io.data import open_dataset
 
     return [s.load() for s in open_dataset(str(DATA), "test").subset(n, seed=3).samples]
 
@@ -237,7 +237,7 @@ def test_reduced_decode_keeps_the_answers_of_a_trained_bundle(tmp_path_factory):
     stage-1 bundle is checked as it is by the test below (ROADCASCADE_STAGE1) and by ``bench decode``."""
     from conftest import DATA
 
-    from roadcascade.train import TrainConfig, train
+    from roadcascade.fit.train import TrainConfig, train
 
     photos = _test_photos()
     cfg = TrainConfig(model="lite0", input_size=96, eval_size=224, epochs=1, batch_size=8, max_train=32, max_val=12,
@@ -259,7 +259,7 @@ def test_reduced_decode_keeps_the_answers_of_a_real_bundle():
     path = os.environ.get("ROADCASCADE_STAGE1")
     if not path:
         pytest.skip("set ROADCASCADE_STAGE1 to a stage-1 bundle directory")
-    from roadcascade.bundle import Bundle
+    from roadcascade.cascade.bundle import Bundle
 
     cascade = Bundle.load(path, device="cpu").cascade
     _assert_answers_kept(cascade, _test_photos(), cascade.decode_size())
@@ -282,8 +282,8 @@ def test_server_and_predict_decode_reduced(tmp_path):
     """The CPU server and ``predict`` decode at the cascade's size: their answers are those of the reduced decode."""
     from fastapi.testclient import TestClient
 
-    from roadcascade.bundle import Bundle
-    from roadcascade.predict_out import predict_lines
+    from roadcascade.cascade.bundle import Bundle
+    from roadcascade.cli.predict_out import predict_lines
     from roadcascade.serve import ServeConfig, create_app
     from roadcascade.serve.testing import tiny_bundle
 
@@ -316,7 +316,7 @@ def test_server_and_predict_decode_reduced(tmp_path):
 
 
 def test_parse_sizes():
-    from roadcascade.native_commands import parse_sizes
+    from roadcascade.cli.native import parse_sizes
 
     assert parse_sizes("1920x1080, 4032X3024") == [(1920, 1080), (4032, 3024)]
     for bad in ("", "1920", "1920x", "0x10", "axb", "10x10x10"):

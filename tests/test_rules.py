@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.calibration import logit, sigmoid
-from roadcascade.cascade import RULES, Cascade, ConfidenceRule, ExitPoint, FinalRule, ImageState, LastTierFusion, state_arrays
-from roadcascade.registry import build as _build
+from roadcascade.cascade.calibration import logit, sigmoid
+from roadcascade.cascade.runtime import RULES, Cascade, ConfidenceRule, ExitPoint, FinalRule, ImageState, LastTierFusion, state_arrays
+from roadcascade.cascade.registry import build as _build
 from roadcascade.metrics import auroc
-from roadcascade.rules import (
+from roadcascade.cascade.rules import (
     AgreementRule, DifficultyEstimator, DifficultyRule, EntropyRule, MarginRule, NeverRule, agreement_gap,
     binary_entropy, difficulty_features, make_rule, rule_score,
 )

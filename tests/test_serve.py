@@ -12,9 +12,9 @@ import pytest
 from helpers import b64, jpeg, png
 from fastapi.testclient import TestClient
 
-from roadcascade.bundle import Bundle
-from roadcascade.images import DecodeLimits, decode_bytes
-from roadcascade.loadgen import jpeg_with_size, png_bomb
+from roadcascade.cascade.bundle import Bundle
+from roadcascade.io.images import DecodeLimits, decode_bytes
+from roadcascade.bench.loadgen import jpeg_with_size, png_bomb
 from roadcascade.serve import ServeConfig, create_app
 from roadcascade.serve.testing import grey, sleep_cascade, tiny_bundle
 

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from roadcascade.bundle import Bundle
-from roadcascade.cascade import ImageState
-from roadcascade.gpu import GpuCascade, jpeg_gpu_info
-from roadcascade.images import BadImage, DecodeLimits, decode_bytes
+from roadcascade.cascade.bundle import Bundle
+from roadcascade.cascade.runtime import ImageState
+from roadcascade.accel.runtime import GpuCascade, jpeg_gpu_info
+from roadcascade.io.images import BadImage, DecodeLimits, decode_bytes
 from roadcascade.serve import ServeConfig, create_app
 from roadcascade.serve.gpu_stage import GpuStageCascade
 from roadcascade.serve.inputs import prepare_item

@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.bundle import Bundle, BundleError
-from roadcascade.calibration import TemperatureCalibrator
-from roadcascade.cascade import SQUARE_TOLERANCE, Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion, square_views
-from roadcascade.zoo import create_model
+from roadcascade.cascade.bundle import Bundle, BundleError
+from roadcascade.cascade.calibration import TemperatureCalibrator
+from roadcascade.cascade.runtime import SQUARE_TOLERANCE, Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion, square_views
+from roadcascade.models.zoo import create_model
 
 
 def _img(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -82,8 +82,8 @@ def test_squares_round_trip_and_validation(tmp_path):
 
 
 def test_gpu_runtime_on_cpu_agrees_with_square_pooling():
-    from roadcascade.gpu import GpuCascade
-    from roadcascade.images import decode_bytes, encode_jpeg
+    from roadcascade.accel.runtime import GpuCascade
+    from roadcascade.io.images import decode_bytes, encode_jpeg
 
     casc = Cascade([_tier(3)], [ExitPoint(LastTierFusion(), 0.5, FinalRule())])
     payloads = [encode_jpeg(_img(h, w, i), 90) for i, (h, w) in enumerate(((48, 120), (64, 64), (130, 50)))]

@@ -1,4 +1,4 @@
-"""Dashcam style transforms (roadcascade.style): shapes, dtypes, determinism and the physical
+"""Dashcam style transforms (roadcascade.io.style): shapes, dtypes, determinism and the physical
 properties each transform promises (night darkens, dashboard darkens the bottom, ...)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from roadcascade import style
-from roadcascade.style import (
+from roadcascade.io import style
+from roadcascade.io.style import (
     STYLE_ALL,
     STYLE_OFF,
     TRANSFORMS,

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.data import Dataset, open_dataset
-from roadcascade.images import decode_path
-from roadcascade.synth import SynthConfig, load_banks, synthesize
-from roadcascade.synth.compose import frame_stats, paste
-from roadcascade.synth.objects import (
+from roadcascade.io.data import Dataset, open_dataset
+from roadcascade.io.images import decode_path
+from roadcascade.io.synth import SynthConfig, load_banks, synthesize
+from roadcascade.io.synth.compose import frame_stats, paste
+from roadcascade.io.synth.objects import (
     DISTRACTOR_DRAWERS,
     ROADWORK_DRAWERS,
     Patch,
@@ -27,7 +27,7 @@ from roadcascade.synth.objects import (
     sign_shape,
     track_split,
 )
-from roadcascade.synth.scene import Placement, Scene, estimate_vanishing_point, line_layout, place, scene_for, visible
+from roadcascade.io.synth.scene import Placement, Scene, estimate_vanishing_point, line_layout, place, scene_for, visible
 
 from conftest import DATA
 

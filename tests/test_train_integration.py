@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from roadcascade.bundle import Bundle, BundleError
+from roadcascade.cascade.bundle import Bundle, BundleError
 from roadcascade.cli import app
-from roadcascade.data import open_dataset
-from roadcascade.evaluate import evaluate, public
-from roadcascade.train import TrainConfig, train
+from roadcascade.io.data import open_dataset
+from roadcascade.bench.evaluate import evaluate, public
+from roadcascade.fit.train import TrainConfig, train
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.train import open_extra_train, sample_weights
+from roadcascade.fit.train import open_extra_train, sample_weights
 
 from conftest import random_image
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roadcascade.calibration import TemperatureCalibrator
-from roadcascade.cascade import Cascade, ClassifierTier, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
-from roadcascade.tta import (
+from roadcascade.cascade.calibration import TemperatureCalibrator
+from roadcascade.cascade.runtime import Cascade, ClassifierTier, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion
+from roadcascade.cascade.tta import (
     TTATier, View, adaptive_counts, choose_margin, model_logits, view_weights, weighted_mean,
 )
 
@@ -175,7 +175,7 @@ def test_unfitted_and_bad_settings(fitted):
 
 
 def test_config_roundtrip_with_a_zoo_model(tmp_path: Path):
-    from roadcascade.zoo import create_model
+    from roadcascade.models.zoo import create_model
 
     torch.manual_seed(0)
     ims, y = make_images(24, 3)

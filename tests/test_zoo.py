@@ -1,4 +1,4 @@
-"""Tests for roadcascade.zoo: registry contract, exact weight mappings, weight resolution, FLOP counts.
+"""Tests for roadcascade.models.zoo: registry contract, exact weight mappings, weight resolution, FLOP counts.
 
 The lite mappings are checked against the class the efficientnet-lite weights were made for,
 ``efficientnet_lite_pytorch.EfficientNet`` (PyPI ``efficientnet-lite-pytorch==0.1.0``, Apache-2.0, a dev
@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from roadcascade import zoo
+from roadcascade.models import zoo
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -462,7 +462,7 @@ def test_weights_dir_override_roundtrip(tmp_path, monkeypatch):
     """Exported fp16 weights in $ROADCASCADE_WEIGHTS_DIR replace the package file (used on machines without it)."""
     import torch
 
-    from roadcascade import zoo
+    from roadcascade.models import zoo
 
     path = zoo.export_imagenet_weights("lite0", tmp_path, half=True)
     assert path.name == "lite0.safetensors"

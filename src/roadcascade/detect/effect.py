@@ -51,7 +51,7 @@ class TierRuns:
 
 
 def collect(classifier, detector, items, batch_size: int = 32, progress: Progress | None = None, desc: str = "") -> TierRuns:
-    from ..images import decode_bytes
+    from ..io.images import decode_bytes
 
     cl, cp, df, dp = [], [], [], []
     t_c = t_d = 0.0
@@ -90,7 +90,7 @@ class _Stacker:
 
     @staticmethod
     def _x(r: TierRuns) -> np.ndarray:
-        from ..calibration import logit
+        from ..cascade.calibration import logit
         from .tier import _design
 
         return np.column_stack([logit(r.clf_prob), _design(r.det_features, (2, 3))])
@@ -113,10 +113,10 @@ def _scores(y: np.ndarray, folded: np.ndarray, source: np.ndarray) -> dict:
 
 def measure_effect(classifier_bundle, detector_bundle, data: str | None = None, n_views: int = 4, batch_size: int = 32,
                    max_images: int | None = None, progress: Progress | None = None, log: Callable[[str], None] = print) -> dict:
-    from ..calibration import best_threshold, fold
-    from ..cascade import ClassifierTier
-    from ..data import open_dataset
-    from ..evaluate import make_items
+    from ..cascade.calibration import best_threshold, fold
+    from ..cascade.runtime import ClassifierTier
+    from ..io.data import open_dataset
+    from ..bench.evaluate import make_items
     from ..metrics import DASHCAM_SOURCES
     from .tier import ConeVerifyRule, DetectorTier
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data import Dataset, Sample
+from ..io.data import Dataset, Sample
 from .boxes import box_iou, yolo_to_xyxy
 from .model import ConeDetector, Detections
 

@@ -136,7 +136,7 @@ class FPNBackbone(nn.Module):
 def _build_body(cfg: DetectorConfig, pretrained: bool) -> tuple[nn.Module, list[int], list[int]]:
     import timm
 
-    from ..zoo import get_spec, load_imagenet_state
+    from ..models.zoo import get_spec, load_imagenet_state
 
     spec = get_spec(cfg.backbone)
     body = timm.create_model(spec.arch, pretrained=False, features_only=True, out_indices=tuple(cfg.out_indices))
@@ -161,7 +161,7 @@ class ConeDetector(nn.Module):
         from torchvision.models.detection.anchor_utils import AnchorGenerator
         from torchvision.models.detection.fcos import FCOS, FCOSHead
 
-        from ..zoo import get_spec
+        from ..models.zoo import get_spec
 
         self.cfg = cfg
         spec = get_spec(cfg.backbone)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import Rule, Tier, TierOutput, register_rule, register_tier
-from ..rules import per_image
-from ..preprocess import pick_device
+from ..cascade.runtime import Rule, Tier, TierOutput, register_rule, register_tier
+from ..cascade.rules import per_image
+from ..models.preprocess import pick_device
 from .boxes import box_area
 from .model import ConeDetector, Detections, load_detector, save_detector
 
@@ -194,7 +194,7 @@ class DetectorTier(Tier):
         weights = f"{self.name}.safetensors"
         save_detector(self.detector, Path(bundle_dir) / weights)
         c = self.detector.cfg
-        from ..zoo import get_spec
+        from ..models.zoo import get_spec
 
         spec = get_spec(c.backbone)
         return {

@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..data import Dataset, Sample, open_dataset
-from ..preprocess import pick_device
-from ..schedule import ema_update, lr_at
+from ..io.data import Dataset, Sample, open_dataset
+from ..models.preprocess import pick_device
+from ..fit.schedule import ema_update, lr_at
 from .boxes import box_area, yolo_to_xyxy
 from .evaluate import DetEval, coco_map, evaluate_detector, measure_speed, operating_point, run_split
 from .model import ConeDetector, DetectorConfig
@@ -152,7 +152,7 @@ def _hsv_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augment_detection(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, cfg: DetTrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """One training view of (HxWx3 uint8, (n, 4) xyxy pixel boxes); boxes follow the geometry."""
-    from ..challenge import apply_distortion, jpeg_roundtrip
+    from ..io.challenge import apply_distortion, jpeg_roundtrip
 
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if rng.random() < cfg.crop_prob:
@@ -206,8 +206,8 @@ def _collate(batch):
 def fit_evidence(model: ConeDetector, val: DetEval, count_threshold: float, views: int, seed: int = 0,
                  batch_size: int = 16, amp: bool = False, progress: Progress | None = None) -> dict:
     """Fit the tier's logistic evidence scorer and its MCC-optimal exit threshold on val evidence."""
-    from ..calibration import best_threshold, fold
-    from ..challenge import challenge_views
+    from ..cascade.calibration import best_threshold, fold
+    from ..io.challenge import challenge_views
     from ..metrics import auroc, summarize
     from .tier import EvidenceConfig, LogisticScorer, evidence_features
 
@@ -433,8 +433,8 @@ def finalize_detector(model: ConeDetector, cfg: DetTrainConfig, full: Dataset, o
     threshold (val evidence), detection metrics on val (and test, reported only), speed; writes the
     bundle (one detector tier) and ``detection_metrics.json``. Used after training and by
     ``calibrate-detector`` (the same steps on an existing bundle's detector)."""
-    from ..bundle import Bundle
-    from ..cascade import Cascade, ExitPoint, FinalRule, LastTierFusion
+    from ..cascade.bundle import Bundle
+    from ..cascade.runtime import Cascade, ExitPoint, FinalRule, LastTierFusion
     from .tier import DetectorTier
 
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..cascade import Tier, TierOutput, register_tier
+from ..cascade.runtime import Tier, TierOutput, register_tier
 from .boxes import batched_nms, cxcywh_to_xyxy, nms
 from .model import Detections
 

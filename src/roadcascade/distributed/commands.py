@@ -35,9 +35,9 @@ def label_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the run report here"),
 ) -> None:
     """P(roadwork) for every image of a data set, as parquet shards (path, probability, decision, tiers, exit, error)."""
-    from ..bundle import BundleError
+    from ..cascade.bundle import BundleError
     from ..cli import progress_bar
-    from ..data import DataError
+    from ..io.data import DataError
     from .inputs import list_inputs
     from .job import label
     from .label import LabelConfig

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import IMAGE_SUFFIXES, DataError, open_dataset
+from ..io.data import IMAGE_SUFFIXES, DataError, open_dataset
 
 UNLABELLED = -1
 

@@ -2,7 +2,7 @@
 
 Two engines share the same two steps, so that they give the same answers:
 
-* :func:`decode_batch` (CPU): read and decode each input with the safe decoders of ``roadcascade.images``, at the
+* :func:`decode_batch` (CPU): read and decode each input with the safe decoders of ``roadcascade.io.images``, at the
   reduced size the cascade needs; a bad input becomes an error string, never an exception;
 * :class:`CascadeRunner` (the model): ``Cascade.predict`` on the decoded images of a batch (or, in a GPU actor,
   the GPU fast path on the encoded bytes).
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..images import BadImage, DecodeLimits, decode_bytes, decode_path
+from ..io.images import BadImage, DecodeLimits, decode_bytes, decode_path
 from .inputs import InputRecord
 from .shards import ShardWriter
 
@@ -150,14 +150,14 @@ class CascadeRunner:
     def __init__(self, bundle: str, device: str = "cpu", threads: int | None = None, gpu: str = "off"):
         import torch
 
-        from ..bundle import Bundle
+        from ..cascade.bundle import Bundle
 
         if threads:
             torch.set_num_threads(int(threads))
         self.cascade = Bundle.load(bundle, device=device).cascade
         self.gpu = None
         if gpu != "off":
-            from ..gpu import maybe_gpu_cascade
+            from ..accel.runtime import maybe_gpu_cascade
 
             self.gpu = maybe_gpu_cascade(self.cascade, enabled=gpu)
         self.worker = _worker_name()
@@ -197,7 +197,7 @@ def _columns(recs: list[InputRecord]) -> dict[str, list]:
 
 
 def _decode_size(bundle: Path) -> int | None:
-    from ..bundle import Bundle
+    from ..cascade.bundle import Bundle
 
     return Bundle.load(bundle, device="cpu").cascade.decode_size()
 

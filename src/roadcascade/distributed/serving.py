@@ -28,7 +28,7 @@ import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations of the routes here
 from fastapi.responses import JSONResponse, Response
 
-from ..cascade import ImageState, Prediction
+from ..cascade.runtime import ImageState, Prediction
 from ..serve.app import Server, ServeMiddleware, outcome_error, prediction_json
 from ..serve.budget import Reservation
 from ..serve.config import ServeConfig
@@ -70,7 +70,7 @@ class CascadeStage:
     def __init__(self, bundle: str, k: int, device: str = "cpu", threads: int | None = None):
         import torch
 
-        from ..bundle import Bundle
+        from ..cascade.bundle import Bundle
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -176,7 +176,7 @@ class IngressServer(Server):
 
 def create_ingress_api(cfg: ServeConfig):
     """The FastAPI app of the ingress; its routes find the ``IngressServer`` on ``app.state.server``."""
-    from ..images import BadImage
+    from ..io.images import BadImage
 
     app = FastAPI(title="roadcascade (Ray Serve)", docs_url=None, redoc_url=None)
 
@@ -288,7 +288,7 @@ def build_app(bundle: str | Path, cfg: ServeConfig, rcfg: RayServeConfig, cluste
     """The Ray Serve application: one deployment per stage, bound into the ingress."""
     from ray import serve
 
-    from ..bundle_check import parse_json
+    from ..cascade.bundle_check import parse_json
 
     doc = parse_json((Path(bundle) / "bundle.json").read_bytes())
     costs = stage_costs(doc)
@@ -304,7 +304,7 @@ def build_app(bundle: str | Path, cfg: ServeConfig, rcfg: RayServeConfig, cluste
         stages.append(dep.bind(str(Path(bundle).resolve()), k, "cuda" if gpus > 0 else "cpu", rcfg.threads or max(1, int(rcfg.stage_cpus))))
     ingress = serve.deployment(_ingress_class(cfg), name="ingress", num_replicas=rcfg.ingress_replicas,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(256, 2 * cfg.max_queue))
-    from ..bundle import Bundle
+    from ..cascade.bundle import Bundle
 
     min_size = Bundle.load(bundle, device="cpu").cascade.decode_size()  # the reduced-size decode the ingress does
     return ingress.bind(min_size, [c.name for c in costs], *stages)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..calibration import TemperatureCalibrator, sigmoid
+from ..cascade.calibration import TemperatureCalibrator, sigmoid
 from .local import LocalSource, offline, verify
 
 

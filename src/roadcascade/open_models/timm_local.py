@@ -30,7 +30,7 @@ from typing import Any
 import timm
 import torch
 
-from .. import zoo
+from ..models import zoo
 from .local import LocalSource, ModelSourceError
 
 __all__ = ["LocalTimm", "MODELS_ENV", "bundle_section", "local_timm", "read_local_timm", "register_from_bundle",

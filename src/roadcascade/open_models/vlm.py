@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration import TemperatureCalibrator
-from ..cascade import Tier, TierOutput, register_tier
-from ..preprocess import pick_device
+from ..cascade.calibration import TemperatureCalibrator
+from ..cascade.runtime import Tier, TierOutput, register_tier
+from ..models.preprocess import pick_device
 from .hf import as_rgb_list, calibrated, count_gflops, load_pretrained
 from .local import LocalSource
 

@@ -28,8 +28,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..cascade import Cascade
-from ..images import BadImage, image_size
+from ..cascade.runtime import Cascade
+from ..io.images import BadImage, image_size
 from .batcher import MultiStageBatcher
 from .budget import PixelBudget, Reservation
 from .config import ServeConfig
@@ -349,7 +349,7 @@ class Server:
             self.cascade = cascade
             runner: Any = cascade
             if self.cfg.gpu != "off":
-                from ..gpu import GpuConfig, maybe_gpu_cascade
+                from ..accel.runtime import GpuConfig, maybe_gpu_cascade
 
                 gc = maybe_gpu_cascade(cascade, enabled=self.cfg.gpu, config=GpuConfig(limits=self.cfg.decode_limits),
                                        log=log.info, device=self.device)
@@ -381,12 +381,12 @@ class Server:
         src = self.source
         if isinstance(src, Cascade):
             return src
-        from ..bundle import Bundle
+        from ..cascade.bundle import Bundle
 
         if isinstance(src, Bundle):
             self.bundle_meta = {"path": str(src.path) if src.path else None}
             return src.cascade
-        from ..preprocess import pick_device
+        from ..models.preprocess import pick_device
 
         b = Bundle.load(src, device=pick_device(self.device))
         self.bundle_meta = {"path": str(b.path)}

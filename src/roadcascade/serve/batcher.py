@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..cascade import Cascade, ImageState
+from ..cascade.runtime import Cascade, ImageState
 from .collate import STOP, collate, split_by_deadline
 from .config import ServeConfig
 from .latency import LatencyModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..images import DecodeLimits
+from ..io.images import DecodeLimits
 from .protocol import ConnLimits
 
 SPECULATE_MODES = ("auto", "on", "off")

@@ -1,7 +1,7 @@
 """Serving on the GPU fast path: the whole cascade as one batcher stage, JPEG bytes in, answers out.
 
 With CUDA (``ServeConfig.gpu``: ``auto`` when CUDA is there, ``on``, ``off``), the server hands the raw
-bytes of every plain JPEG (:func:`roadcascade.gpu.jpeg_gpu_info`) to the batcher undecoded; everything
+bytes of every plain JPEG (:func:`roadcascade.accel.runtime.jpeg_gpu_info`) to the batcher undecoded; everything
 else is decoded on the server's CPU threads as before. The batcher sees one stage whose batch runs
 :meth:`GpuCascade.predict_batch`: nvJPEG/nvImageCodec decoding, PIL-exact resizing, the compiled
 model(s) and every later tier on the undecided images, all inside the one call (a few ms on the GPU, so
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..cascade import ImageState, Prediction
-from ..gpu import GpuCascade
+from ..cascade.runtime import ImageState, Prediction
+from ..accel.runtime import GpuCascade
 
 
 @dataclass

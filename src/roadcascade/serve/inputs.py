@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..strictjson import loads_strict
-from ..images import BadImage, DecodeLimits, base64_bytes, check_jpeg_scan_size, decode_base64, decode_bytes
+from ..io.strictjson import loads_strict
+from ..io.images import BadImage, DecodeLimits, base64_bytes, check_jpeg_scan_size, decode_base64, decode_bytes
 
 DEADLINE_HEADER = "x-deadline-ms"
 
@@ -130,7 +130,7 @@ def prepare_item(item: Any, limits: DecodeLimits, gpu: bool) -> np.ndarray | byt
         data = base64_bytes(item, limits)
     else:
         raise BadImage("bad_input", f"each image must be a base64 string, got {type(item).__name__}", 400)
-    from ..gpu import jpeg_gpu_info
+    from ..accel.runtime import jpeg_gpu_info
 
     if jpeg_gpu_info(data, limits) is None:
         return decode_bytes(data, limits)

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..cascade import ImageState, Prediction, TierOutput
+from ..cascade.runtime import ImageState, Prediction, TierOutput
 
 
 @dataclass(frozen=True)

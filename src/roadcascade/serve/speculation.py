@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cascade import Cascade, ImageState, Tier, TierOutput
+from ..cascade.runtime import Cascade, ImageState, Tier, TierOutput
 
 
 class SpeculationPolicy:

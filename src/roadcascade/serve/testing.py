@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import sigmoid
-from ..cascade import Cascade, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion, Tier, TierOutput
+from ..cascade.calibration import sigmoid
+from ..cascade.runtime import Cascade, ConfidenceRule, ExitPoint, FinalRule, LastTierFusion, Tier, TierOutput
 
 
 class SleepTier(Tier):
@@ -79,10 +79,10 @@ def tiny_bundle(out: str | Path, seed: int = 0, tau: float = 0.3, temperature: f
     tiny logits so that some images exit at tier 0 and some defer)."""
     import torch
 
-    from ..bundle import Bundle
-    from ..calibration import TemperatureCalibrator
-    from ..cascade import ClassifierTier
-    from ..zoo import create_model
+    from ..cascade.bundle import Bundle
+    from ..cascade.calibration import TemperatureCalibrator
+    from ..cascade.runtime import ClassifierTier
+    from ..models.zoo import create_model
 
     cal = TemperatureCalibrator.from_dict({"temperature": temperature, "threshold": 0.5})
     tiers = []

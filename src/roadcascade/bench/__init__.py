@@ -1,0 +1,1 @@
+"""Measurement: evaluation, metrics reports, the load generator and the serving benchmark."""

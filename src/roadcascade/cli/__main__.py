@@ -1,0 +1,5 @@
+"""``python -m roadcascade.cli``."""
+
+from . import main
+
+main()

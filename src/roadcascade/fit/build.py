@@ -1,0 +1,625 @@
+"""``roadcascade build``: from a list of tiers to a fitted cascade bundle.
+
+1. **Tiers.** A spec such as ``lite0@128:runs/qs/stage1,lite0@224,tta(lite0@224,n=4..8)`` names
+   classifier tiers ``model@size[:source bundle]`` and test-time-scaling tiers
+   ``tta(model@size[:source][,n=a..b][,views=id|hflip|c85|...])``. Weights come from the source bundle
+   (any bundle holding a classifier of that model); a tier without a source reuses the source of
+   another tier of the same model (the same network at another input size: GFLOPs scale with pixels),
+   and a model with no source anywhere is trained with the stage-1 trainer (cached in the work dir).
+2. **Val outputs, once.** Every tier runs on the val challenge views (seed 0, made exactly as ``eval``
+   makes them: JPEG q75 bytes, decoded) and the raw logits (and every test-time view's logit) are
+   cached as an ``.npz`` in the work dir, keyed by the tiers, their sources and the data.
+3. **Fitting on val only.** Per-tier temperature and threshold, the test-time verifier and stopping
+   margin, then the policy optimiser (policy.py): fusions and difficulty estimators per exit point,
+   the MCC-vs-GFLOPs frontier, the best policy under ``--budget``, and the guaranteed (Learn-then-Test)
+   policy. The test split is never read.
+4. **Bundle.** The chosen cascade (tiers, exit points) plus, in its metadata, the frontier, the
+   chosen point, both policies, the full ensemble (every tier, for the ``baselines`` of ``eval``) and
+   the val estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cascade.bundle import Bundle
+from ..cascade.calibration import TemperatureCalibrator, best_threshold, fold
+from ..cascade.runtime import Cascade, ClassifierTier, ExitPoint, ImageState
+from ..cascade.fusion import WeightedVoteFusion
+from ..io.items import Progress
+from ..metrics import summarize
+from .policy import CascadePolicy, LTTResult, TierTable, collect_states, group_means, learn_then_test, replay, table_from_states
+from ..cascade.rules import SEARCHABLE_RULES
+from ..cascade.tta import DEFAULT_VIEWS, TTATier, model_logits
+
+
+Log = Callable[[str], None]
+
+__all__ = ["TierSpec", "parse_tiers", "BuildConfig", "BuildResult", "build", "baselines_report", "DEFAULT_TIERS"]
+
+DEFAULT_TIERS = "lite0@128,lite0@224,tta(lite0@224,n=4..8)"
+
+
+# ============================================================================= tier specs
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    kind: str  # "classifier" | "tta"
+    model: str
+    size: int | None  # None: the model's input size
+    source: str | None = None
+    n_min: int = 4
+    n_max: int = 8
+    views: tuple[str, ...] | None = None
+
+    @property
+    def base_name(self) -> str:
+        return f"{self.model}@{self.size}"
+
+    @property
+    def name(self) -> str:
+        if self.kind == "tta":
+            return f"tta({self.base_name},n={self.n_min}..{self.n_max})"
+        return self.base_name
+
+
+_ITEM = re.compile(r"^([A-Za-z0-9_.\-]+)(?:@(\d+))?(?::(.+))?$")
+_N = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
+
+
+def _split_top(text: str) -> list[str]:
+    out, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ')' in tier spec {text!r}")
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced '(' in tier spec {text!r}")
+    out.append("".join(cur).strip())
+    return [o for o in out if o]
+
+
+def _classifier_item(text: str) -> tuple[str, int | None, str | None]:
+    m = _ITEM.match(text.strip())
+    if not m:
+        raise ValueError(f"tier {text!r}: expected model@size[:bundle], e.g. lite0@224:runs/quickstart/stage1")
+    return m.group(1), (int(m.group(2)) if m.group(2) else None), m.group(3)
+
+
+def parse_tiers(text: str) -> list[TierSpec]:
+    """Parse a tier list (see the module docstring). Sizes default to the model's input size."""
+    from ..models.zoo import get_spec
+
+    from ..open_models.spec import parse_open_item
+
+    specs: list[TierSpec] = []
+    for item in _split_top(text):
+        if (open_spec := parse_open_item(item)) is not None:  # zeroshot(...), vlm(...): models at local paths
+            specs.append(open_spec)  # type: ignore[arg-type]
+            continue
+        if item.startswith("tta(") and item.endswith(")"):
+            parts = _split_top(item[4:-1])
+            if not parts:
+                raise ValueError(f"tier {item!r}: tta() needs a base tier, e.g. tta(lite0@224,n=4..8)")
+            model, size, source = _classifier_item(parts[0])
+            n_min, n_max, views = 4, 8, None
+            for kv in parts[1:]:
+                key, _, val = kv.partition("=")
+                key, val = key.strip(), val.strip()
+                if key == "n" and (m := _N.match(val)):
+                    n_min = int(m.group(1))
+                    n_max = int(m.group(2) or m.group(1))
+                elif key == "views" and val:
+                    views = tuple(v.strip() for v in val.split("|") if v.strip())
+                else:
+                    raise ValueError(f"tier {item!r}: unknown option {kv!r} (n=a..b, views=id|hflip|c85|...)")
+            kind = "tta"
+        else:
+            model, size, source = _classifier_item(item)
+            n_min, n_max, views, kind = 4, 8, None, "classifier"
+        try:
+            size = size or get_spec(model).input_size
+            get_spec(model)
+        except KeyError as e:
+            raise ValueError(f"tier {item!r}: {e.args[0]}") from None
+        specs.append(TierSpec(kind, model, size, source, n_min, n_max, views))
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"tier names must be unique; repeated: {', '.join(dup)}")
+    if not specs:
+        raise ValueError("no tiers given")
+    return specs
+
+
+# ============================================================================= config
+
+
+@dataclass
+class BuildConfig:
+    tiers: str = DEFAULT_TIERS
+    budget: str = "35%"
+    mode: str = "mcc"  # mcc: best MCC under the budget | guaranteed: Learn-then-Test policy
+    epsilon: float = 0.05
+    delta: float = 0.1
+    cal_fraction: float = 0.5
+    pvalue: str = "hb"
+    rules: tuple[str, ...] = SEARCHABLE_RULES
+    fusion: str = "stacking"
+    orders: str = "cost"
+    max_tiers: int | None = None
+    grid: int = 16
+    folds: int = 5
+    mcc_slack: float = 0.0
+    seed: int = 0
+    # data (fit on val challenge views only)
+    data: str | None = None
+    val_split: str = "val"
+    n_views: int = 4
+    val_seed: int = 0
+    max_val: int | None = None
+    # compute
+    device: str = "auto"
+    threads: int | None = None
+    batch_size: int = 64
+    work: str | None = None  # default: <out>/../<out name>-work
+    # training of tiers without weights (through the stage-1 trainer)
+    train_epochs: int = 8
+    train_size: int | None = None
+    train_batch_size: int = 32
+    max_train: int | None = None
+    max_steps: int | None = None
+
+
+@dataclass
+class BuildResult:
+    bundle: Bundle
+    optimizer: CascadePolicy
+    chosen: object
+    ltt: LTTResult
+    table: TierTable
+    seconds: float
+    work: Path
+    trained: list[str] = field(default_factory=list)
+
+
+# ============================================================================= pieces
+
+
+def _find_classifier(bundle: Bundle, model: str) -> ClassifierTier:
+    for t in bundle.cascade.tiers:
+        if isinstance(t, ClassifierTier) and t.model_name == model:
+            return t
+        if isinstance(t, TTATier) and t.base.model_name == model:
+            return t.base
+    raise ValueError(f"bundle {bundle.path} holds no classifier of model {model!r} "
+                     f"(it has {', '.join(bundle.cascade.tier_names)})")
+
+
+def _resolve_sources(specs: Sequence[TierSpec], cfg: BuildConfig, work: Path, log: Log, progress: Progress | None) -> tuple[dict, list[str]]:
+    """Source bundle path per spec name; models without any source are trained (cached in work)."""
+    first: dict[str, str] = {}
+    specs = [s for s in specs if s.kind in ("classifier", "tta")]  # open tiers name their local model themselves
+    for s in specs:
+        if s.source and s.model not in first:
+            first[s.model] = s.source
+    trained = []
+    for model in dict.fromkeys(s.model for s in specs):
+        if model in first:
+            continue
+        out = work / f"train-{model}"
+        if not (out / "bundle.json").exists():
+            from .train import TrainConfig, train
+
+            size = max(s.size for s in specs if s.model == model)
+            tc = TrainConfig(model=model, input_size=cfg.train_size, eval_size=size, epochs=cfg.train_epochs,
+                             batch_size=cfg.train_batch_size, seed=cfg.seed, device=cfg.device, data=cfg.data,
+                             val_split=cfg.val_split, val_views=cfg.n_views, val_seed=cfg.val_seed, max_train=cfg.max_train,
+                             max_val=cfg.max_val, max_steps=cfg.max_steps, threads=cfg.threads)
+            log(f"training {model} (no weights given) -> {out}")
+            train(tc, out, progress=progress, log=log)
+            trained.append(model)
+        else:
+            log(f"reusing trained {model} from {out}")
+        first[model] = str(out)
+    return {s.name: (s.source or first[s.model]) for s in specs}, trained
+
+
+def _source_fingerprint(path: str) -> str:
+    p = Path(path)
+    doc = p / "bundle.json" if p.is_dir() else p
+    st = doc.stat()
+    return f"{doc.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def _val_items(cfg: BuildConfig, progress: Progress | None):
+    from ..io.data import open_dataset
+    from ..io.items import make_items
+    from ..io.images import decode_bytes
+
+    ds = open_dataset(cfg.data, cfg.val_split).subset(cfg.max_val, cfg.seed)
+    items = make_items(ds, "challenge", cfg.val_seed, n_views=cfg.n_views, progress=progress)
+    images = [decode_bytes(it.payload) for it in items]
+    y = np.array([it.label for it in items], dtype=np.int64)
+    keys = [it.key.rsplit("#v", 1)[0] for it in items]
+    _, groups = np.unique(np.array(keys), return_inverse=True)
+    return ds, items, images, y, groups
+
+
+def _timed(fn, *a, **kw):
+    t0 = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def _chunked_logits(tier: ClassifierTier, images, progress: Progress | None, desc: str, chunk: int = 256) -> np.ndarray:
+    out = []
+    full = getattr(tier, "full_logits", None)  # open-model tiers: every image, whatever their time budget
+    for i in range(0, len(images), chunk):
+        out.append(full(images[i : i + chunk]) if full else model_logits(tier, images[i : i + chunk]))
+        if progress:
+            progress(desc, min(i + chunk, len(images)), len(images))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# ============================================================================= build
+
+
+def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, log: Log = print) -> BuildResult:
+    """Build a cascade bundle (see the module docstring). Fits on val only."""
+    from ..open_models.spec import OpenTierSpec, make_tier
+    from ..models.preprocess import pick_device
+    from ..models.zoo import gflops as zoo_gflops
+
+    def is_open(s) -> bool:
+        return isinstance(s, OpenTierSpec)
+
+    t_start = time.perf_counter()
+    if cfg.mode not in ("mcc", "guaranteed"):
+        raise ValueError(f"mode must be mcc or guaranteed, not {cfg.mode!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    work = Path(cfg.work) if cfg.work else out.parent / f"{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    specs = parse_tiers(cfg.tiers)
+    sources, trained = _resolve_sources(specs, cfg, work, log, progress)
+
+    # -- networks (one per source bundle and model), shared by every tier of that model ------------
+    nets: dict[tuple[str, str], ClassifierTier] = {}
+    for s in specs:
+        if is_open(s):
+            sources[s.name] = s.source
+            continue
+        key = (sources[s.name], s.model)
+        if key not in nets:
+            nets[key] = _find_classifier(Bundle.load(sources[s.name], device=device), s.model)
+
+    def classifier(spec_model: str, size: int, src: str) -> ClassifierTier:
+        net = nets[(src, spec_model)]
+        return ClassifierTier(name=f"{spec_model}@{size}", model_name=spec_model, model=net.model, input_size=size,
+                              mean=net.mean, std=net.std, calibrator=TemperatureCalibrator(),
+                              gflops=zoo_gflops(spec_model, size), device=device, batch_size=cfg.batch_size,
+                              squares=net.squares, view_scale=net.view_scale)
+
+    # -- val challenge views, exactly as eval makes them ------------------------------------------
+    ds, items, images, y, groups = _val_items(cfg, progress)
+    log(f"val: {ds.name}, {len(ds)} images x {cfg.n_views} challenge views (seed {cfg.val_seed}) = {len(items)} rows")
+
+    fp = json.dumps({
+        "tiers": [(s.name, s.views, s.fingerprint() if is_open(s) else _source_fingerprint(sources[s.name])) for s in specs],
+        "data": ds.name, "split": cfg.val_split, "seed": cfg.val_seed, "views": cfg.n_views,
+        "keys": hashlib.sha1("\n".join(it.key for it in items).encode()).hexdigest(),
+    }, sort_keys=True)
+    cache_path = work / f"val-cache-{hashlib.sha1(fp.encode()).hexdigest()[:12]}.npz"
+    cache: dict[str, np.ndarray] = dict(np.load(cache_path)) if cache_path.exists() else {}
+    if cache:
+        log(f"val outputs from cache {cache_path}")
+
+    # -- classifier tiers: logits once, then temperature + threshold on val -----------------------
+    tiers: dict[str, object] = {}
+    ms_per_img: dict[str, float] = {}
+    base_logits: dict[str, np.ndarray] = {}
+    for s in specs:
+        need = [s] if s.kind == "classifier" else []
+        if s.kind == "tta" and s.base_name not in tiers:
+            need.append(TierSpec("classifier", s.model, s.size, s.source))
+        for c in need:
+            if c.name in tiers:
+                continue
+            t = classifier(c.model, c.size, sources[s.name])
+            if f"z::{c.name}" not in cache:
+                z, ms = _timed(_chunked_logits, t, images, progress, f"val {c.name}")
+                cache[f"z::{c.name}"], cache[f"ms::{c.name}"] = z, np.array(ms / max(1, len(images)))
+            z = cache[f"z::{c.name}"]
+            t.calibrator.fit(z, y)
+            tiers[c.name] = t
+            base_logits[c.name] = z
+            ms_per_img[c.name] = float(cache[f"ms::{c.name}"])
+
+    # -- open-model tiers (zero-shot, VLM): logits once, then temperature + threshold on val -------
+    for s in specs:
+        if is_open(s):
+            t = make_tier(s, device, cfg.batch_size)
+            if f"z::{s.name}" not in cache:
+                z, ms = _timed(_chunked_logits, t, images, progress, f"val {s.name}")
+                cache[f"z::{s.name}"], cache[f"ms::{s.name}"] = z, np.array(ms / max(1, len(images)))
+            t.calibrator.fit(cache[f"z::{s.name}"], y)
+            tiers[s.name], base_logits[s.name] = t, cache[f"z::{s.name}"]
+            ms_per_img[s.name] = float(cache[f"ms::{s.name}"])
+
+    # -- test-time scaling tiers: every view's logit once, then verifier + margin + calibration ---
+    for s in specs:
+        if s.kind != "tta":
+            continue
+        base = tiers[s.base_name]
+        t = TTATier(base, s.views or DEFAULT_VIEWS, s.n_min, s.n_max, name=s.name)
+        if f"V::{s.name}" not in cache:
+            rest = TTATier(base, s.views or DEFAULT_VIEWS, 1, s.n_max)  # all views, identity known
+            V = np.full((len(images), s.n_max), np.nan)
+            V[:, 0] = base_logits[s.base_name]
+            t0 = time.perf_counter()
+            for i in range(0, len(images), 128):
+                sub = rest.view_logits(images[i : i + 128], identity=V[i : i + 128, 0])
+                V[i : i + 128] = sub
+                if progress:
+                    progress(f"val {s.name}", min(i + 128, len(images)), len(images))
+            ms = (time.perf_counter() - t0) * 1e3
+            views_run = len(images) * max(1, s.n_max - 1)
+            cache[f"V::{s.name}"] = V
+            cache[f"ms::{s.name}"] = np.array(ms / views_run)  # per view-image at the base size
+        t.fit(cache[f"V::{s.name}"], y, groups, folds=cfg.folds, seed=cfg.seed)
+        tiers[s.name] = t
+        ms_per_img[s.name] = float(cache[f"ms::{s.name}"])
+    np.savez_compressed(cache_path, **cache)
+
+    # -- the table the optimiser sees (out-of-fold outputs of the test-time tiers) ----------------
+    names = [s.name for s in specs]
+    n, T = len(y), len(names)
+    L, P, G, M = (np.zeros((n, T)) for _ in range(4))
+    feats: list[np.ndarray | None] = [None] * T
+    src = np.full(T, -1)
+    saving, saving_ms = np.zeros((n, T)), np.zeros((n, T))
+    for j, nm in enumerate(names):
+        t = tiers[nm]
+        if isinstance(t, TTATier):
+            o = t.oof_
+            L[:, j], P[:, j], G[:, j], feats[j] = o.logits, o.prob, o.gflops, o.features
+            per_gflop = ms_per_img[nm] / max(1e-12, t.view_gflops[0])
+            M[:, j] = o.gflops * per_gflop
+            if t.base.name in names:
+                src[j] = names.index(t.base.name)
+                saving[:, j] = t.view_gflops[0]
+                saving_ms[:, j] = ms_per_img[t.base.name]
+        else:
+            L[:, j], P[:, j], G[:, j], M[:, j] = base_logits[nm], t.calibrator.calibrated(base_logits[nm]), t.gflops, ms_per_img[nm]
+    table = TierTable(names, L, P, G, M, [_tier_threshold(tiers[nm]) for nm in names], y, groups, feats, src, saving, saving_ms)
+    table.save(work / "val-table.npz")
+
+    # -- policy optimiser and guaranteed mode ------------------------------------------------------
+    opt_kw = dict(rules=cfg.rules, fusion=cfg.fusion, orders=cfg.orders, max_tiers=cfg.max_tiers, grid=cfg.grid,
+                  folds=cfg.folds, mcc_slack=cfg.mcc_slack)
+    opt = CascadePolicy(seed=cfg.seed, **opt_kw).fit(table)
+    chosen = opt.select(cfg.budget)
+    ltt = learn_then_test(table, cfg.epsilon, cfg.delta, cfg.cal_fraction, cfg.seed, cfg.pvalue, **opt_kw)
+    log(f"full ensemble (val, out-of-fold): MCC {opt.full_.mcc:.4f} at {opt.full_.gflops:.3f} GFLOPs/img; "
+        f"best single {opt.best_single_.names[0]} MCC {opt.best_single_.mcc:.4f} at {opt.best_single_.gflops:.3f}")
+    log(f"chosen ({cfg.budget}): {chosen.describe()}  MCC {chosen.mcc:.4f} at {chosen.gflops:.3f} GFLOPs/img "
+        f"({chosen.gflops / max(1e-12, opt.full_.gflops):.0%} of the full ensemble)")
+    log(f"guaranteed (eps {cfg.epsilon}, delta {cfg.delta}): {ltt.point.describe()}  cal disagreement {ltt.risk_cal:.4f} "
+        f"(p {ltt.p_value:.3g}, {ltt.n_cal} images), {ltt.point.gflops:.3f} GFLOPs/img")
+
+    # -- the cascade, the full ensemble, the bundle ------------------------------------------------
+    def cascade_of(seq, exits) -> Cascade:
+        return Cascade([tiers[names[t]] for t in seq], list(exits))
+
+    if cfg.mode == "mcc":
+        cascade = cascade_of(chosen.tiers, opt.exits_for(chosen))
+        ensemble = cascade_of(opt.full_sequence_, opt.ensemble_exits())
+        vote_rows = np.arange(n)
+    else:
+        cascade = cascade_of(ltt.point.tiers, ltt.exits)
+        ensemble = cascade_of(ltt.reference_tiers, ltt.reference_exits)
+        vote_rows = ltt.fit_rows
+    full = list(opt.full_sequence_ if cfg.mode == "mcc" else ltt.reference_tiers)
+    vote = WeightedVoteFusion().fit(L[np.ix_(vote_rows, full)], P[np.ix_(vote_rows, full)], y[vote_rows])
+    vote_thr = best_threshold(vote.prob(L[np.ix_(vote_rows, full)], P[np.ix_(vote_rows, full)]), y[vote_rows])
+
+    out.mkdir(parents=True, exist_ok=True)
+    ens_cfg = ensemble.to_config(out)
+    ens_cfg["vote"] = {"fusion": vote.to_config(), "threshold": float(vote_thr)}
+    guaranteed = {
+        **ltt.as_dict(),
+        "tiers": [names[t] for t in ltt.point.tiers],
+        "exits": [e.to_config() for e in ltt.exits],
+        "reference": {"tiers": [names[t] for t in ltt.reference_tiers], "exits": [e.to_config() for e in ltt.reference_exits]},
+        "fit": "half of the val images (fusions, estimators, thresholds, path); p-values on the other half",
+    }
+    point = chosen if cfg.mode == "mcc" else ltt.point
+    seconds = time.perf_counter() - t_start
+    meta = {
+        "kind": "cascade",
+        "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": cfg.val_split, "views": "challenge",
+                 "n_views": cfg.n_views, "val_seed": cfg.val_seed, "n_images": len(ds), "n_rows": n,
+                 "estimates": "out-of-fold on val (grouped by image)"},
+        "policy": {
+            "mode": cfg.mode,
+            "budget": cfg.budget,
+            "chosen": point.as_dict(),
+            "mcc_policy": chosen.as_dict(),
+            "full_ensemble": opt.full_.as_dict(),
+            "best_single": opt.best_single_.as_dict(),
+            "singles": [p.as_dict() for p in opt.singles_],
+            "frontier": [p.as_dict() for p in opt.frontier_],
+            "fusion_comparison": opt.fusion_comparison(),
+            "n_policies_evaluated": int(len(opt.mcc_)),
+            "optimizer": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in opt_kw.items()}, "seed": cfg.seed},
+        },
+        "guaranteed": guaranteed,
+        "ensemble": ens_cfg,
+        "tier_specs": [{"name": s.name, "kind": s.kind, "model": s.model, "size": s.size, "source": sources[s.name],
+                        **({"options": dict(s.options)} if is_open(s) else {}),
+                        **({"n": [s.n_min, s.n_max], "views": list(s.views or DEFAULT_VIEWS)} if s.kind == "tta" else {})}
+                       for s in specs],
+        "metrics": {"val": {"cascade": point.as_dict(), "full_ensemble": opt.full_.as_dict(),
+                            "best_single": opt.best_single_.as_dict()}},
+        "build": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                  "seconds": seconds, "device": str(device), "cache": str(cache_path), "work": str(work),
+                  "trained": trained, "val_ms_per_image": ms_per_img},
+    }
+    bundle = Bundle(cascade, meta)
+    bundle.save(out)
+    log(f"cascade bundle written to {out} in {seconds:.0f} s")
+    return BuildResult(bundle, opt, point, ltt, table, seconds, work, trained)
+
+
+# ============================================================================= eval baselines
+
+
+def _tier_threshold(tier) -> float:
+    if isinstance(tier, TTATier):
+        return float(tier.calibrator_.threshold_)
+    return float(tier.calibrator.threshold_)
+
+
+def _metrics(y: np.ndarray, prob: np.ndarray, gflops: float, ms: float | None = None) -> dict:
+    s = summarize(y, prob)
+    d = {"mcc": s.mcc, "accuracy": s.accuracy, "mean_gflops": float(gflops), "reward": s.reward}
+    if ms is not None:
+        d["mean_ms"] = float(ms)
+    return d
+
+
+def baselines_report(bundle: Bundle, items, cascade_prob: np.ndarray, batch_size: int = 32,
+                     progress: Progress | None = None) -> dict:
+    """Measured in the same run as the cascade: every tier alone (``singles``, ``best_single``), every tier
+    on every image (``full_ensemble``, stacking; ``full_ensemble_vote``, weighted voting), the cascade's
+    disagreement with the full ensemble, and the guaranteed policy replayed on the same outputs."""
+    from ..io.images import decode_bytes
+
+    meta = bundle.meta
+    dev = next((t.device for t in bundle.cascade.tiers if hasattr(t, "device")), None)
+    ens = Cascade.from_config(meta["ensemble"], bundle.path, dev)
+    states: list[ImageState] = []
+    busy = 0.0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        t0 = time.perf_counter()
+        states += collect_states(ens, [decode_bytes(it.payload) for it in chunk])
+        busy += time.perf_counter() - t0
+        if progress:
+            progress("full ensemble", min(i + batch_size, len(items)), len(items))
+    y = np.array([it.label for it in items], dtype=np.int64)
+    keys = np.array([it.key.rsplit("#v", 1)[0] for it in items])
+    _, groups = np.unique(keys, return_inverse=True)
+    names = ens.tier_names
+    reuse = {t.name: (t.base.name, float(t.view_gflops[0])) for t in ens.tiers if isinstance(t, TTATier) and t.reuse}
+    table = table_from_states(states, names, [_tier_threshold(t) for t in ens.tiers], y, groups, reuse)
+
+    singles = {}
+    for j, t in enumerate(ens.tiers):
+        singles[t.name] = _metrics(y, fold(table.probs[:, j], _tier_threshold(t)), table.gflops[:, j].mean())
+    best = max(singles, key=lambda k: (singles[k]["mcc"], -singles[k]["mean_gflops"]))
+    full_prob = np.array([s.probability for s in states])
+    full_gf = float(np.mean([sum(s.trace.gflops.values()) for s in states]))
+    out: dict = {
+        "singles": singles,
+        "best_single": {"name": best, **singles[best], "selected_on": "test (the strictest single baseline)"},
+        "full_ensemble": {"tiers": names, **_metrics(y, full_prob, full_gf, busy * 1e3 / max(1, len(items)))},
+    }
+    vcfg = meta["ensemble"].get("vote")
+    if vcfg:
+        vote = WeightedVoteFusion.from_config(vcfg["fusion"])
+        out["full_ensemble_vote"] = _metrics(y, fold(vote.prob(table.logits, table.probs), vcfg["threshold"]), full_gf)
+    cp = np.asarray(cascade_prob, dtype=np.float64)
+    out["cascade_disagreement"] = float(np.mean((cp > 0.5) != (full_prob > 0.5)))
+    g = meta.get("guaranteed")
+    if g and g.get("exits"):
+        idx = {nm: j for j, nm in enumerate(names)}
+        seq = [idx[nm] for nm in g["tiers"]]
+        ref_seq = [idx[nm] for nm in g["reference"]["tiers"]]
+        r = replay([ExitPoint.from_config(e) for e in g["exits"]], seq, table)
+        ref = replay([ExitPoint.from_config(e) for e in g["reference"]["exits"]], ref_seq, table)
+        loss = group_means(r.pred != ref.pred, groups)
+        out["guaranteed"] = {
+            "policy": g["policy"]["describe"], "epsilon": g["epsilon"], "delta": g["delta"],
+            "disagreement": float(np.mean(r.pred != ref.pred)),  # per view
+            "risk": float(loss.mean()),  # per image (mean over its views): the quantity LTT bounds
+            "within_epsilon": bool(loss.mean() <= g["epsilon"]),
+            "n_images": int(len(loss)),
+            **_metrics(y, r.prob, float(r.gflops.mean())),
+        }
+    pol = meta.get("policy") or {}
+    out["pareto"] = {
+        "val_frontier": [(p["mean_gflops"], p["mcc"]) for p in pol.get("frontier", [])],
+        "val_chosen": (pol["chosen"]["mean_gflops"], pol["chosen"]["mcc"]) if pol.get("chosen") else None,
+        "val_full": (pol["full_ensemble"]["mean_gflops"], pol["full_ensemble"]["mcc"]) if pol.get("full_ensemble") else None,
+    }
+    return out
+
+
+# ============================================================================= quickstart helpers
+
+
+def adopt_stage1(bundle_dir: Path, stage1_dir: Path, log: Log = print) -> None:
+    """An earlier quickstart left its stage-1 bundle at ``bundle_dir``: copy it to ``stage1_dir`` (the
+    cascade takes ``bundle_dir``'s place)."""
+    import shutil
+
+    doc = Path(bundle_dir) / "bundle.json"
+    if (Path(stage1_dir) / "bundle.json").exists() or not doc.exists():
+        return
+    if json.loads(doc.read_text()).get("kind") == "cascade":
+        return
+    shutil.copytree(bundle_dir, stage1_dir)
+    log(f"stage-1 bundle {bundle_dir} copied to {stage1_dir}")
+
+
+def quickstart_tiers(stage1_dir: Path) -> str:
+    """The quickstart's tiers: the stage-1 network at about half its input size (a third to a quarter of the
+    compute) in front of itself at its input size (224 for the default recipe: lite0@128 -> lite0@224).
+
+    Test-time views (``tta(...)``) are left out here to keep the quickstart within 15 minutes on 2 CPU cores;
+    ``roadcascade build`` takes them (and stronger tiers) when compute allows."""
+    doc = json.loads((Path(stage1_dir) / "bundle.json").read_text())
+    tier = doc["tiers"][0]
+    size = int(tier.get("input_size", 224))
+    small = max(64, 32 * round(size * 0.57 / 32))
+    model = tier.get("model_name") or tier.get("model") or "lite0"
+    return f"{model}@{small}:{stage1_dir},{model}@{size}:{stage1_dir}"
+
+
+def quickstart_cascade(stage1_dir: Path, out: Path, data: str | None = None, device: str = "auto", budget: str = "35%",
+                       progress: Progress | None = None, log: Log = print) -> Path:
+    """Build the quickstart cascade from the stage-1 bundle unless an up-to-date one is there."""
+    tiers = quickstart_tiers(stage1_dir)
+    doc = Path(out) / "bundle.json"
+    if doc.exists():
+        meta = json.loads(doc.read_text())
+        b = meta.get("build") or {}
+        fresh = doc.stat().st_mtime >= (Path(stage1_dir) / "bundle.json").stat().st_mtime
+        if meta.get("kind") == "cascade" and b.get("tiers") == tiers and b.get("budget") == budget and fresh:
+            log(f"using cached cascade {out}")
+            return Path(out)
+    log(f"[bold]building[/bold] cascade {tiers} (budget {budget}) -> {out}")
+    build(BuildConfig(tiers=tiers, budget=budget, data=data, device=device), out, progress=progress, log=log)
+    return Path(out)

@@ -1,0 +1,141 @@
+"""Open-set guard: decision thresholds that know which kind of frame the fit never saw a positive of.
+
+A bundle's thresholds are fitted for MCC on ``val``, whose positives are web photos of roadwork. Val has
+real dashcam frames (``camvid``, ``gtsdb``) but, bar two, only as negatives, so the fitted thresholds say
+nothing about a dashcam frame with roadwork in it: they sit where web-photo positives part from negatives,
+and dashcam roadwork (small, dark, far) scores below them. The first tier then stops such frames as
+confident negatives (docs/DASHCAM.md: 73 % of night-dev frames stopped at tier 0).
+
+For the one class of dashcam frames that val does hold, the negatives, the most recall a threshold can buy
+at a false-positive rate ``fpr`` is the Neyman-Pearson threshold: the value that a share ``fpr`` of those
+negatives exceed. The guard computes it at every exit point of a cascade (every tier run on every
+reference negative, the exit's own fusion) and lowers an exit's threshold to it where it is lower than the
+fitted one. Lower thresholds also move the fold, so images near the new threshold are no longer
+"confident" and go on to the next tier. Nothing here sees a dashcam positive: night-dev stays a held-out
+measure.
+
+    roadcascade guard --bundle B [--fpr 0.01]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..cascade.runtime import Cascade, ImageState
+
+DASHCAM_SOURCES: tuple[str, ...] = ("camvid", "gtsdb")  # real dashcam frames of StreetWork (DATA.md)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    fpr: float = 0.01  # share of the reference negatives allowed above each exit's threshold
+    sources: tuple[str, ...] = DASHCAM_SOURCES
+    split: str = "val"
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fpr < 1.0:
+            raise ValueError(f"fpr must be in [0, 1), got {self.fpr}")
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    fpr: float
+    n_negatives: int
+    sources: tuple[str, ...]
+    split: str
+    fitted: tuple[float, ...]  # each exit's threshold before the guard
+    guard: tuple[float, ...]  # the Neyman-Pearson threshold at each exit
+    thresholds: tuple[float, ...]  # what the bundle now uses: min(fitted, guard)
+    fpr_before: tuple[float, ...]  # share of the reference negatives above each exit's threshold, before
+    fpr_after: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def np_threshold(scores: np.ndarray, fpr: float) -> float:
+    """The smallest threshold ``t`` among the scores with ``mean(scores > t) <= fpr``: the (m+1)-th largest
+    score, m = floor(fpr * n). Ties are kept on the safe side (no more than m above)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise ValueError("no reference negatives")
+    m = min(int(math.floor(fpr * s.size + 1e-9)), s.size - 1)
+    return float(s[m])
+
+
+def exit_probabilities(cascade: Cascade, images: Sequence[np.ndarray], batch: int = 64) -> np.ndarray:
+    """(n, K) calibrated fused probability (before the fold) of every image at every exit point, every tier
+    run on every image through the cascade's own stage runtime (no image stops early)."""
+    out = np.zeros((len(images), cascade.n_stages))
+    for i in range(0, len(images), batch):
+        states = [ImageState(image=im) for im in images[i : i + batch]]
+        for k in range(cascade.n_stages):
+            for s in states:
+                s.done = False  # every image goes on: the guard looks at each exit on all of them
+            cascade.run_stage(k, states)
+            out[i : i + len(states), k] = [s.calibrated for s in states]
+    return out
+
+
+def guard_exits(cascade: Cascade, probs: np.ndarray, fpr: float, sources: Sequence[str] = DASHCAM_SOURCES,
+                split: str = "val") -> GuardReport:
+    """Lower each exit threshold to the Neyman-Pearson threshold of ``probs`` (n, K), the reference
+    negatives' fused probabilities, where that is lower. Changes ``cascade`` in place."""
+    if probs.ndim != 2 or probs.shape[1] != cascade.n_stages:
+        raise ValueError(f"probs must be (n, {cascade.n_stages}), got {probs.shape}")
+    fitted = tuple(float(e.threshold) for e in cascade.exits)
+    guard = tuple(np_threshold(probs[:, k], fpr) for k in range(cascade.n_stages))
+    new = tuple(min(f, g) for f, g in zip(fitted, guard))
+    for e, t in zip(cascade.exits, new):
+        e.threshold = t
+    return GuardReport(
+        fpr=fpr, n_negatives=int(probs.shape[0]), sources=tuple(sources), split=split, fitted=fitted, guard=guard,
+        thresholds=new, fpr_before=tuple(float(np.mean(probs[:, k] > t)) for k, t in enumerate(fitted)),
+        fpr_after=tuple(float(np.mean(probs[:, k] > t)) for k, t in enumerate(new)))
+
+
+def reference_negatives(cfg: GuardConfig, min_size: int | None = None) -> list[np.ndarray]:
+    """The clean reference negatives (label 0 of ``cfg.sources`` in ``cfg.split``), decoded as the runtime
+    decodes them."""
+    from ..io.data import open_dataset
+    from ..io.images import decode_bytes
+
+    ds = open_dataset(cfg.data, cfg.split)
+    samples = [s for s in ds.samples if s.label == 0 and s.source in cfg.sources]
+    if not samples:
+        raise ValueError(f"no label-0 images of {cfg.sources} in {ds.name} {cfg.split}")
+    return [decode_bytes(s.data if s.data is not None else s.path.read_bytes(), min_size=min_size) for s in samples]
+
+
+def guard_bundle(path, cfg: GuardConfig = GuardConfig(), device: str = "auto", log: Callable[[str], None] = print) -> GuardReport:
+    """Guard a saved bundle in place: thresholds lowered, the report kept in ``bundle.json`` under ``guard``.
+    A bundle guarded before is guarded again from its fitted thresholds (the guard does not compound)."""
+    from ..cascade.bundle import Bundle
+    from ..models.preprocess import pick_device
+
+    b = Bundle.load(path, device=pick_device(device))
+    before = b.meta.get("guard")
+    if before and _same(before, cfg) and [e.threshold for e in b.cascade.exits] == list(before["thresholds"]):
+        log(f"{path} already guarded (fpr {cfg.fpr})")  # not rewritten: a cached cascade built from it stays fresh
+        return GuardReport(**{k: tuple(v) if isinstance(v, list) else v for k, v in before.items()})
+    if before:  # start again from the fitted thresholds
+        for e, t in zip(b.cascade.exits, before["fitted"]):
+            e.threshold = float(t)
+    images = reference_negatives(cfg, min_size=b.cascade.decode_size())
+    rep = guard_exits(b.cascade, exit_probabilities(b.cascade, images), cfg.fpr, cfg.sources, cfg.split)
+    b.meta["guard"] = rep.as_dict()
+    b.save(path)
+    log(f"guard ({len(images)} {'/'.join(cfg.sources)} negatives of {cfg.split}, fpr {cfg.fpr}): thresholds "
+        + ", ".join(f"{f:.3f}->{t:.3f}" for f, t in zip(rep.fitted, rep.thresholds)))
+    return rep
+
+
+def _same(report: dict, cfg: GuardConfig) -> bool:
+    return report.get("fpr") == cfg.fpr and tuple(report.get("sources", ())) == cfg.sources and report.get("split") == cfg.split

@@ -1,0 +1,1 @@
+"""Input: safe decoding, datasets, validator-style challenge views, evaluation requests, synthetic data."""

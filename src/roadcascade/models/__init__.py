@@ -1,0 +1,1 @@
+"""Models: the zoo (timm architectures, local or packaged weights) and preprocessing."""
