@@ -285,3 +285,15 @@ def test_build_eval_serve_with_open_tiers(models, streetwork, tmp_path, monkeypa
     finally:
         shutil.rmtree(models["llava"], ignore_errors=True)
         shutil.copytree(moved, models["llava"])
+
+
+def test_gflops_counted_through_grouped_query_attention():
+    """torch's flop counter refuses grouped-query attention; the count falls back to repeated key/value heads."""
+    import torch.nn.functional as F
+
+    from roadcascade.open_models.hf import count_gflops
+
+    q, kv = torch.randn(1, 8, 16, 32), torch.randn(1, 2, 16, 32)
+    gqa = count_gflops(lambda: F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))
+    full = count_gflops(lambda: F.scaled_dot_product_attention(q, kv.repeat_interleave(4, 1), kv.repeat_interleave(4, 1)))
+    assert gqa == pytest.approx(full) and gqa > 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 from collections.abc import Callable
 
 import numpy as np
@@ -43,10 +44,30 @@ def _version(v: str) -> tuple[int, int]:
 
 
 def count_gflops(fn: Callable[[], object]) -> float:
-    """GFLOPs of one call of ``fn`` (matrix products and convolutions, 2 per multiply-add, as zoo.gflops)."""
+    """GFLOPs of one call of ``fn`` (matrix products and convolutions, 2 per multiply-add, as zoo.gflops).
+    torch's counter refuses grouped-query attention (fewer key/value heads than query heads, as transformers
+    runs it on CUDA); it is then counted again with the key/value heads repeated, which is what it computes."""
+    try:
+        return _count(fn)
+    except AssertionError:
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _sdpa_repeated_kv):
+            return _count(fn)
+
+
+def _count(fn: Callable[[], object]) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa_repeated_kv(q, k, v, *args, enable_gqa: bool = False, **kwargs):
+    if k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return _SDPA(q, k, v, *args, **kwargs)
 
 
 def calibrated(calibrator: TemperatureCalibrator, z: np.ndarray) -> np.ndarray:
