@@ -340,7 +340,8 @@ def test_nvimgcodec_missing_is_a_clear_error(monkeypatch):
 
 def _rules_cascade(kind: str) -> tuple[Cascade, list[bytes]]:
     """Classifier -> test-time scaling over it (reuses its logit) -> classifier, with rule ``kind`` (its
-    registry example, see test_contract.py) at both early exits and weighted voting over the tiers that ran."""
+    registry example, see test_contract.py) at both early exits, weighted voting over the tiers that ran, and
+    full-frame thresholds of their own at every exit."""
     from test_contract import RULE_EXAMPLES
 
     from roadcascade.cascade.fusion import WeightedVoteFusion
@@ -360,8 +361,10 @@ def _rules_cascade(kind: str) -> tuple[Cascade, list[bytes]]:
         X = np.random.default_rng(k).normal(size=(50, d))
         return DifficultyRule(0.4, DifficultyEstimator().fit(X, (X[:, 0] > 0).astype(float)))
 
-    exits = [ExitPoint(WeightedVoteFusion([1.0]), 0.45, rule(0)), ExitPoint(WeightedVoteFusion([0.4, 0.6]), 0.5, rule(1)),
-             ExitPoint(WeightedVoteFusion([0.3, 0.3, 0.4]), 0.5, FinalRule())]
+    # full frames (the non-square payloads) get thresholds of their own, as the open-set guard sets them
+    exits = [ExitPoint(WeightedVoteFusion([1.0]), 0.45, rule(0), full_threshold=0.3),
+             ExitPoint(WeightedVoteFusion([0.4, 0.6]), 0.5, rule(1), full_threshold=0.6),
+             ExitPoint(WeightedVoteFusion([0.3, 0.3, 0.4]), 0.5, FinalRule(), full_threshold=0.4)]
     payloads = [encode_jpeg(_smooth(rng, h, w), 75) for h, w in ((32, 32), (48, 64), (64, 48), (40, 56), (36, 36)) * 4]
     return Cascade([t0, tta, t2], exits), payloads
 

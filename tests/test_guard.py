@@ -61,7 +61,7 @@ def test_guard_lowers_thresholds_only_and_meets_the_rate():
     assert p.shape == (30, 2) and np.all((p >= 0) & (p <= 1))
     rep = guard_exits(c, p, fpr=0.1)
     for k, (fitted, new) in enumerate(zip(rep.fitted, rep.thresholds)):
-        assert new <= fitted and c.exits[k].threshold == new
+        assert new <= fitted and c.exits[k].full_threshold == new and c.exits[k].threshold == fitted
         assert rep.fpr_after[k] <= 0.1 or new == fitted  # where the guard acted it holds the rate
         assert rep.fpr_after[k] >= rep.fpr_before[k]
     # every image ran every tier: the exit probabilities do not depend on the batch they were run in
@@ -104,10 +104,48 @@ def test_guard_bundle_on_real_val_negatives(tmp_path):
     rep = guard_bundle(tmp_path, GuardConfig(fpr=0.05), device="cpu", log=logs.append)
     assert rep.n_negatives >= 100 and rep.fitted == (0.99,)
     b = Bundle.load(tmp_path)
-    assert b.meta["guard"]["thresholds"] == [b.cascade.exits[0].threshold]
-    assert b.cascade.exits[0].threshold <= 0.99 and rep.fpr_after[0] <= 0.05
+    assert b.meta["guard"]["thresholds"] == [b.cascade.exits[0].full_threshold]
+    assert b.cascade.exits[0].threshold == 0.99  # square images keep the fitted threshold
+    assert b.cascade.exits[0].full_threshold <= 0.99 and rep.fpr_after[0] <= 0.05
     mtime = (tmp_path / "bundle.json").stat().st_mtime_ns
     again = guard_bundle(tmp_path, GuardConfig(fpr=0.05), device="cpu", log=logs.append)
     assert again.thresholds == rep.thresholds and (tmp_path / "bundle.json").stat().st_mtime_ns == mtime
     looser = guard_bundle(tmp_path, GuardConfig(fpr=0.2), device="cpu", log=logs.append)
     assert looser.fitted == (0.99,) and looser.thresholds[0] <= rep.thresholds[0]  # from the fitted threshold, not the guarded one
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(8, 120), st.integers(8, 120)), min_size=1, max_size=12),
+       st.floats(0.05, 0.95), st.floats(0.05, 0.95))
+def test_full_frames_use_their_threshold_and_squares_the_fitted_one(shapes, t, tf):
+    """decide(): a full frame is decided at the full-frame threshold, a square image at the fitted one; the
+    same exit without a full-frame threshold decides every image at the fitted one."""
+    from roadcascade.cascade.decision import decide, is_full_frame
+
+    rng = np.random.default_rng(len(shapes))
+    L = rng.normal(0, 2, (len(shapes), 1))
+    full = np.array([is_full_frame(h, w) for h, w in shapes])
+    e = ExitPoint(LastTierFusion(), t, FinalRule(), full_threshold=tf)
+    p = 1 / (1 + np.exp(-L[:, 0]))
+    d = decide(e, L, p[:, None], last=True, full=full)
+    assert np.array_equal(d.probability > 0.5, np.where(full, p > tf, p > t))
+    plain = decide(ExitPoint(LastTierFusion(), t, FinalRule()), L, p[:, None], last=True, full=full)
+    assert np.array_equal(plain.probability > 0.5, p > t)
+    assert np.array_equal(decide(e, L, p[:, None], last=True).probability > 0.5, p > t)  # kind unknown: fitted
+
+
+def test_runtime_decides_full_frames_and_squares_apart(tmp_path):
+    """Cascade.predict marks full frames itself; the bundle keeps the full-frame threshold and checks it."""
+    tier = _tier(48, 1)
+    wide, square = _img(40, 100, 1), _img(50, 50, 2)
+    e = ExitPoint(LastTierFusion(), 0.999999, FinalRule(), full_threshold=1e-6)  # full frames always yes, squares no
+    c = Cascade([tier], [e])
+    preds = c.predict([wide, square])
+    assert [p.label for p in preds] == [1, 0]
+    Bundle(c).save(tmp_path)
+    assert Bundle.load(tmp_path).cascade.exits[0].full_threshold == 1e-6
+    doc = json.loads((tmp_path / "bundle.json").read_text())
+    doc["exits"][0]["full_threshold"] = 1.5
+    (tmp_path / "bundle.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="full_threshold"):
+        Bundle.load(tmp_path)

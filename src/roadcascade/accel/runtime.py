@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from ..cascade.runtime import Cascade, Prediction, Trace, run_tier
-from ..cascade.decision import decide, exit_rule_name, stack_features
+from ..cascade.decision import decide, exit_rule_name, is_full_frame, stack_features
 from .config import GpuConfig, adapt_share, auto_procs, gpu_available
 from .decode import Decoded, NvImgCodecDecoder, Payload, Pinned, decode_into, nvimgcodec_available
 from .engine import ClassifierEngine, bucket_for, fold_batchnorm
@@ -521,6 +521,7 @@ class GpuCascade:
         feats: list[dict[int, np.ndarray]] = [dict() for _ in range(K)]
         tier_ms = [0.0] * K
         active = dec.good
+        full = full_frames(dec)
         x_cur, x_rows, x_size = dec.x0, dec.good, self._input_size(0)
         ctx = torch.cuda.stream(self.s_comp) if self.cuda else nullcontext()
         with ctx, torch.inference_mode():
@@ -552,7 +553,8 @@ class GpuCascade:
                         for j, i in enumerate(active):
                             feats[k][int(i)] = np.asarray(out.features[j])
                 flist = stack_features([[feats[t].get(int(i)) for i in active] for t in range(k + 1)])
-                d = decide(self.cascade.exits[k], L[active, :k + 1], P[active, :k + 1], flist, last=k == K - 1)
+                d = decide(self.cascade.exits[k], L[active, :k + 1], P[active, :k + 1], flist, last=k == K - 1,
+                           full=full[active])
                 prob[active] = d.probability
                 cal[active] = d.calibrated
                 ex[active[d.stop]] = k
@@ -655,3 +657,21 @@ def maybe_gpu_cascade(cascade: Cascade, enabled: str = "auto", config: GpuConfig
                         config=config, log=log)
         cascade._gpu_cascade = gc  # type: ignore[attr-defined]
     return gc
+
+
+def full_frames(dec: Decoded) -> np.ndarray:
+    """(n,) bool: which rows are full frames (not square crops), from their decoded sizes (a reduced-size
+    decode keeps the aspect ratio), for exits with a full-frame threshold."""
+    out = np.zeros(dec.n, dtype=bool)
+    for i in dec.good:
+        i = int(i)
+        if dec.images[i] is not None:
+            h, w = dec.images[i].shape[-2:]
+        elif i in dec.host:
+            h, w = dec.host[i].shape[:2]
+        elif dec.proc_dims is not None and i in dec.proc_pos:
+            h, w = dec.proc_dims[dec.proc_pos[i]]
+        else:
+            continue
+        out[i] = is_full_frame(int(h), int(w))
+    return out

@@ -183,6 +183,8 @@ def check_tier(t: Any, f: str, known: set[str], lim: BundleLimits) -> None:
 def check_exit(e: Any, f: str, rules: set[str], fusions: set[str]) -> None:
     _need(isinstance(e, dict), f, "an object", e)
     _need(_prob(e.get("threshold")), f + ".threshold", "a finite number in (0, 1)", e.get("threshold"))
+    if e.get("full_threshold") is not None:
+        _need(_prob(e["full_threshold"]), f + ".full_threshold", "a finite number in (0, 1)", e["full_threshold"])
     for part, known in (("rule", rules), ("fusion", fusions)):
         v = e.get(part)
         _need(isinstance(v, dict) and v.get("kind") in known, f"{f}.{part}.kind", f"one of {sorted(known)}",

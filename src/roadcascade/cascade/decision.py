@@ -19,7 +19,7 @@ from .fusion import FUSIONS, Fusion
 from .registry import build
 from .rules import RULES, Rule, per_image
 
-__all__ = ["ExitPoint", "Decision", "decide", "stack_features", "exit_rule_name"]
+__all__ = ["ExitPoint", "Decision", "decide", "stack_features", "exit_rule_name", "is_full_frame", "FULL_FRAME_TOLERANCE"]
 
 
 @dataclass
@@ -29,9 +29,19 @@ class ExitPoint:
     fusion: Fusion
     threshold: float  # decision threshold of the fused probability, folded to 0.5
     rule: Rule
+    # threshold for full frames (images that are not square: a photo as taken, not a square crop), where it
+    # differs; set by the open-set guard (fit/guard.py). None: one threshold for every image
+    full_threshold: float | None = None
 
     def to_config(self) -> dict:
-        return {"fusion": self.fusion.to_config(), "threshold": self.threshold, "rule": self.rule.to_config()}
+        return {"fusion": self.fusion.to_config(), "threshold": self.threshold, "rule": self.rule.to_config(),
+                **({"full_threshold": self.full_threshold} if self.full_threshold is not None else {})}
+
+    def thresholds(self, full: np.ndarray | None, n: int) -> float | np.ndarray:
+        """The decision threshold of each of n images (``full``: which are full frames; None: unknown, none)."""
+        if self.full_threshold is None or full is None:
+            return self.threshold
+        return np.where(np.asarray(full, dtype=bool).reshape(n), self.full_threshold, self.threshold)
 
     @classmethod
     def from_config(cls, cfg: dict) -> ExitPoint:
@@ -39,6 +49,7 @@ class ExitPoint:
             fusion=build(FUSIONS, "fusion", cfg["fusion"]),
             threshold=float(cfg["threshold"]),
             rule=build(RULES, "rule", cfg["rule"]),
+            full_threshold=None if cfg.get("full_threshold") is None else float(cfg["full_threshold"]),
         )
 
 
@@ -52,18 +63,27 @@ class Decision:
     rule: str  # the rule that decided ("final" at the last exit)
 
 
+FULL_FRAME_TOLERANCE = 1.1  # an image further than this from square is a full frame (as square views split it)
+
+
+def is_full_frame(height: int, width: int) -> bool:
+    """A photo as taken (wide or tall), not a square crop such as a validator's v2.0.4 challenge view."""
+    return max(height, width) > FULL_FRAME_TOLERANCE * min(height, width)
+
+
 def exit_rule_name(exit: ExitPoint, last: bool) -> str:
     """The name a trace records for the rule of an exit point."""
     return "final" if last else exit.rule.kind
 
 
 def decide(exit: ExitPoint, logits: np.ndarray, probs: np.ndarray,
-           features: Sequence[np.ndarray | None] = (), last: bool = False) -> Decision:
-    """Exit point ``exit`` on n images: logits/probs (n, k+1) of tiers 0..k, features per tier (n, d) or None."""
+           features: Sequence[np.ndarray | None] = (), last: bool = False, full: np.ndarray | None = None) -> Decision:
+    """Exit point ``exit`` on n images: logits/probs (n, k+1) of tiers 0..k, features per tier (n, d) or None;
+    ``full`` (n,) bool marks full frames (:func:`is_full_frame`), which use the exit's ``full_threshold``."""
     n = len(logits)
     L, P = per_image(logits, n), per_image(probs, n)
     fused = exit.fusion.prob(L, P)
-    folded = fold(fused, exit.threshold)
+    folded = fold(fused, exit.thresholds(full, n))
     if last:
         stop = np.ones(n, dtype=bool)
     else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .calibration import TemperatureCalibrator
-from .decision import ExitPoint, decide, stack_features
+from .decision import FULL_FRAME_TOLERANCE, ExitPoint, decide, is_full_frame, stack_features
 from .fusion import FUSIONS, Fusion, LastTierFusion, register_fusion
 from ..models.preprocess import pick_device, to_batch
 from .registry import build as _build, registry
@@ -172,7 +172,7 @@ class Tier(ABC):
     def from_config(cls, cfg: dict, bundle_dir: Path, device: torch.device) -> "Tier": ...
 
 
-SQUARE_TOLERANCE = 1.1  # images closer to square than this aspect ratio are seen whole
+SQUARE_TOLERANCE = FULL_FRAME_TOLERANCE  # images closer to square than this aspect ratio are seen whole
 
 
 def square_views(images: Sequence[np.ndarray], k: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -367,7 +367,8 @@ class Cascade:
             s.probs.append(float(out.prob[i]))
             s.features.append(None if out.features is None else out.features[i])
             s.trace.add(tier.name, out.prob[i], out.ms, tier.gflops if out.gflops is None else out.gflops[i])
-        d = decide(self.exits[k], *state_arrays(states), last=k == self.n_stages - 1)
+        full = np.array([s.image is not None and is_full_frame(*s.image.shape[:2]) for s in states], dtype=bool)
+        d = decide(self.exits[k], *state_arrays(states), last=k == self.n_stages - 1, full=full)
         for s, p, c, st in zip(states, d.probability, d.calibrated, d.stop):
             s.probability, s.calibrated = float(p), float(c)
             if st:

@@ -9,10 +9,11 @@ confident negatives (docs/DASHCAM.md: 73 % of night-dev frames stopped at tier 0
 For the one class of dashcam frames that val does hold, the negatives, the most recall a threshold can buy
 at a false-positive rate ``fpr`` is the Neyman-Pearson threshold: the value that a share ``fpr`` of those
 negatives exceed. The guard computes it at every exit point of a cascade (every tier run on every
-reference negative, the exit's own fusion) and lowers an exit's threshold to it where it is lower than the
-fitted one. Lower thresholds also move the fold, so images near the new threshold are no longer
-"confident" and go on to the next tier. Nothing here sees a dashcam positive: night-dev stays a held-out
-measure.
+reference negative, the exit's own fusion) and sets it as the exit's threshold **for full frames** (images
+that are not square: photos as taken) where it is lower than the fitted one; square images, the crops of
+the validator's v2.0.4 and letterbox views on which the thresholds were fitted, keep the fitted threshold.
+A lower threshold also moves the fold, so full frames near it are no longer "confident" and go on to the
+next tier. Nothing here sees a dashcam positive: night-dev stays a held-out measure.
 
     roadcascade guard --bundle B [--fpr 0.01]
 """
@@ -50,9 +51,9 @@ class GuardReport:
     n_negatives: int
     sources: tuple[str, ...]
     split: str
-    fitted: tuple[float, ...]  # each exit's threshold before the guard
+    fitted: tuple[float, ...]  # each exit's threshold (kept for square images)
     guard: tuple[float, ...]  # the Neyman-Pearson threshold at each exit
-    thresholds: tuple[float, ...]  # what the bundle now uses: min(fitted, guard)
+    thresholds: tuple[float, ...]  # what the bundle now uses for full frames: min(fitted, guard)
     fpr_before: tuple[float, ...]  # share of the reference negatives above each exit's threshold, before
     fpr_after: tuple[float, ...]
 
@@ -86,15 +87,16 @@ def exit_probabilities(cascade: Cascade, images: Sequence[np.ndarray], batch: in
 
 def guard_exits(cascade: Cascade, probs: np.ndarray, fpr: float, sources: Sequence[str] = DASHCAM_SOURCES,
                 split: str = "val") -> GuardReport:
-    """Lower each exit threshold to the Neyman-Pearson threshold of ``probs`` (n, K), the reference
-    negatives' fused probabilities, where that is lower. Changes ``cascade`` in place."""
+    """Set each exit's full-frame threshold to the Neyman-Pearson threshold of ``probs`` (n, K), the reference
+    negatives' fused probabilities, where that is lower than the fitted threshold (else to the fitted one).
+    Changes ``cascade`` in place."""
     if probs.ndim != 2 or probs.shape[1] != cascade.n_stages:
         raise ValueError(f"probs must be (n, {cascade.n_stages}), got {probs.shape}")
     fitted = tuple(float(e.threshold) for e in cascade.exits)
     guard = tuple(np_threshold(probs[:, k], fpr) for k in range(cascade.n_stages))
     new = tuple(min(f, g) for f, g in zip(fitted, guard))
     for e, t in zip(cascade.exits, new):
-        e.threshold = t
+        e.full_threshold = t
     return GuardReport(
         fpr=fpr, n_negatives=int(probs.shape[0]), sources=tuple(sources), split=split, fitted=fitted, guard=guard,
         thresholds=new, fpr_before=tuple(float(np.mean(probs[:, k] > t)) for k, t in enumerate(fitted)),
@@ -122,12 +124,11 @@ def guard_bundle(path, cfg: GuardConfig = GuardConfig(), device: str = "auto", l
 
     b = Bundle.load(path, device=pick_device(device))
     before = b.meta.get("guard")
-    if before and _same(before, cfg) and [e.threshold for e in b.cascade.exits] == list(before["thresholds"]):
+    if before and _same(before, cfg) and [e.full_threshold for e in b.cascade.exits] == list(before["thresholds"]):
         log(f"{path} already guarded (fpr {cfg.fpr})")  # not rewritten: a cached cascade built from it stays fresh
         return GuardReport(**{k: tuple(v) if isinstance(v, list) else v for k, v in before.items()})
-    if before:  # start again from the fitted thresholds
-        for e, t in zip(b.cascade.exits, before["fitted"]):
-            e.threshold = float(t)
+    for e in b.cascade.exits:  # the reference negatives are full frames: read them with the fitted thresholds
+        e.full_threshold = None
     images = reference_negatives(cfg, min_size=b.cascade.decode_size())
     rep = guard_exits(b.cascade, exit_probabilities(b.cascade, images), cfg.fpr, cfg.sources, cfg.split)
     b.meta["guard"] = rep.as_dict()
