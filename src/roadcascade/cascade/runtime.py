@@ -244,10 +244,13 @@ class ClassifierTier(Tier):
         views, owner = square_views(images, self.squares)
         counts = np.bincount(owner, minlength=len(images))
         split = counts[owner] > 1  # views of a non-square frame (a square image is its own single view)
-        z = np.zeros(len(views), dtype=np.float32)
-        for mask, size in ((~split, self.input_size), (split, self.view_size)):
-            if mask.any():
-                z[mask] = self._logits([v for v, m in zip(views, mask) if m], size)
+        if self.view_size == self.input_size:  # one size: one pass, batched as the views come
+            z = self._logits(views)
+        else:
+            z = np.zeros(len(views), dtype=np.float32)
+            for mask, size in ((~split, self.input_size), (split, self.view_size)):
+                if mask.any():
+                    z[mask] = self._logits([v for v, m in zip(views, mask) if m], size)
         out = np.full(len(images), -np.inf, dtype=z.dtype)
         np.maximum.at(out, owner, z)
         cost = np.where(counts > 1, counts * (self.view_size / self.input_size) ** 2, counts)
