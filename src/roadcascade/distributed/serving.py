@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -29,8 +28,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the strin
 from fastapi.responses import JSONResponse, Response
 
 from ..cascade.runtime import ImageState, Prediction
-from ..serve.app import Server, ServeMiddleware, outcome_error, prediction_json
-from ..serve.budget import Reservation
+from ..serve.app import Server, ServeMiddleware, anytime_header, json_bytes, prediction_json, synapse_answer
 from ..serve.config import ServeConfig
 from ..serve.inputs import HttpError
 from ..serve.messages import Outcome
@@ -176,12 +174,7 @@ class IngressServer(Server):
 
 def create_ingress_api(cfg: ServeConfig):
     """The FastAPI app of the ingress; its routes find the ``IngressServer`` on ``app.state.server``."""
-    from ..io.images import BadImage
-
     app = FastAPI(title="roadcascade (Ray Serve)", docs_url=None, redoc_url=None)
-
-    def body(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
     def server() -> IngressServer:
         return app.state.server
@@ -191,60 +184,20 @@ def create_ingress_api(cfg: ServeConfig):
         request.state.reason = e.reason
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    async def one_image(request: Request, kind: str, default_ms: float) -> tuple[Outcome, dict | None]:
-        s = server()
-        s.precheck(request)
-        deadline = s.deadline(request, default_ms)
-        items, doc = await s.read_payload(request, kind)
-        res = Reservation(s.pixels)
-        try:
-            with s.admitted(request):
-                (img,) = await s.decode(items, deadline, res)
-                if isinstance(img, BadImage):
-                    raise HttpError.from_bad_image(img)
-                request.state.n_images = 1
-                (o,) = await s.infer([img], deadline)
-        finally:
-            res.done()
-        o = s.anytime_check(request, o)
-        if not o.ok:
-            raise outcome_error(o)
-        return o, doc
-
-    def anytime(outcomes: Sequence[Outcome]) -> dict[str, str]:
-        early = any(o.ok and o.prediction is not None and o.prediction.trace.anytime for o in outcomes)
-        return {"X-Anytime": "true" if early else "false"}
-
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
-        o, _ = await one_image(request, "single", cfg.default_deadline_ms)
-        return Response(body(prediction_json(o)), media_type="application/json", headers=anytime([o]))
+        o, _ = await server().one_image(request, "single", cfg.default_deadline_ms)
+        return Response(json_bytes(prediction_json(o)), media_type="application/json", headers=anytime_header([o]))
 
     @app.post("/streetvision")
     async def streetvision(request: Request) -> Response:
-        o, doc = await one_image(request, "synapse", cfg.streetvision_deadline_ms)
-        p = float(min(1.0, max(0.0, prediction_json(o)["probability"])))
-        return Response(body({**(doc or {}), "prediction": p}), media_type="application/json", headers=anytime([o]))
+        o, doc = await server().one_image(request, "synapse", cfg.streetvision_deadline_ms)
+        return Response(json_bytes(synapse_answer(doc or {}, o)), media_type="application/json", headers=anytime_header([o]))
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request) -> Response:
-        s = server()
-        s.precheck(request)
-        deadline = s.deadline(request, cfg.default_deadline_ms)
-        items, _ = await s.read_payload(request, "batch")
-        res = Reservation(s.pixels)
-        try:
-            with s.admitted(request, len(items)):
-                decoded = await s.decode(items, deadline, res)
-                good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
-                results: list[dict] = [HttpError.from_bad_image(d).body() if isinstance(d, BadImage) else {} for d in decoded]
-                outcomes = [s.anytime_check(request, o) for o in await s.infer([decoded[i] for i in good], deadline)] if good else []
-                for i, o in zip(good, outcomes):
-                    results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
-        finally:
-            res.done()
-        request.state.n_images = sum(1 for r in results if "probability" in r)
-        return Response(body({"results": results}), media_type="application/json", headers=anytime(outcomes))
+        results, outcomes = await server().batch(request, cfg.default_deadline_ms)
+        return Response(json_bytes({"results": results}), media_type="application/json", headers=anytime_header(outcomes))
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

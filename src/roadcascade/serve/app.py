@@ -110,7 +110,7 @@ class _BodyTimeout(Exception):
     pass
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -177,7 +177,7 @@ class ServeMiddleware:
 
         async def reply(status: int, reason: str, message: str) -> None:
             state["reason"] = reason
-            body = _json_bytes({"error": {"reason": reason, "message": message, "status": status}})
+            body = json_bytes({"error": {"reason": reason, "message": message, "status": status}})
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
             if status == 503:
@@ -442,6 +442,55 @@ class Server:
         self.metrics.anytime.labels(endpoint, "answered").inc()
         return o
 
+    async def one_image(self, request: Request, kind: str, default_ms: float) -> tuple[Outcome, dict | None]:
+        """One image of a ``single`` or ``synapse`` request through the guards, decode and cascade: its outcome
+        (an error is raised as the HttpError to answer) and the request document. Both apps' routes call it."""
+        self.precheck(request)  # refuse before reading a body nobody could serve; counts nothing
+        deadline = self.deadline(request, default_ms)
+        items, doc = await self.read_payload(request, kind)
+        res = Reservation(self.pixels)
+        try:
+            with self.admitted(request):
+                (img,) = await self.decode(items, deadline, res)
+                if isinstance(img, BadImage):
+                    raise HttpError.from_bad_image(img)
+                request.state.n_images = 1
+                (o,) = await self.infer([img], deadline)
+        finally:
+            res.done()
+        o = self.anytime_check(request, o)
+        if not o.ok:
+            raise outcome_error(o)
+        return o, doc
+
+    async def batch(self, request: Request, default_ms: float) -> tuple[list[dict], list[Outcome]]:
+        """A ``batch`` request: one result per image (a bad image gets its own error entry, counted) and the
+        outcomes of the images that decoded. Both apps' routes call it."""
+        self.precheck(request)
+        deadline = self.deadline(request, default_ms)
+        items, _ = await self.read_payload(request, "batch")
+        res = Reservation(self.pixels)
+        try:
+            with self.admitted(request, len(items)):
+                decoded = await self.decode(items, deadline, res)
+                good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
+                results: list[dict] = [{}] * len(decoded)
+                for i, d in enumerate(decoded):
+                    if isinstance(d, BadImage):
+                        self.metrics.image_error("predict_batch", d.reason)
+                        results[i] = HttpError.from_bad_image(d).body()
+                outcomes: list[Outcome] = []
+                if good:
+                    outcomes = [self.anytime_check(request, o) for o in await self.infer([decoded[i] for i in good], deadline)]  # type: ignore[misc]
+                    for i, o in zip(good, outcomes):
+                        results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
+                        if 400 <= o.status < 500:  # bad input found in the GPU batch
+                            self.metrics.image_error("predict_batch", o.reason)
+        finally:
+            res.done()
+        request.state.n_images = sum(1 for r in results if "probability" in r)
+        return results, outcomes
+
     def deadline(self, request: Request, default_ms: float) -> float:
         ms = parse_deadline_ms(request.headers.get(DEADLINE_HEADER), default_ms, self.cfg.max_deadline_ms)
         # the answer still has to get through the event loop: leave it the current lag (at most a quarter)
@@ -582,7 +631,12 @@ class Server:
 ANYTIME_HEADER = "x-anytime"  # response: "true" when an answer came early (deadline); request: "off" prefers a 503
 
 
-def _anytime_header(outcomes: Sequence[Outcome]) -> dict[str, str]:
+def synapse_answer(doc: dict, o: Outcome) -> dict:
+    """The ImageSynapse back, with the prediction clipped to [0, 1]."""
+    return {**doc, "prediction": float(min(1.0, max(0.0, prediction_json(o)["probability"])))}
+
+
+def anytime_header(outcomes: Sequence[Outcome]) -> dict[str, str]:
     early = any(o.ok and o.prediction is not None and o.prediction.trace.anytime for o in outcomes)
     return {"X-Anytime": "true" if early else "false"}
 
@@ -641,69 +695,24 @@ def create_app(bundle: Any, config: ServeConfig | None = None, *, device: str | 
         request.state.reason = e.reason
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    async def one_image(request: Request, kind: str, default_ms: float) -> tuple[Outcome, dict | None]:
-        server.precheck(request)  # refuse before reading a body nobody could serve; counts nothing
-        deadline = server.deadline(request, default_ms)
-        items, doc = await server.read_payload(request, kind)
-        res = Reservation(server.pixels)
-        try:
-            with server.admitted(request):
-                (img,) = await server.decode(items, deadline, res)
-                if isinstance(img, BadImage):
-                    raise HttpError.from_bad_image(img)
-                request.state.n_images = 1
-                (o,) = await server.infer([img], deadline)
-        finally:
-            res.done()
-        o = server.anytime_check(request, o)
-        if not o.ok:
-            raise outcome_error(o)
-        return o, doc
-
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=_body_doc(PredictRequest, raw=True),
               summary="P(roadwork) of one image, with its trace")
     async def predict(request: Request) -> Response:
-        o, _ = await one_image(request, "single", cfg.default_deadline_ms)
-        return Response(_json_bytes(prediction_json(o)), media_type="application/json", headers=_anytime_header([o]))
+        o, _ = await server.one_image(request, "single", cfg.default_deadline_ms)
+        return Response(json_bytes(prediction_json(o)), media_type="application/json", headers=anytime_header([o]))
 
     @app.post("/v1/predict/batch", responses=ERRORS, openapi_extra=_body_doc(BatchRequest),
               summary="Many images in one request; per-image results (a bad image gets its own error entry)")
     async def predict_batch(request: Request) -> Response:
-        server.precheck(request)
-        deadline = server.deadline(request, cfg.default_deadline_ms)
-        items, _ = await server.read_payload(request, "batch")
-        res = Reservation(server.pixels)
-        try:
-            with server.admitted(request, len(items)):
-                return await _predict_batch(request, items, deadline, res)
-        finally:
-            res.done()
-
-    async def _predict_batch(request: Request, items: list[Any], deadline: float, res: Reservation) -> Response:
-        decoded = await server.decode(items, deadline, res)
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
-        results: list[dict] = [{}] * len(decoded)
-        for i, d in enumerate(decoded):
-            if isinstance(d, BadImage):
-                server.metrics.image_error("predict_batch", d.reason)
-                results[i] = HttpError.from_bad_image(d).body()
-        outcomes: list[Outcome] = []
-        if good:
-            outcomes = [server.anytime_check(request, o) for o in await server.infer([decoded[i] for i in good], deadline)]  # type: ignore[misc]
-            for i, o in zip(good, outcomes):
-                results[i] = prediction_json(o) if o.ok else outcome_error(o).body()
-                if 400 <= o.status < 500:  # bad input found in the GPU batch
-                    server.metrics.image_error("predict_batch", o.reason)
-        request.state.n_images = sum(1 for r in results if "probability" in r)
-        return Response(_json_bytes({"results": results}), media_type="application/json", headers=_anytime_header(outcomes))
+        results, outcomes = await server.batch(request, cfg.default_deadline_ms)
+        return Response(json_bytes({"results": results}), media_type="application/json", headers=anytime_header(outcomes))
 
     @app.post("/streetvision", response_model=ImageSynapse, responses=ERRORS, openapi_extra=_body_doc(ImageSynapse, multipart=False),
               summary="NATIX StreetVision miner endpoint: the ImageSynapse back with prediction in [0, 1]")
     async def streetvision(request: Request) -> Response:
-        o, doc = await one_image(request, "synapse", cfg.streetvision_deadline_ms)
+        o, doc = await server.one_image(request, "synapse", cfg.streetvision_deadline_ms)
         assert doc is not None
-        p = float(min(1.0, max(0.0, prediction_json(o)["probability"])))
-        return Response(_json_bytes({**doc, "prediction": p}), media_type="application/json", headers=_anytime_header([o]))
+        return Response(json_bytes(synapse_answer(doc, o)), media_type="application/json", headers=anytime_header([o]))
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> JSONResponse:
