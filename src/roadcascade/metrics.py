@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DASHCAM_SOURCES: tuple[str, ...] = ("vtti-workzone", "gtsdb", "camvid")
+# the real dashcam frames that are (bar a few gtsdb road-works signs) negatives: false-positive rates, guard, backgrounds
+DASHCAM_NEGATIVE_SOURCES: tuple[str, ...] = ("camvid", "gtsdb")
 
 
 def binarize(prob: np.ndarray) -> np.ndarray:

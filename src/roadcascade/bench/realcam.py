@@ -16,10 +16,9 @@ import numpy as np
 from ..cascade.bundle import Bundle
 from ..io.data import Dataset, default_data_root, open_dataset
 from .evaluate import evaluate_items, make_items
-from ..metrics import summarize
+from ..metrics import DASHCAM_NEGATIVE_SOURCES, summarize
 
 #: real dashcam negatives of StreetWork (the positives of these sources are few: 3 in test)
-DASHCAM_NEGATIVE_SOURCES: tuple[str, ...] = ("camvid", "gtsdb")
 
 Progress = Callable[[str, int, int], None]
 

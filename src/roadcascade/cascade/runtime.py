@@ -183,7 +183,7 @@ def square_views(images: Sequence[np.ndarray], k: int) -> tuple[list[np.ndarray]
     for i, im in enumerate(images):
         h, w = im.shape[:2]
         s = min(h, w)
-        if max(h, w) <= SQUARE_TOLERANCE * s:
+        if not is_full_frame(h, w):
             views.append(im)
             owner.append(i)
             continue

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..cascade.runtime import Cascade, ImageState
+from ..metrics import DASHCAM_NEGATIVE_SOURCES
 
-DASHCAM_SOURCES: tuple[str, ...] = ("camvid", "gtsdb")  # real dashcam frames of StreetWork (DATA.md)
 
 Progress = Callable[[str, int, int], None]
 
@@ -36,7 +36,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class GuardConfig:
     fpr: float = 0.01  # share of the reference negatives allowed above each exit's threshold
-    sources: tuple[str, ...] = DASHCAM_SOURCES
+    sources: tuple[str, ...] = DASHCAM_NEGATIVE_SOURCES
     split: str = "val"
     data: str | None = None
 
@@ -85,7 +85,7 @@ def exit_probabilities(cascade: Cascade, images: Sequence[np.ndarray], batch: in
     return out
 
 
-def guard_exits(cascade: Cascade, probs: np.ndarray, fpr: float, sources: Sequence[str] = DASHCAM_SOURCES,
+def guard_exits(cascade: Cascade, probs: np.ndarray, fpr: float, sources: Sequence[str] = DASHCAM_NEGATIVE_SOURCES,
                 split: str = "val") -> GuardReport:
     """Set each exit's full-frame threshold to the Neyman-Pearson threshold of ``probs`` (n, K), the reference
     negatives' fused probabilities, where that is lower than the fitted threshold (else to the fitted one).

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..data import Dataset, open_dataset
 from ..images import encode_jpeg
+from ...metrics import DASHCAM_NEGATIVE_SOURCES
 from .compose import FrameStats, frame_stats, paste
 from .objects import DISTRACTOR_DRAWERS, ROADWORK_DRAWERS, Patch, SignCrop, cone_cutouts, load_signs, sign_patch
 from .scene import Scene, cluster_layout, line_layout, place, scene_for, visible
@@ -40,7 +41,7 @@ class SynthConfig:
     seed: int = 0
     data: str | None = None  # StreetWork manifest dir (default: the project's)
     signs: str | None = None  # sign crops dir (default: ``signs`` beside the data dir)
-    background_sources: tuple[str, ...] = ("camvid", "gtsdb")
+    background_sources: tuple[str, ...] = DASHCAM_NEGATIVE_SOURCES
     cutouts: bool = True  # cones cut from the boxed train images
     drawn: bool = True  # procedurally drawn roadwork objects
     road_signs: bool = True  # road-works sign crops
