@@ -29,7 +29,7 @@ from ..cascade.runtime import Cascade, ConfidenceRule, ExitPoint
 from ..io.challenge import ChallengeConfig, challenge_views
 from ..io.data import IMAGE_SUFFIXES, Dataset, Sample, open_dataset
 from ..models.preprocess import normalize, pick_device, resize_square
-from .schedule import ema_update, lr_at
+from .schedule import lr_at, optimiser_step
 from .train import decode_all, predict_logits, score_logits, seed_everything, smooth_targets, stage1_cascade, view_set
 from ..models.zoo import create_model, get_spec
 
@@ -260,11 +260,7 @@ def _fit(cfg: DistillConfig, model: torch.nn.Module, dset: ViewTargetSet, val: t
                 z = model(normalize(xb.to(device), mean, std)).float().reshape(-1)
             loss = distill_loss(z, tb.to(device).float(), yb.to(device).float(), cfg.temperature, cfg.hard_weight,
                                 cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(ema, model, step, cfg.ema_decay)
-            losses.append(float(loss.detach()))
+            losses.append(optimiser_step(opt, loss, model, ema, step, cfg.ema_decay))
             step += 1
             if progress:
                 progress("distill", step, total)

@@ -32,3 +32,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
             pe.mul_(d).add_(pm.detach(), alpha=1 - d)
         else:
             pe.copy_(pm)
+
+
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module,
+                   step: int, decay: float) -> float:
+    """One step of the classifier loops (training, distillation): backward, optimiser step, EMA; the loss's value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema_update(ema, model, step, decay)
+    return float(loss.detach())

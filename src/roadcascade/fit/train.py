@@ -22,7 +22,7 @@ from ..io.challenge import ChallengeConfig, challenge_view, challenge_views
 from ..io.data import Dataset, open_dataset
 from ..metrics import auroc
 from ..models.preprocess import normalize, pick_device, resize_square
-from .schedule import ema_update, lr_at
+from .schedule import lr_at, optimiser_step
 from ..models.zoo import create_model, get_spec, gflops
 
 Progress = Callable[[str, int, int], None]
@@ -287,11 +287,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, l
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 z = model(x).float().reshape(-1)
             loss = F.binary_cross_entropy_with_logits(z, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(ema, model, step, cfg.ema_decay)
-            losses.append(float(loss.detach()))
+            losses.append(optimiser_step(opt, loss, model, ema, step, cfg.ema_decay))
             step += 1
             if progress:
                 progress("train", step, total)
