@@ -521,7 +521,8 @@ class GpuCascade:
         feats: list[dict[int, np.ndarray]] = [dict() for _ in range(K)]
         tier_ms = [0.0] * K
         active = dec.good
-        full = full_frames(dec)
+        # which rows are full frames: only asked when an exit has a threshold of its own for them
+        full = full_frames(dec) if any(e.full_threshold is not None for e in self.cascade.exits) else None
         x_cur, x_rows, x_size = dec.x0, dec.good, self._input_size(0)
         ctx = torch.cuda.stream(self.s_comp) if self.cuda else nullcontext()
         with ctx, torch.inference_mode():
@@ -554,7 +555,7 @@ class GpuCascade:
                             feats[k][int(i)] = np.asarray(out.features[j])
                 flist = stack_features([[feats[t].get(int(i)) for i in active] for t in range(k + 1)])
                 d = decide(self.cascade.exits[k], L[active, :k + 1], P[active, :k + 1], flist, last=k == K - 1,
-                           full=full[active])
+                           full=None if full is None else full[active])
                 prob[active] = d.probability
                 cal[active] = d.calibrated
                 ex[active[d.stop]] = k
