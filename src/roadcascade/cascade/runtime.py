@@ -370,7 +370,8 @@ class Cascade:
             s.probs.append(float(out.prob[i]))
             s.features.append(None if out.features is None else out.features[i])
             s.trace.add(tier.name, out.prob[i], out.ms, tier.gflops if out.gflops is None else out.gflops[i])
-        full = np.array([s.image is not None and is_full_frame(*s.image.shape[:2]) for s in states], dtype=bool)
+        full = (np.array([s.image is not None and is_full_frame(*s.image.shape[:2]) for s in states], dtype=bool)
+                if self.exits[k].full_threshold is not None else None)
         d = decide(self.exits[k], *state_arrays(states), last=k == self.n_stages - 1, full=full)
         for s, p, c, st in zip(states, d.probability, d.calibrated, d.stop):
             s.probability, s.calibrated = float(p), float(c)
