@@ -36,11 +36,8 @@ from .inputs import DEADLINE_HEADER, HttpError, parse_deadline_ms
 from .loading import gpu_runner, load_cascade
 from .messages import Outcome
 from .metrics import ServeMetrics
-from .middleware import ROUTES, ServeMiddleware, json_bytes
+from .middleware import ROUTES, ServeMiddleware, json_bytes  # noqa: F401 (ServeMiddleware stays importable from here)
 from .payload import decode_items, read_payload
-
-__all__ = ["ANYTIME_HEADER", "ROUTES", "STATIC", "Server", "ServeMiddleware", "anytime_header", "create_app", "json_bytes",
-           "outcome_error", "prediction_json", "synapse_answer"]  # the middleware's and answers' names stay importable here
 
 log = logging.getLogger("roadcascade.serve")
 STATIC = Path(__file__).parent / "static"
