@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class Speculator:
     """``finish(job, outcome)`` answers a job, ``enqueue(stage, job)`` queues it for a stage and
     ``route(stage, job)`` moves it on after a stage ran: the batcher's, called from the speculation threads."""
 
-    def __init__(self, cascade: Cascade, timing: TierTiming, events, finish: Callable[[Job, Outcome], None],
+    def __init__(self, cascade: Cascade, timing: TierTiming, events: Any, finish: Callable[[Job, Outcome], None],
                  enqueue: Callable[[int, Job], None], route: Callable[[int, Job], None]):
         self.cascade, self.timing, self.events = cascade, timing, events
         self._finish, self._enqueue, self._route = finish, enqueue, route
