@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from roadcascade.serve import ServeConfig, create_app
-from roadcascade.serve import app as app_module
+from roadcascade.serve import middleware as middleware_module
 from roadcascade.serve.testing import grey, sleep_cascade, tiny_bundle
 
 KEY = "k" * 20 + "-secret-0123456789"
@@ -41,8 +41,8 @@ def keyed():
 
 def test_the_key_is_required_and_compared_in_constant_time(keyed, monkeypatch):
     calls = []
-    real = app_module.hmac.compare_digest
-    monkeypatch.setattr(app_module.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    real = middleware_module.hmac.compare_digest
+    monkeypatch.setattr(middleware_module.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer " + KEY[:-1]}, {"Authorization": "Basic " + KEY}):
         r = keyed.post("/v1/predict", json={"image": EASY}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["reason"] == "unauthorized" and "Bearer" in r.headers["www-authenticate"]

@@ -350,17 +350,17 @@ def test_decoding_counts_against_the_deadline_and_gives_its_pixels_back(server, 
 
 
 def test_json_is_parsed_off_the_event_loop(server, monkeypatch):
-    from roadcascade.serve import app as app_module
+    from roadcascade.serve import payload as payload_module
 
     url, _, _ = server
     threads: list[str] = []
-    real = app_module.json_object
+    real = payload_module.json_object
 
     def spy(body: bytes):
         threads.append(threading.current_thread().name)
         return real(body)
 
-    monkeypatch.setattr(app_module, "json_object", spy)
+    monkeypatch.setattr(payload_module, "json_object", spy)
     assert httpx.post(url + "/v1/predict", json={"image": GOOD}, timeout=10).status_code == 200
     assert threads and threads[0] != "uvicorn"  # live_server runs the event loop in the thread named "uvicorn"
 

@@ -22,16 +22,16 @@ import base64
 import ipaddress
 import json
 import math
-import struct
 import time
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..metrics import percentiles as _percentiles
+from .fuzzcases import fuzz_requests, jpeg_with_size, png_bomb  # noqa: F401 (the bombs stay importable from here)
+from .http_messages import HttpRequest, HttpResponse
 
 ENDPOINTS = {"streetvision": "/streetvision", "predict": "/v1/predict"}
 MAX_REQUESTS_HARD = 2_000_000
@@ -73,26 +73,6 @@ def loopback_target(url: str) -> Target:
 
 
 # ----------------------------------------------------------------------------------------------- HTTP client
-@dataclass
-class HttpRequest:
-    method: str
-    path: str
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    kind: str = "good"
-    content_length: int | None = None  # None: the body's true length; else declared as given (may lie)
-    chunked: bool = False  # send the body with Transfer-Encoding: chunked
-    raw: bytes | None = None  # send these exact bytes instead (malformed HTTP)
-
-
-@dataclass
-class HttpResponse:
-    status: int  # 0 when no response came (connection error, timeout)
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    error: str = ""
-
-
 class Connection:
     """One keep-alive HTTP/1.1 connection; reconnects after the server closes it."""
 
@@ -443,137 +423,6 @@ def _timeline(samples: Sequence[Sample], step: float = 1.0) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- fuzz
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def png_bomb(side: int = 12_000) -> bytes:
-    """A valid 1-bit grey PNG of side x side zeros: a few kB that inflate to side^2 pixels."""
-    row = b"\x00" * (1 + (side + 7) // 8)
-    comp = zlib.compressobj(9)
-    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def jpeg_with_size(jpeg: bytes, width: int, height: int) -> bytes:
-    """The JPEG with its frame header (SOF) claiming another size: a header-only bomb."""
-    b = bytearray(jpeg)
-    i = 2
-    while i < len(b) - 9:
-        if b[i] != 0xFF:
-            break
-        marker, seg = b[i + 1], struct.unpack(">H", b[i + 2:i + 4])[0]
-        if marker in (0xC0, 0xC1, 0xC2):
-            b[i + 5:i + 9] = struct.pack(">HH", height, width)
-            break
-        i += 2 + seg
-    return bytes(b)
-
-
-def fuzz_requests(n: int, jpeg: bytes, max_body: int = 16 * 2**20, seed: int = 0, huge_cases: int = 6) -> list[HttpRequest]:
-    """At least n malformed requests of many kinds (cycled), plus ``huge_cases`` bodies over ``max_body``."""
-    rng = np.random.default_rng(seed)
-    good = base64.b64encode(jpeg).decode()
-    bomb_png = base64.b64encode(png_bomb()).decode()
-    J = [("Content-Type", "application/json")]
-
-    def js(doc) -> bytes:
-        return json.dumps(doc).encode()
-
-    def trunc() -> str:
-        return base64.b64encode(jpeg[: int(rng.integers(2, max(3, len(jpeg) - 2)))]).decode()
-
-    def flip() -> str:
-        b = bytearray(jpeg)
-        for _ in range(int(rng.integers(1, 40))):
-            b[int(rng.integers(2, min(len(b), 400)))] = int(rng.integers(0, 256))  # headers: tables, frame, scans
-        return base64.b64encode(bytes(b)).decode()
-
-    def junk_b64() -> str:
-        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=!@#$%^&*() é\n"
-        return "".join(alphabet[int(i)] for i in rng.integers(0, len(alphabet), int(rng.integers(1, 400))))
-
-    others = [b"%PDF-1.4 hello", b"<html><body>hi</body></html>", b"PK\x03\x04" + bytes(30), b"GIF89a" + bytes(3),
-              b"\x00" * 64, b"just some text", b'{"a": 1}', b"\x89PNG\r\n\x1a\n" + bytes(10)]
-    endpoints = ["/v1/predict", "/streetvision"]  # a bad image inside a batch is a per-image error in a 200
-
-    def mk(kind: str) -> HttpRequest:
-        ep = endpoints[int(rng.integers(0, 2))]
-        key = "image"
-
-        def wrap(v) -> dict:
-            return {key: v}
-
-        if kind == "bad_base64":
-            return HttpRequest("POST", ep, js(wrap(junk_b64())), J, kind)
-        if kind == "bad_padding":
-            cut = int(rng.integers(4, len(good) - 4))
-            return HttpRequest("POST", ep, js(wrap(good[:cut] + "=" * int(rng.integers(1, 4)) + good[cut:])), J, kind)
-        if kind == "truncated_jpeg":
-            return HttpRequest("POST", ep, js(wrap(trunc())), J, kind)
-        if kind == "corrupt_jpeg":
-            return HttpRequest("POST", ep, js(wrap(flip())), J, kind)
-        if kind == "not_an_image":
-            return HttpRequest("POST", ep, js(wrap(base64.b64encode(others[int(rng.integers(0, len(others)))]).decode())), J, kind)
-        if kind == "decompression_bomb":
-            v = bomb_png if rng.random() < 0.5 else base64.b64encode(jpeg_with_size(jpeg, 60_000, 60_000)).decode()
-            return HttpRequest("POST", ep, js(wrap(v)), J, kind)
-        if kind == "bad_json":
-            bodies = [b"{", b"{\"image\": ", b"\xff\xfe\x00garbage", b"[" * 50_000 + b"]" * 50_000, b"null", b"[1, 2]",
-                      b"\"image\"", b"{\"image\": 1e999999}", js({key: 12}), js({key: None}), js({"img": good}), b"{}",
-                      js({key: {"nested": good}}), js({key: [good]})]
-            return HttpRequest("POST", ep, bodies[int(rng.integers(0, len(bodies)))], J, kind)
-        if kind == "bad_batch":
-            bodies = [js({"images": "notalist"}), js({"images": []}), js({"image": good}), b"[" * 50_000, js([good]),
-                      js({"images": None})]
-            return HttpRequest("POST", "/v1/predict/batch", bodies[int(rng.integers(0, len(bodies)))], J, kind)
-        if kind == "wrong_content_type":
-            ct = ["text/plain", "application/xml", "application/x-www-form-urlencoded", "video/mp4", "", "multipart/mixed",
-                  "application/json; charset=utf-16"]
-            c = ct[int(rng.integers(0, len(ct)))]
-            body = js(wrap(good)) if rng.random() < 0.5 else b"image=" + good.encode()[:200]
-            h = [("Content-Type", c)] if c else []
-            if c == "" or c.startswith("application/json"):  # JSON is accepted there: send a form body instead
-                body = b"image=" + good.encode()[:200]
-            return HttpRequest("POST", ep, body, h, kind)
-        if kind == "bad_multipart":
-            bnd = "XyZ" + str(int(rng.integers(0, 1 << 30)))
-            bodies = [
-                f"--{bnd}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n".encode() + jpeg[:200],
-                b"--wrong\r\n\r\n--wrong--",
-                f"--{bnd}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--{bnd}--\r\n".encode(),
-                f"--{bnd}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nnot an image\r\n--{bnd}--\r\n".encode(),
-                b"",
-            ]
-            h = [("Content-Type", f"multipart/form-data; boundary={bnd}" if rng.random() < 0.8 else "multipart/form-data")]
-            return HttpRequest("POST", "/v1/predict", bodies[int(rng.integers(0, len(bodies)))], h, kind)
-        if kind == "bad_deadline":
-            v = ["abc", "-5", "0", "nan", "inf", "1e400", "0x10", "12ms"][int(rng.integers(0, 8))]
-            return HttpRequest("POST", ep, js(wrap(good)), J + [("X-Deadline-Ms", v)], kind)
-        if kind == "lying_length":
-            return HttpRequest("POST", ep, js(wrap(good))[:100], J, kind, content_length=10**12)
-        if kind == "wrong_method_or_path":
-            choices = [("GET", "/v1/predict"), ("PUT", "/streetvision"), ("POST", "/nope"), ("DELETE", "/"), ("POST", "/metrics")]
-            m, p = choices[int(rng.integers(0, len(choices)))]
-            return HttpRequest(m, p, js(wrap(good)) if m != "GET" else b"", J, kind)
-        if kind == "too_many_images":
-            return HttpRequest("POST", "/v1/predict/batch", js({"images": ["AAAA"] * 1000}), J, kind)
-        if kind == "raw_bytes_garbage":
-            return HttpRequest("POST", "/v1/predict", others[int(rng.integers(0, len(others)))], [("Content-Type", "image/jpeg")], kind)
-        raise AssertionError(kind)
-
-    kinds = ["bad_base64", "bad_padding", "truncated_jpeg", "corrupt_jpeg", "not_an_image", "decompression_bomb", "bad_json",
-             "wrong_content_type", "bad_multipart", "bad_deadline", "lying_length", "wrong_method_or_path", "too_many_images",
-             "raw_bytes_garbage", "bad_batch"]
-    out = [mk(kinds[i % len(kinds)]) for i in range(n)]
-    huge = b"{\"image\": \"" + b"A" * (max_body + 1024) + b"\"}"
-    for i in range(huge_cases):
-        out.append(HttpRequest("POST", endpoints[i % 2], huge, J, "huge_body", chunked=(i % 2 == 1)))
-    order = rng.permutation(len(out))
-    return [out[i] for i in order]
-
-
 async def _fuzz(target: Target, reqs: Sequence[HttpRequest], good: HttpRequest, concurrency: int, timeout: float) -> dict:
     probe = Connection(target)
     before = await probe.send(good, timeout)

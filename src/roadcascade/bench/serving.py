@@ -22,7 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,13 +163,28 @@ def _slim(rep: dict) -> dict:
     return {k: rep[k] for k in keep if k in rep}
 
 
+@dataclass(frozen=True)
+class BenchRun:
+    """What the phases of one benchmark run share: the bundle, the requests' images and how servers start."""
+
+    bundle: Path
+    images: list[tuple[bytes, int]]
+    threads: int | None
+    serve_args: list[str]
+    server_log: Path
+    log: Callable[[str], None]
+
+    def server(self, bundle: Path | None = None, extra: Sequence[str] = ()) -> ServerProcess:
+        return ServerProcess(bundle or self.bundle, [*self.serve_args, *extra], self.threads, self.server_log)
+
+
 def run_benchmark(bundle: Path, *, duration: float = 20.0, concurrency: int = 48, overload_s: float = 60.0, fuzz: int = 1000,
                   speculation: bool = True, offline_images: int = 256, threads: int | None = None, serve_args: list[str] | None = None,
                   synthetic: bool = False, log: Callable[[str], None] = print, workdir: Path = Path("runs/bench-serve")) -> dict:
     serve_args = serve_args or []
     workdir.mkdir(parents=True, exist_ok=True)
-    server_log = workdir / "server.log"
     images, source = validator_images(offline_images, synthetic=synthetic, seed=1)
+    run = BenchRun(bundle, images, threads, serve_args, workdir / "server.log", log)
     report: dict = {"bundle": str(bundle), "images": source, "n_images": len(images), "threads": threads, "serve_args": serve_args,
                     "cpu_count": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -176,111 +192,152 @@ def run_benchmark(bundle: Path, *, duration: float = 20.0, concurrency: int = 48
     report["offline"] = offline_throughput(bundle, images, threads)
     log(f"      {report['offline']['throughput_img_s']:.1f} img/s")
 
-    with ServerProcess(bundle, serve_args, threads, server_log) as srv:
-        log(f"[2/5] saturation: {concurrency} clients for {duration:g} s")
-        run_load(srv.url, concurrency=concurrency, duration=min(5.0, duration), images=images)  # warm-up
-        sat = run_load(srv.url, concurrency=concurrency, duration=duration, images=images)
-        report["saturation"] = _slim(sat)
-        served = sat["ok_rps"]
-        report["ratio_server_to_offline"] = served / report["offline"]["throughput_img_s"]
-        log(f"      {served:.1f} img/s served = {100 * report['ratio_server_to_offline']:.1f} % of offline")
-
+    with run.server() as srv:
+        report.update(_saturation(run, srv, concurrency, duration, report["offline"]["throughput_img_s"]))
         if overload_s > 0:
-            rate = 2 * served
-            log(f"[3/5] overload: open loop at {rate:.1f} req/s (2x) for {overload_s:g} s, deadline 2000 ms")
-            mem: list[tuple[float, float]] = []
-            stop = threading.Event()
-
-            def sample() -> None:
-                t0 = time.monotonic()
-                while not stop.wait(1.0):
-                    mem.append((time.monotonic() - t0, rss_mb(srv.proc.pid)))
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            rss0 = rss_mb(srv.proc.pid)
-            m_before = srv.metrics()
-            try:
-                over = run_load(srv.url, rate=rate, duration=overload_s, images=images, deadline_ms=2000.0, max_connections=1024)
-            finally:
-                stop.set()
-                sampler.join(5)
-            alive = srv.proc.poll() is None
-            ok = over["latency_ms"].get("200", {})
-            m_after = srv.metrics()
-
-            def delta(name: str, **labels: str) -> float:
-                return metric_sum(m_after, name, **labels) - metric_sum(m_before, name, **labels)
-
-            n_srv = delta("roadcascade_request_latency_seconds_count", endpoint="streetvision")
-            server_side = {
-                "requests": n_srv,
-                "within_2s_fraction": delta("roadcascade_request_latency_seconds_bucket", endpoint="streetvision", le="2.0") / n_srv
-                if n_srv else None,
-                "deadline_fallbacks": delta("roadcascade_deadline_fallbacks_total"),
-                "refused_overloaded": delta("roadcascade_errors_total", reason="overloaded"),
-                "refused_overloaded_http": delta("roadcascade_errors_total", reason="overloaded_http"),
-                "refused_or_shed_deadline": delta("roadcascade_errors_total", reason="deadline"),
-            }
-            m = np.array([v for _, v in mem], dtype=np.float64)
-            tail = max(1, len(m) // 6)
-            report["overload"] = {
-                **_slim(over), "rate": rate, "server_alive": alive, "rss_mb_before": rss0,
-                "rss_mb_first_10pct": float(np.median(m[:tail])) if len(m) else None,
-                "rss_mb_last_10pct": float(np.median(m[-tail:])) if len(m) else None,
-                "rss_mb_max": float(m.max()) if len(m) else None,
-                "rss_mb_series": [round(v, 1) for _, v in mem],
-                "p99_ok_ms": ok.get("p99"), "p99_ok_within_deadline": (ok.get("p99") or 0) <= 2000.0,
-                "only_200_or_503": set(over["status_counts"]) <= {"200", "503"},
-                "client_send_lag_ms": over.get("client_send_lag_ms"), "server_side": server_side,
-            }
-            log(f"      statuses {over['status_counts']}, p99 of 200s {ok.get('p99', float('nan')):.0f} ms, "
-                f"RSS {report['overload']['rss_mb_first_10pct']:.0f} -> {report['overload']['rss_mb_last_10pct']:.0f} MB")
+            report["overload"] = _overload(run, srv, 2 * report["saturation"]["ok_rps"], overload_s)
         report["server_metrics_after_load"] = {
             "deadline_fallbacks": metric_sum(srv.metrics(), "roadcascade_deadline_fallbacks_total"),
             "overloaded_503": metric_sum(srv.metrics(), "roadcascade_errors_total", reason="overloaded"),
             "deadline_503": metric_sum(srv.metrics(), "roadcascade_errors_total", reason="deadline"),
         }
-
         if fuzz:
-            log(f"[4/5] fuzz: {fuzz} malformed requests")
-            fz = run_fuzz(srv.url, fuzz, synthetic=synthetic)
-            report["fuzz"] = {k: fz[k] for k in ("requests", "elapsed_s", "status_counts", "by_kind", "by_reason", "server_errors_5xx", "no_response",
-                                                  "good_before", "good_after", "answers_same_after", "ready_after", "ok")}
-            report["fuzz"]["server_alive"] = srv.proc.poll() is None
-            log(f"      statuses {fz['status_counts']}, same answer after: {fz['answers_same_after']}")
+            report["fuzz"] = _fuzz(run, srv, fuzz, synthetic)
 
     if speculation:
-        log("[5/5] speculation: low load (1 client) off / on / auto; high load off / auto")
-        from ..cascade.bundle import Bundle
-
-        spec_bundle = bundle
-        if Bundle.load(bundle, device="cpu").cascade.n_stages < 2:
-            spec_bundle = resolution_cascade(bundle, workdir / "resolution-cascade")
-            report["speculation_bundle"] = str(spec_bundle)
-        spec: dict = {}
-        low_s = max(8.0, duration / 2)
-        for mode, conc in (("off", 1), ("on", 1), ("auto", 1), ("off", concurrency), ("auto", concurrency)):
-            with ServerProcess(spec_bundle, [*serve_args, "--speculate", mode], threads, server_log) as srv:
-                run_load(srv.url, concurrency=conc, duration=3.0, images=images)  # warm-up
-                m0 = srv.metrics()
-                rep = run_load(srv.url, concurrency=conc, duration=low_s, images=images)
-                m1 = srv.metrics()
-            d = {k: metric_sum(m1, "roadcascade_speculation_total", event=k) - metric_sum(m0, "roadcascade_speculation_total", event=k)
-                 for k in ("started", "used", "wasted")}
-            n_img = metric_sum(m1, "roadcascade_images_total") - metric_sum(m0, "roadcascade_images_total")
-            exits = {k: metric_sum(m1, "roadcascade_exits_total", tier=k) - metric_sum(m0, "roadcascade_exits_total", tier=k)
-                     for k in _tier_names(spec_bundle)}
-            key = f"{'low' if conc == 1 else 'high'}_load_{mode}"
-            spec[key] = {**_slim(rep), "speculation": d, "images": n_img, "exits": exits,
-                         "speculated_fraction": d["started"] / n_img if n_img else 0.0}
-            lat = rep["latency_ms"].get("200", {})
-            log(f"      {key}: {rep['ok_rps']:.1f} req/s, p50 {lat.get('p50', float('nan')):.1f} ms, "
-                f"p95 {lat.get('p95', float('nan')):.1f} ms, speculated {spec[key]['speculated_fraction']:.2f}")
-        report["speculation"] = spec
-
+        report.update(_speculation(run, workdir, concurrency, duration))
     report["summary"] = _summary(report)
     return report
+
+
+def metric_delta(after: dict[str, float], before: dict[str, float], name: str, **labels: str) -> float:
+    return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+
+def _saturation(run: BenchRun, srv: ServerProcess, concurrency: int, duration: float, offline_img_s: float) -> dict:
+    """Phase 2: a closed loop of ``concurrency`` clients; served images/s against the offline rate."""
+    run.log(f"[2/5] saturation: {concurrency} clients for {duration:g} s")
+    run_load(srv.url, concurrency=concurrency, duration=min(5.0, duration), images=run.images)  # warm-up
+    sat = run_load(srv.url, concurrency=concurrency, duration=duration, images=run.images)
+    served = sat["ok_rps"]
+    ratio = served / offline_img_s
+    run.log(f"      {served:.1f} img/s served = {100 * ratio:.1f} % of offline")
+    return {"saturation": _slim(sat), "ratio_server_to_offline": ratio}
+
+
+class MemorySampler:
+    """The resident memory of a process, sampled every ``period`` seconds while the block runs."""
+
+    def __init__(self, pid: int, period: float = 1.0):
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, float]] = []  # (seconds since the start, MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.period):
+            self.samples.append((time.monotonic() - t0, rss_mb(self.pid)))
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def summary(self) -> dict:
+        m = np.array([v for _, v in self.samples], dtype=np.float64)
+        tail = max(1, len(m) // 6)
+        return {"rss_mb_first_10pct": float(np.median(m[:tail])) if len(m) else None,
+                "rss_mb_last_10pct": float(np.median(m[-tail:])) if len(m) else None,
+                "rss_mb_max": float(m.max()) if len(m) else None,
+                "rss_mb_series": [round(v, 1) for _, v in self.samples]}
+
+
+def _overload(run: BenchRun, srv: ServerProcess, rate: float, seconds: float) -> dict:
+    """Phase 3: an open loop at ``rate`` (twice the saturated rate) with a 2 s deadline, memory sampled."""
+    run.log(f"[3/5] overload: open loop at {rate:.1f} req/s (2x) for {seconds:g} s, deadline 2000 ms")
+    with MemorySampler(srv.proc.pid) as sampler:
+        rss0 = rss_mb(srv.proc.pid)
+        m_before = srv.metrics()
+        over = run_load(srv.url, rate=rate, duration=seconds, images=run.images, deadline_ms=2000.0, max_connections=1024)
+    alive = srv.proc.poll() is None
+    ok = over["latency_ms"].get("200", {})
+    out = {
+        **_slim(over), "rate": rate, "server_alive": alive, "rss_mb_before": rss0, **sampler.summary(),
+        "p99_ok_ms": ok.get("p99"), "p99_ok_within_deadline": (ok.get("p99") or 0) <= 2000.0,
+        "only_200_or_503": set(over["status_counts"]) <= {"200", "503"},
+        "client_send_lag_ms": over.get("client_send_lag_ms"), "server_side": _server_side(m_before, srv.metrics()),
+    }
+    run.log(f"      statuses {over['status_counts']}, p99 of 200s {ok.get('p99', float('nan')):.0f} ms, "
+            f"RSS {out['rss_mb_first_10pct']:.0f} -> {out['rss_mb_last_10pct']:.0f} MB")
+    return out
+
+
+def _server_side(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the server counted during the overload: its latency within 2 s, fallbacks and refusals by reason."""
+    def delta(name: str, **labels: str) -> float:
+        return metric_delta(after, before, name, **labels)
+
+    n_srv = delta("roadcascade_request_latency_seconds_count", endpoint="streetvision")
+    return {
+        "requests": n_srv,
+        "within_2s_fraction": delta("roadcascade_request_latency_seconds_bucket", endpoint="streetvision", le="2.0") / n_srv
+        if n_srv else None,
+        "deadline_fallbacks": delta("roadcascade_deadline_fallbacks_total"),
+        "refused_overloaded": delta("roadcascade_errors_total", reason="overloaded"),
+        "refused_overloaded_http": delta("roadcascade_errors_total", reason="overloaded_http"),
+        "refused_or_shed_deadline": delta("roadcascade_errors_total", reason="deadline"),
+    }
+
+
+def _fuzz(run: BenchRun, srv: ServerProcess, n: int, synthetic: bool) -> dict:
+    """Phase 4: malformed requests, then the same good request as before."""
+    run.log(f"[4/5] fuzz: {n} malformed requests")
+    fz = run_fuzz(srv.url, n, synthetic=synthetic)
+    out = {k: fz[k] for k in ("requests", "elapsed_s", "status_counts", "by_kind", "by_reason", "server_errors_5xx", "no_response",
+                              "good_before", "good_after", "answers_same_after", "ready_after", "ok")}
+    out["server_alive"] = srv.proc.poll() is None
+    run.log(f"      statuses {fz['status_counts']}, same answer after: {fz['answers_same_after']}")
+    return out
+
+
+def _speculation(run: BenchRun, workdir: Path, concurrency: int, duration: float) -> dict:
+    """Phase 5: low load (one client) with speculation off, on and auto; high load off and auto. A one-tier
+    bundle is extended to a resolution cascade for this phase."""
+    run.log("[5/5] speculation: low load (1 client) off / on / auto; high load off / auto")
+    from ..cascade.bundle import Bundle
+
+    out: dict = {}
+    spec_bundle = run.bundle
+    if Bundle.load(run.bundle, device="cpu").cascade.n_stages < 2:
+        spec_bundle = resolution_cascade(run.bundle, workdir / "resolution-cascade")
+        out["speculation_bundle"] = str(spec_bundle)
+    spec: dict = {}
+    for mode, conc in (("off", 1), ("on", 1), ("auto", 1), ("off", concurrency), ("auto", concurrency)):
+        key = f"{'low' if conc == 1 else 'high'}_load_{mode}"
+        spec[key] = _speculation_case(run, spec_bundle, mode, conc, max(8.0, duration / 2))
+        lat = spec[key]["latency_ms"].get("200", {})
+        run.log(f"      {key}: {spec[key]['ok_rps']:.1f} req/s, p50 {lat.get('p50', float('nan')):.1f} ms, "
+                f"p95 {lat.get('p95', float('nan')):.1f} ms, speculated {spec[key]['speculated_fraction']:.2f}")
+    out["speculation"] = spec
+    return out
+
+
+def _speculation_case(run: BenchRun, bundle: Path, mode: str, conc: int, seconds: float) -> dict:
+    """One server with ``--speculate mode`` under ``conc`` clients: the load report, speculation counts, exits."""
+    with run.server(bundle, ["--speculate", mode]) as srv:
+        run_load(srv.url, concurrency=conc, duration=3.0, images=run.images)  # warm-up
+        m0 = srv.metrics()
+        rep = run_load(srv.url, concurrency=conc, duration=seconds, images=run.images)
+        m1 = srv.metrics()
+    d = {k: metric_delta(m1, m0, "roadcascade_speculation_total", event=k) for k in ("started", "used", "wasted")}
+    n_img = metric_delta(m1, m0, "roadcascade_images_total")
+    exits = {k: metric_delta(m1, m0, "roadcascade_exits_total", tier=k) for k in _tier_names(bundle)}
+    return {**_slim(rep), "speculation": d, "images": n_img, "exits": exits,
+            "speculated_fraction": d["started"] / n_img if n_img else 0.0}
 
 
 def _summary(r: dict) -> dict:
