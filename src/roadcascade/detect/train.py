@@ -32,7 +32,7 @@ import torch
 from ..io.data import Dataset, Sample, open_dataset
 from ..models.preprocess import pick_device
 from ..fit.config import apply_threads
-from ..fit.schedule import ema_update, format_record, loader_workers, lr_at, total_steps
+from ..fit.schedule import ema_update, format_record, frozen_copy, loader_workers, lr_at, total_steps
 from .boxes import box_area, yolo_to_xyxy
 from .evaluate import DetEval, coco_map, evaluate_detector, measure_speed, operating_point, run_split
 from .config import RECIPES, DetTrainConfig, config_from_meta, make_config
@@ -278,10 +278,8 @@ def _detector_loop(cfg: DetTrainConfig, data: _DetData, device: torch.device, lo
 
     model = ConeDetector(cfg.detector_config(), pretrained=True).to(device)
     model.set_sizes(cfg.train_sizes, cfg.max_size)
-    ema = copy.deepcopy(model).eval()
+    ema = frozen_copy(model)
     ema.set_sizes(cfg.min_size, cfg.max_size)
-    for p in ema.parameters():
-        p.requires_grad_(False)
     summ = detector_summary(model)
     log(f"detector: FCOS on {cfg.backbone}, strides {summ['strides']}, {summ['params'] / 1e6:.2f} M params "
         f"({summ['trainable'] / 1e6:.2f} M trainable), {ema.gflops():.2f} GFLOPs at {cfg.min_size} px (381x224 frame)")

@@ -30,8 +30,9 @@ from ..io.data import IMAGE_SUFFIXES, Dataset, Sample, open_dataset
 from ..models.preprocess import normalize, pick_device, resize_square
 from ..models.zoo import create_model, get_spec
 from .config import DistillConfig, apply_threads, student_spec
-from .schedule import total_steps
-from .train import Loop, ValViews, decode_all, fit_epochs, frozen_copy, seed_everything, smooth_targets, stage1_cascade, view_set
+from .schedule import frozen_copy, total_steps
+from .train import (Loop, ValViews, decode_all, fit_epochs, open_training_only, seed_everything, smooth_targets, stage1_cascade,
+                    view_set)
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "student_spec", "teacher_probs", "soft_target", "teacher_id", "TargetCache",
            "image_views", "fill_targets", "unlabelled_folder", "open_extra", "ViewTargetSet", "distill_loss"]
@@ -126,11 +127,7 @@ def open_extra(path: str) -> Dataset:
     """A training-only manifest (its labels kept) or a plain image folder (unlabelled)."""
     p = Path(path)
     if (p / "manifest.csv").exists():
-        ds = open_dataset(p)
-        bad = sorted(set(ds.splits) - {"train", "all"})
-        if bad:
-            raise ValueError(f"{p}: an extra training set must hold training data only, found split(s) {bad}")
-        return ds
+        return open_training_only(p)
     if not p.is_dir():
         raise ValueError(f"{p}: not a directory of images or a manifest")
     return unlabelled_folder(p)

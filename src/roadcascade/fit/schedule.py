@@ -8,12 +8,13 @@ change every trained bundle, so these keep the formulas the bundles were trained
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
 import torch
 
-__all__ = ["lr_at", "ema_update", "optimiser_step", "total_steps", "loader_workers", "format_record"]
+__all__ = ["lr_at", "ema_update", "optimiser_step", "total_steps", "loader_workers", "format_record", "frozen_copy"]
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -63,3 +64,11 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
 def format_record(rec: dict) -> str:
     """One epoch's record as a log line: ``key=value`` pairs, floats to 4 decimals."""
     return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The EMA network: a copy of ``model`` in eval mode, without gradients."""
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema

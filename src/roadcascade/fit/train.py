@@ -23,10 +23,10 @@ from ..metrics import auroc
 from ..models.preprocess import normalize, pick_device, resize_square
 from ..models.zoo import create_model, get_spec, gflops
 from .config import OptimOptions, TrainConfig, apply_threads
-from .schedule import format_record, loader_workers, lr_at, optimiser_step, total_steps
+from .schedule import format_record, frozen_copy, loader_workers, lr_at, optimiser_step, total_steps
 
 __all__ = ["TrainConfig", "TrainResult", "train", "augment", "AugmentedSet", "sample_weights", "open_extra_train", "decode_all",
-           "view_set", "predict_logits", "score_logits", "stage1_cascade", "ValViews", "Loop", "fit_epochs", "frozen_copy"]
+           "view_set", "predict_logits", "score_logits", "stage1_cascade", "ValViews", "Loop", "fit_epochs", "open_training_only"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -106,16 +106,18 @@ def sample_weights(sources: Sequence[str], extra: Sequence[bool], extra_share: f
     return w
 
 
+def open_training_only(path: str | Path) -> Dataset:
+    """A training-only manifest (a synthetic set); refuses one that holds another split's data."""
+    ds = open_dataset(path)
+    bad = sorted(set(ds.splits) - {"train", "all"})
+    if bad:
+        raise ValueError(f"{path}: an extra training set must hold training data only, found split(s) {bad}")
+    return ds
+
+
 def open_extra_train(paths: Sequence[str]) -> Dataset:
-    """Training-only sets (the synthetic manifests); refuses one that holds another split's data."""
-    samples = []
-    for p in paths:
-        ds = open_dataset(p)
-        bad = sorted(set(ds.splits) - {"train", "all"})
-        if bad:
-            raise ValueError(f"{p}: an extra training set must hold training data only, found split(s) {bad}")
-        samples += ds.samples
-    return Dataset("extra", samples)
+    """Training-only sets (the synthetic manifests) as one dataset."""
+    return Dataset("extra", [s for p in paths for s in open_training_only(p).samples])
 
 
 def decode_all(ds: Dataset, desc: str = "decode", progress: Progress | None = None) -> list[np.ndarray]:
@@ -245,14 +247,6 @@ def fit_epochs(cfg: OptimOptions, loop: Loop, batch_loss: Callable[[tuple], torc
     assert best is not None
     loop.ema.load_state_dict(best["state"])
     return best, history
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The EMA network: a copy of ``model`` in eval mode, without gradients."""
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    return ema
 
 
 # ----------------------------------------------------------------------------- training
