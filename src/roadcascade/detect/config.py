@@ -4,7 +4,7 @@ Light to import (no model code): the CLI reads its option defaults from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from ..fit.config import OptimOptions
 
@@ -22,12 +22,12 @@ class DetTrainConfig(OptimOptions):
     min_size: int = 256  # inference short side (stored in the tier)
     max_size: int = 512
     train_sizes: tuple[int, ...] = (224, 256, 288)
-    # optimisation (the shared fields with the detector's defaults)
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    ema_decay: float = 0.99
+    # optimisation (the shared fields with the detector's defaults; keyword-only, as they are in OptimOptions)
+    epochs: int = field(default=10, kw_only=True)
+    batch_size: int = field(default=8, kw_only=True)
+    lr: float = field(default=1e-3, kw_only=True)
+    weight_decay: float = field(default=1e-4, kw_only=True)
+    ema_decay: float = field(default=0.99, kw_only=True)
     backbone_lr_mult: float = 0.5
     warmup_steps: int = 60
     grad_clip: float = 10.0
@@ -42,7 +42,7 @@ class DetTrainConfig(OptimOptions):
     distort_prob: float = 0.35
     jpeg_prob: float = 0.3
     # run (seed, device, data, max_train: boxed training images, max_steps: the shared fields)
-    threads: int | None = 1  # torch CPU threads (None: torch's default)
+    threads: int | None = field(default=1, kw_only=True)  # torch CPU threads (None: torch's default)
     amp: bool = True  # bf16 autocast on CUDA only
     num_workers: int | None = None  # DataLoader workers (default: 0 on CPU, 8 on CUDA)
     max_eval: int | None = None  # stratified subset of val/test images for evaluation (smoke runs)

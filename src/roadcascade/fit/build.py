@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..cascade.bundle import Bundle
 from ..cascade.calibration import TemperatureCalibrator, best_threshold, fold
@@ -636,7 +635,7 @@ def quickstart_tiers(stage1_dir: Path) -> str:
     return f"{model}@{small}:{stage1_dir},{model}@{size}:{stage1_dir}"
 
 
-def quickstart_cascade(stage1_dir: Path, out: Path, data: str | None = None, device: str = "auto", budget: str = "35%",
+def quickstart_cascade(stage1_dir: Path, out: Path, data: str | None = None, device: str = "auto", budget: str = BuildConfig.budget,
                        progress: Progress | None = None, log: Log = print) -> Path:
     """Build the quickstart cascade from the stage-1 bundle unless an up-to-date one is there."""
     tiers = quickstart_tiers(stage1_dir)

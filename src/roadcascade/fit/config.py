@@ -6,7 +6,7 @@ defaults from these dataclasses when it is imported (:func:`roadcascade.cli.defa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from ..cascade.rules import SEARCHABLE_RULES
 from ..io.challenge import ChallengeConfig
@@ -17,9 +17,11 @@ __all__ = ["RunOptions", "OptimOptions", "TrainConfig", "BuildConfig", "DistillC
 DEFAULT_TIERS = "lite0@128,lite0@224,tta(lite0@224,n=4..8)"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunOptions:
-    """What every fitting run is told (train, build, distill, the detector): data, seed, where it runs, caps."""
+    """What every fitting run is told (train, build, distill, the detector): data, seed, where it runs, caps.
+
+    Keyword-only (here and in :class:`OptimOptions`), so that a config's own first fields keep their positions."""
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -33,7 +35,7 @@ class RunOptions:
         return {f.name: getattr(self, f.name) for f in fields(RunOptions)}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimOptions(RunOptions):
     """The optimiser loop's settings, shared by the classifier, the student and the detector (AdamW, EMA)."""
 
@@ -117,7 +119,7 @@ class BuildConfig(RunOptions):
 
 @dataclass
 class DistillConfig(OptimOptions):
-    teacher: str = field(kw_only=True)  # bundle directory
+    teacher: str  # bundle directory
     student: str = "lite0"  # MODEL or MODEL@SIZE (SIZE: the student's inference resolution)
     input_size: int | None = None  # training resolution (default: the student's SIZE)
     extra: tuple[str, ...] = ()  # image folders (labels not needed) or training-only manifests (synthetic)
