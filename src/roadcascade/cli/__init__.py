@@ -11,7 +11,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..fit.config import BuildConfig, TrainConfig
+from ..fit.guard import GuardConfig
+from ..io.challenge import ChallengeConfig
+from ..io.synth.engine import SynthConfig
 from .console import console, fail as _fail, out_console, progress_bar
+from .defaults import default_of, given
 
 app = typer.Typer(
     help="roadcascade: is there roadwork in this street image? Train, calibrate, evaluate and serve an adaptive cascade.",
@@ -52,31 +57,38 @@ def zoo() -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option("lite0", help="zoo model name (see `roadcascade zoo`)"),
+    model: str = typer.Option(default_of(TrainConfig, "model"), help="zoo model name (see `roadcascade zoo`)"),
     out: Path = typer.Option(Path("runs/train/bundle"), help="bundle directory to write"),
     data: Optional[str] = typer.Option(None, help="dataset: StreetWork manifest dir, image folder or parquet (default $ROADCASCADE_DATA or ../shared/data/streetwork)"),
     input_size: Optional[int] = typer.Option(None, help="training resolution (default: the model's)"),
     eval_size: Optional[int] = typer.Option(None, help="inference resolution stored in the bundle (default: the model's)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="epochs (default 8 for classify; the detector recipe's for detect)"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default 32 for classify)"),
-    lr: Optional[float] = typer.Option(None, min=0.0, help="peak learning rate (default 6e-4 for classify)"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    epochs: Optional[int] = typer.Option(None, min=1, help=f"epochs (default {default_of(TrainConfig, 'epochs')} for classify; "
+                                         "the detector recipe's for detect)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help=f"batch size (default {default_of(TrainConfig, 'batch_size')} for classify)"),
+    lr: Optional[float] = typer.Option(None, min=0.0, help=f"peak learning rate (default {default_of(TrainConfig, 'lr')} for classify)"),
+    seed: int = typer.Option(default_of(TrainConfig, "seed")),
+    device: str = typer.Option(default_of(TrainConfig, "device"), help="auto | cpu | cuda"),
     max_train: Optional[int] = typer.Option(None, help="train on a stratified subset of this many images"),
     max_val: Optional[int] = typer.Option(None, help="select/calibrate on a subset of this many val images"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimiser steps"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
     task: str = typer.Option("classify", help="classify (the stage-1 roadwork classifier) | detect (the traffic-cone detector; see `train-detector --help` for all its options)"),
     extra_train: list[str] = typer.Option([], "--extra-train", help="a training-only manifest to add (e.g. `roadcascade synth` output); repeatable"),
-    synth_share: float = typer.Option(0.4, min=0.0, max=1.0, help="share of each epoch drawn from --extra-train sets"),
-    style_p: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of the dashcam style transform per training image"),
-    balance_sources: bool = typer.Option(False, "--balance-sources/--no-balance-sources", help="sqrt-balanced sampling over the real sources"),
-    squares: int = typer.Option(1, min=1, max=8, help="the bundle sees a non-square image as this many aspect-preserving squares, max-pooled (1: stretched)"),
-    view_scale: float = typer.Option(1.0, min=0.25, max=4.0, help="run those squares at this x the input size (a closer look at full frames)"),
-    protocol: str = typer.Option("v2.0.4", help="challenge protocol of the augmentation and val views: v2.0.4 | letterbox | native"),
+    synth_share: float = typer.Option(default_of(TrainConfig, "synth_share"), min=0.0, max=1.0,
+                                      help="share of each epoch drawn from --extra-train sets"),
+    style_p: float = typer.Option(default_of(TrainConfig, "style_p"), min=0.0, max=1.0,
+                                  help="probability of the dashcam style transform per training image"),
+    balance_sources: bool = typer.Option(default_of(TrainConfig, "balance_sources"), "--balance-sources/--no-balance-sources",
+                                         help="sqrt-balanced sampling over the real sources"),
+    squares: int = typer.Option(default_of(TrainConfig, "squares"), min=1, max=8,
+                                help="the bundle sees a non-square image as this many aspect-preserving squares, max-pooled (1: stretched)"),
+    view_scale: float = typer.Option(default_of(TrainConfig, "view_scale"), min=0.25, max=4.0,
+                                     help="run those squares at this x the input size (a closer look at full frames)"),
+    protocol: str = typer.Option(default_of(TrainConfig, "protocol"),
+                                 help="challenge protocol of the augmentation and val views: v2.0.4 | letterbox | native"),
 ) -> None:
     """Fine-tune a zoo backbone for roadwork and write a calibrated stage-1 bundle (or, with --task detect, a cone detector)."""
-    from ..fit.train import TrainConfig, train as run_train
+    from ..fit.train import train as run_train
 
     if task == "detect":
         from ..detect.train import make_config, train_detector
@@ -94,12 +106,11 @@ def train(
     if task != "classify":
         _fail(f"--task must be classify or detect, not {task!r}")
     try:
-        cfg = TrainConfig(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs or 8,
-                          batch_size=batch_size or 32, lr=lr if lr is not None else 6e-4, seed=seed, device=device, data=data,
-                          max_train=max_train, max_val=max_val, max_steps=max_steps, threads=threads,
-                          extra_train=tuple(extra_train), synth_share=synth_share, style_p=style_p,
-                          balance_sources=balance_sources, protocol=protocol, squares=squares,
-                          view_scale=view_scale)
+        cfg = TrainConfig(**given(model=model, input_size=input_size, eval_size=eval_size, epochs=epochs, batch_size=batch_size,
+                                  lr=lr, seed=seed, device=device, data=data, max_train=max_train, max_val=max_val,
+                                  max_steps=max_steps, threads=threads, extra_train=tuple(extra_train), synth_share=synth_share,
+                                  style_p=style_p, balance_sources=balance_sources, protocol=protocol, squares=squares,
+                                  view_scale=view_scale))
     except ValueError as e:
         _fail(str(e))
     with progress_bar() as cb:
@@ -138,7 +149,7 @@ def eval_cmd(
     html_out: Optional[Path] = typer.Option(None, "--html", help="write an HTML report here"),
     seed: Optional[int] = typer.Option(None, help="challenge view seed (default 0 on val, 1 on test)"),
     n_views: int = typer.Option(4, min=1, help="challenge views per image"),
-    protocol: str = typer.Option("v2.0.4", help="challenge protocol: v2.0.4 (crops), letterbox (2026-04-06: "
+    protocol: str = typer.Option(default_of(ChallengeConfig, "protocol"), help="challenge protocol: v2.0.4 (crops), letterbox (2026-04-06: "
                                  "ResizeWithPadding), native (2026-05-03: native size, JPEG q75 only; one view per image)"),
     batch_size: int = typer.Option(32, min=1),
     max_images: Optional[int] = typer.Option(None, help="evaluate a stratified subset"),
@@ -222,18 +233,20 @@ def predict(
 @app.command()
 def synth(
     out: Path = typer.Option(Path("runs/synth"), help="directory to write images/, manifest.csv, meta.json, contact_sheet.png"),
-    n: int = typer.Option(1200, min=2, help="images to write (half roadwork, half matched negatives)"),
-    seed: int = typer.Option(0),
+    n: int = typer.Option(default_of(SynthConfig, "n"), min=2, help="images to write (half roadwork, half matched negatives)"),
+    seed: int = typer.Option(default_of(SynthConfig, "seed")),
     data: Optional[str] = typer.Option(None, help="StreetWork manifest dir (its train split is the only source)"),
     signs: Optional[str] = typer.Option(None, help="sign crops dir (default: signs/ beside the data dir)"),
-    cutouts: bool = typer.Option(True, "--cutouts/--no-cutouts", help="cones cut from the boxed train images"),
-    drawn: bool = typer.Option(True, "--drawn/--no-drawn", help="procedurally drawn roadwork objects"),
-    road_signs: bool = typer.Option(True, "--road-signs/--no-road-signs", help="road-works sign crops"),
-    portrait: float = typer.Option(0.35, min=0.0, max=1.0, help="share of frames cut to a portrait window (a phone held upright)"),
-    min_height: float = typer.Option(0.02, min=0.0, max=0.5, help="smallest pasted object, as a share of the frame height"),
+    cutouts: bool = typer.Option(default_of(SynthConfig, "cutouts"), "--cutouts/--no-cutouts", help="cones cut from the boxed train images"),
+    drawn: bool = typer.Option(default_of(SynthConfig, "drawn"), "--drawn/--no-drawn", help="procedurally drawn roadwork objects"),
+    road_signs: bool = typer.Option(default_of(SynthConfig, "road_signs"), "--road-signs/--no-road-signs", help="road-works sign crops"),
+    portrait: float = typer.Option(default_of(SynthConfig, "portrait"), min=0.0, max=1.0,
+                                   help="share of frames cut to a portrait window (a phone held upright)"),
+    min_height: float = typer.Option(default_of(SynthConfig, "min_height"), min=0.0, max=0.5,
+                                     help="smallest pasted object, as a share of the frame height"),
 ) -> None:
     """Synthesise dashcam roadwork: objects pasted into real train-split dashcam frames, with matched negatives."""
-    from ..io.synth import SynthConfig, synthesize
+    from ..io.synth import synthesize
 
     cfg = SynthConfig(n=n, seed=seed, data=data, signs=signs, cutouts=cutouts, drawn=drawn, road_signs=road_signs,
                       portrait=portrait, min_height=min_height)
@@ -248,8 +261,9 @@ def synth(
 @app.command("guard")
 def guard_cmd(
     bundle: Path = typer.Option(..., help="bundle directory (changed in place)"),
-    fpr: float = typer.Option(0.01, min=0.0, max=0.5, help="share of the reference negatives allowed above each exit's threshold"),
-    split: str = typer.Option("val", help="split of the reference negatives"),
+    fpr: float = typer.Option(default_of(GuardConfig, "fpr"), min=0.0, max=0.5,
+                              help="share of the reference negatives allowed above each exit's threshold"),
+    split: str = typer.Option(default_of(GuardConfig, "split"), help="split of the reference negatives"),
     data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -257,7 +271,7 @@ def guard_cmd(
     pass, where that is lower than the fitted one (docs/DASHCAM.md). Run again to re-guard from the fitted thresholds."""
     from ..cascade.bundle import BundleError
     from ..io.data import DataError
-    from ..fit.guard import GuardConfig, guard_bundle
+    from ..fit.guard import guard_bundle
 
     try:
         guard_bundle(bundle, GuardConfig(fpr=fpr, split=split, data=data), device=device, log=console.print)
@@ -302,7 +316,7 @@ def quickstart(
     eval_size: Optional[int] = typer.Option(QUICKSTART_EVAL, help="inference resolution of stage 1 (the cascade runs it at about half, then at this)"),
     device: str = typer.Option("auto"),
     cascade: bool = typer.Option(True, "--cascade/--stage1-only", help="build a cascade from the stage-1 model (default)"),
-    budget: str = typer.Option("35%", help="cascade compute budget (see `roadcascade build`)"),
+    budget: str = typer.Option(default_of(BuildConfig, "budget"), help="cascade compute budget (see `roadcascade build`)"),
     synth: int = typer.Option(QUICKSTART_SYNTH, min=0, help="synthetic dashcam images to train on (cached in OUT/synth; 0: none)"),
     style_p: float = typer.Option(QUICKSTART_STYLE_P, min=0.0, max=1.0, help="dashcam style transform probability in training"),
     squares: int = typer.Option(QUICKSTART_SQUARES, min=1, max=8, help="see a non-square image as this many aspect-preserving squares, max-pooled (1: stretch it to a square)"),
@@ -312,14 +326,9 @@ def quickstart(
 ) -> None:
     """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, evaluate
     test clean + challenge and real dashcam frames (night-dev recall, dashcam false positives), report."""
-    from ..cascade.bundle import Bundle
-    from ..io.data import open_dataset
-    from ..bench.evaluate import evaluate, public
-    from ..fit.guard import GuardConfig, guard_bundle
-    from ..models.preprocess import pick_device
-    from ..bench.realcam import default_night_dev, format_realcam, realcam_html, realcam_report
+    from ..fit.guard import guard_bundle
+    from ..bench.realcam import format_realcam, realcam_html
     from ..bench.report import write_html
-    from ..fit.train import TrainConfig, train as run_train
 
     t0 = time.perf_counter()
     bdir = out / "bundle"
@@ -331,20 +340,13 @@ def quickstart(
             adopt_stage1(bdir, sdir, log=console.print)
         extra: tuple[str, ...] = ()
         if synth:
-            from ..io.synth import SynthConfig, ensure_synth
+            from ..io.synth import ensure_synth
 
             extra = (str(ensure_synth(SynthConfig(n=synth, data=data), out / "synth", log=console.print, progress=cb)),)
         cfg = TrainConfig(model="lite0", input_size=input_size, eval_size=eval_size, epochs=epochs, data=data, device=device,
                           extra_train=extra, style_p=style_p, balance_sources=bool(extra), squares=squares,
                           view_scale=view_scale)
-        stale = _recipe_changes(sdir, cfg)
-        if stale:
-            console.print(f"cached bundle {sdir} was trained with another recipe ({stale}): training again")
-        if retrain or stale or not (sdir / "bundle.json").exists():
-            console.print(f"[bold]training[/bold] {cfg.model} for {epochs} epochs at {input_size}px -> {sdir}")
-            run_train(cfg, sdir, progress=cb, log=console.print)
-        else:
-            console.print(f"using cached bundle {sdir} (pass --retrain to train again)")
+        _stage1(cfg, sdir, retrain, cb)
         gcfg = GuardConfig(fpr=guard_fpr, data=data) if guard and guard_fpr is not None else None
         if gcfg:  # before the cascade is built from it: guarding later would make the cached cascade stale
             guard_bundle(sdir, gcfg, device=device, log=console.print)
@@ -352,22 +354,9 @@ def quickstart(
             quickstart_cascade(sdir, bdir, data=data, device=device, budget=budget, progress=cb, log=console.print)
             if gcfg:
                 guard_bundle(bdir, gcfg, device=device, log=console.print)
-        ds = open_dataset(data, "test")
-        reps = []
         # the deployed bundle (the cascade, or stage 1 with --stage1-only), then the stage-1 model on its own
         runs = [(bdir, "", "")] + ([(sdir, "-stage1", "stage-1 ")] if cascade else [])
-        realcam = {}
-        with_realcam = data is None and default_night_dev().exists()  # real dashcam frames: night-dev recall, dashcam FPR
-        for path, suffix, label in runs:
-            b = Bundle.load(path, device=pick_device(device))
-            for views in ("clean", "challenge"):
-                rep = evaluate(b, ds, views, "test", progress=cb)
-                (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
-                reps.append((f"{label}test / {views}", rep))
-            if with_realcam:
-                realcam[label.strip() or "deployed"] = realcam_report(b, progress=cb)
-        if realcam:
-            (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
+        reps, realcam = _evaluate_runs(runs, out, data, device, cb)
     html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
                       title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
@@ -376,6 +365,45 @@ def quickstart(
     console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
                   + (f" (stage 1 alone: {out}/eval-test-*-stage1.json)" if cascade else "") + f"\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+
+
+def _stage1(cfg: TrainConfig, sdir: Path, retrain: bool, cb) -> None:
+    """Train the quickstart's stage-1 model unless a bundle trained with the same recipe is cached at ``sdir``."""
+    from ..fit.train import train as run_train
+
+    stale = _recipe_changes(sdir, cfg)
+    if stale:
+        console.print(f"cached bundle {sdir} was trained with another recipe ({stale}): training again")
+    if retrain or stale or not (sdir / "bundle.json").exists():
+        console.print(f"[bold]training[/bold] {cfg.model} for {cfg.epochs} epochs at {cfg.input_size}px -> {sdir}")
+        run_train(cfg, sdir, progress=cb, log=console.print)
+    else:
+        console.print(f"using cached bundle {sdir} (pass --retrain to train again)")
+
+
+def _evaluate_runs(runs: list[tuple[Path, str, str]], out: Path, data: Optional[str], device: str, cb) -> tuple[list, dict]:
+    """Each (bundle, file suffix, label) on test clean and challenge (JSON written to ``out``) and, on the default data,
+    on real dashcam frames (night-dev recall, dashcam false positives)."""
+    from ..bench.evaluate import evaluate, public
+    from ..bench.realcam import default_night_dev, realcam_report
+    from ..cascade.bundle import Bundle
+    from ..io.data import open_dataset
+    from ..models.preprocess import pick_device
+
+    ds = open_dataset(data, "test")
+    reps, realcam = [], {}
+    with_realcam = data is None and default_night_dev().exists()
+    for path, suffix, label in runs:
+        b = Bundle.load(path, device=pick_device(device))
+        for views in ("clean", "challenge"):
+            rep = evaluate(b, ds, views, "test", progress=cb)
+            (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
+            reps.append((f"{label}test / {views}", rep))
+        if with_realcam:
+            realcam[label.strip() or "deployed"] = realcam_report(b, progress=cb)
+    if realcam:
+        (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
+    return reps, realcam
 
 
 _RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data", "squares",
@@ -392,7 +420,9 @@ def _recipe_changes(bundle_dir: Path, cfg) -> str:
     except (OSError, json.JSONDecodeError, AttributeError):
         return "unreadable bundle.json"
     new = {"extra_train": list(cfg.extra_train), **{k: getattr(cfg, k) for k in _RECIPE_FIELDS if k != "extra_train"}}
-    defaults = {"extra_train": [], "style_p": 0.0, "balance_sources": False, "squares": 1, "view_scale": 1.0}  # bundles from before these fields
+    # bundles from before these fields were trained with their defaults
+    defaults = {k: default_of(TrainConfig, k) for k in ("style_p", "balance_sources", "squares", "view_scale")}
+    defaults["extra_train"] = list(default_of(TrainConfig, "extra_train"))
     diff = [k for k in _RECIPE_FIELDS if old.get(k, defaults.get(k)) != new[k]]
     return ", ".join(diff)
 

@@ -7,45 +7,48 @@ from typing import Optional
 
 import typer
 
+from ..fit.config import BuildConfig
+from .defaults import default_of, given
+
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("build")
     def build_cmd(
         tiers: str = typer.Option(
-            "lite0@128,lite0@224,tta(lite0@224,n=4..8)",
+            default_of(BuildConfig, "tiers"),
             help="tiers, cheapest first or any order: model@size[:bundle], tta(model@size[:bundle],n=a..b[,views=id|hflip|...]); "
                  "a tier without a bundle reuses another tier's weights of the same model, or is trained",
         ),
-        budget: str = typer.Option("35%", help="mean compute per image: 35% (of the full ensemble), 0.35x, 2.5 (GFLOPs), 12ms"),
+        budget: str = typer.Option(default_of(BuildConfig, "budget"), help="mean compute per image: 35% (of the full ensemble), 0.35x, 2.5 (GFLOPs), 12ms"),
         out: Path = typer.Option(..., help="cascade bundle directory to write"),
-        mode: str = typer.Option("mcc", help="mcc: best MCC under the budget | guaranteed: Learn-then-Test policy"),
-        epsilon: float = typer.Option(0.05, help="guaranteed mode: max disagreement with the full ensemble"),
-        delta: float = typer.Option(0.1, help="guaranteed mode: allowed probability of exceeding epsilon"),
-        rules: str = typer.Option("confidence,difficulty,agreement", help="deferral rules to search"),
-        fusion: str = typer.Option("stacking", help="stacking | vote"),
-        orders: str = typer.Option("cost", help="tier orders to search: cost | given | all"),
+        mode: str = typer.Option(default_of(BuildConfig, "mode"), help="mcc: best MCC under the budget | guaranteed: Learn-then-Test policy"),
+        epsilon: float = typer.Option(default_of(BuildConfig, "epsilon"), help="guaranteed mode: max disagreement with the full ensemble"),
+        delta: float = typer.Option(default_of(BuildConfig, "delta"), help="guaranteed mode: allowed probability of exceeding epsilon"),
+        rules: str = typer.Option(",".join(default_of(BuildConfig, "rules")), help="deferral rules to search"),
+        fusion: str = typer.Option(default_of(BuildConfig, "fusion"), help="stacking | vote"),
+        orders: str = typer.Option(default_of(BuildConfig, "orders"), help="tier orders to search: cost | given | all"),
         data: Optional[str] = typer.Option(None, help="dataset (default StreetWork); fitting uses its val split only"),
         max_val: Optional[int] = typer.Option(None, help="fit on a stratified subset of this many val images"),
-        n_views: int = typer.Option(4, min=1, help="challenge views per val image"),
+        n_views: int = typer.Option(default_of(BuildConfig, "n_views"), min=1, help="challenge views per val image"),
         work: Optional[Path] = typer.Option(None, help="work dir for trained tiers and the val cache (default <out>-work)"),
-        device: str = typer.Option("auto"),
+        device: str = typer.Option(default_of(BuildConfig, "device")),
         threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
-        seed: int = typer.Option(0),
-        epochs: int = typer.Option(8, min=1, help="epochs for tiers that must be trained"),
+        seed: int = typer.Option(default_of(BuildConfig, "seed")),
+        epochs: int = typer.Option(default_of(BuildConfig, "train_epochs"), min=1, help="epochs for tiers that must be trained"),
         train_size: Optional[int] = typer.Option(None, help="training resolution for tiers that must be trained"),
         max_train: Optional[int] = typer.Option(None, help="train missing tiers on a subset of this many images"),
         max_steps: Optional[int] = typer.Option(None, help="stop training missing tiers after this many steps"),
     ) -> None:
         """Build a cascade: train missing tiers, cache val outputs, fit rules, fusion and policy, write a bundle."""
-        from ..fit.build import BuildConfig, build
+        from ..fit.build import build
         from .console import console, fail as _fail, progress_bar
         from ..io.data import DataError
 
-        cfg = BuildConfig(tiers=tiers, budget=budget, mode=mode, epsilon=epsilon, delta=delta,
-                          rules=tuple(r.strip() for r in rules.split(",") if r.strip()), fusion=fusion, orders=orders,
-                          data=data, max_val=max_val, n_views=n_views, work=str(work) if work else None, device=device,
-                          threads=threads, seed=seed, train_epochs=epochs, train_size=train_size, max_train=max_train,
-                          max_steps=max_steps)
+        cfg = BuildConfig(**given(tiers=tiers, budget=budget, mode=mode, epsilon=epsilon, delta=delta,
+                                  rules=tuple(r.strip() for r in rules.split(",") if r.strip()), fusion=fusion, orders=orders,
+                                  data=data, max_val=max_val, n_views=n_views, work=str(work) if work else None, device=device,
+                                  threads=threads, seed=seed, train_epochs=epochs, train_size=train_size, max_train=max_train,
+                                  max_steps=max_steps))
         try:
             with progress_bar() as cb:
                 res = build(cfg, out, progress=cb, log=console.print)

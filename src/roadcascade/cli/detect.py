@@ -14,7 +14,9 @@ from typing import Optional
 
 import typer
 
+from ..detect.config import DetTrainConfig
 from .console import console, progress_bar
+from .defaults import default_of
 from ..detect import tier as _tier  # noqa: F401  (registers tier kind "detector" and rule "cone_verify")
 from ..detect import yolox as _yolox  # noqa: F401  (registers tier kind "coco_context")
 
@@ -34,7 +36,7 @@ def _sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 def train_detector_cmd(
     out: Path = typer.Option(Path("runs/detector"), help="bundle directory to write (one detector tier)"),
-    recipe: str = typer.Option("cpu", help="cpu (1 thread, ~20-30 min) | gpu (one CUDA GPU, AMP, bigger model and batch)"),
+    recipe: str = typer.Option(default_of(DetTrainConfig, "recipe"), help="cpu (1 thread, ~20-30 min) | gpu (one CUDA GPU, AMP, bigger model and batch)"),
     data: Optional[str] = typer.Option(None, help="StreetWork manifest dir (default $ROADCASCADE_DATA or ../shared/data/streetwork)"),
     backbone: Optional[str] = typer.Option(None, help="zoo backbone (default lite0)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default: the recipe's)"),
@@ -52,8 +54,9 @@ def train_detector_cmd(
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimiser steps"),
     max_eval: Optional[int] = typer.Option(None, help="evaluate on a stratified subset of val/test (smoke runs)"),
     evidence_views: Optional[int] = typer.Option(None, help="challenge views per val image for the evidence scorer"),
-    test: bool = typer.Option(True, "--test/--no-test", help="report test detection metrics at the end (never used to select)"),
-    resume: bool = typer.Option(False, help="go on from OUT/train_state.pt (saved after every epoch) if present"),
+    test: bool = typer.Option(default_of(DetTrainConfig, "evaluate_test"), "--test/--no-test",
+                              help="report test detection metrics at the end (never used to select)"),
+    resume: bool = typer.Option(default_of(DetTrainConfig, "resume"), help="go on from OUT/train_state.pt (saved after every epoch) if present"),
 ) -> None:
     """Train the traffic-cone detector (FCOS on a zoo backbone) and write a bundle with its detector tier."""
     from ..detect.train import make_config, train_detector
@@ -79,10 +82,11 @@ def calibrate_detector_cmd(
     out: Optional[Path] = typer.Option(None, help="write the recalibrated bundle here instead"),
     data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
     device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(1, help="torch CPU threads"),
+    threads: Optional[int] = typer.Option(default_of(DetTrainConfig, "threads"), help="torch CPU threads"),
     evidence_views: Optional[int] = typer.Option(None, help="challenge views per val image for the evidence scorer"),
     max_eval: Optional[int] = typer.Option(None, help="stratified subset of val/test (smoke runs)"),
-    test: bool = typer.Option(True, "--test/--no-test", help="report test detection metrics (never used to select)"),
+    test: bool = typer.Option(default_of(DetTrainConfig, "evaluate_test"), "--test/--no-test",
+                              help="report test detection metrics (never used to select)"),
 ) -> None:
     """Redo the val-fitted parts of a detector bundle (count threshold, evidence scorer, exit threshold) and
     its val/test detection metrics with the current code, keeping the trained weights."""
@@ -118,10 +122,10 @@ def eval_detector_cmd(
     splits: str = typer.Option("val,test", help="comma-separated splits"),
     data: Optional[str] = typer.Option(None, help="dataset (default StreetWork)"),
     device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(1, help="torch CPU threads"),
+    threads: Optional[int] = typer.Option(default_of(DetTrainConfig, "threads"), help="torch CPU threads"),
     threshold: Optional[float] = typer.Option(None, help="operating score threshold (default: the tier's count threshold)"),
     max_eval: Optional[int] = typer.Option(None, help="stratified subset of each split"),
-    speed_images: int = typer.Option(64, help="images timed for ms/image (0: skip)"),
+    speed_images: int = typer.Option(default_of(DetTrainConfig, "speed_images"), help="images timed for ms/image (0: skip)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON here"),
 ) -> None:
     """Detection metrics of a bundle's detector tier: mAP@0.5 and mAP@0.5:0.95 on the boxed images of each
@@ -227,7 +231,7 @@ def detector_effect_cmd(
     batch_size: int = typer.Option(32, min=1),
     max_images: Optional[int] = typer.Option(None, help="stratified subset of each split (smoke runs)"),
     device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(1, help="torch CPU threads"),
+    threads: Optional[int] = typer.Option(default_of(DetTrainConfig, "threads"), help="torch CPU threads"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
 ) -> None:
     """Classifier alone vs with the detector tier (stacked, verify rule, confidence-gated), fitted on val,

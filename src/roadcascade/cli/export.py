@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from ..fit.config import DistillConfig
+from .defaults import default_of, given
+
 
 def export_command(
     bundle: Path = typer.Option(..., help="bundle directory to export (read only)"),
@@ -111,36 +114,40 @@ def _parse_spec(spec: str) -> tuple[str, str, str]:
 
 def distill_command(
     teacher: Path = typer.Option(..., help="teacher bundle (a cascade runs as its full ensemble, test-time views included)"),
-    student: str = typer.Option("lite0", help="MODEL[@SIZE]: zoo model and inference size of the student"),
+    student: str = typer.Option(default_of(DistillConfig, "student"), help="MODEL[@SIZE]: zoo model and inference size of the student"),
     out: Path = typer.Option(Path("runs/distill/bundle"), help="student bundle directory to write"),
     extra: list[str] = typer.Option([], "--extra", help="unlabelled image folder or synthetic manifest (soft targets only "
                                     "where there is no label); repeatable"),
     data: Optional[str] = typer.Option(None, help="dataset with train/val splits (default StreetWork)"),
     input_size: Optional[int] = typer.Option(None, help="training resolution (default: the student's SIZE)"),
-    temperature: float = typer.Option(2.0, min=0.05, help="distillation temperature T"),
-    hard_weight: float = typer.Option(0.3, min=0.0, max=1.0, help="weight of the label loss where labels exist"),
-    views: int = typer.Option(3, min=1, max=16, help="teacher views per image (the image + challenge views), cached"),
-    teacher_mode: str = typer.Option("ensemble", help="ensemble (every tier) | cascade (the teacher's own early exits)"),
-    epochs: int = typer.Option(8, min=1),
-    batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(6e-4, min=0.0),
+    temperature: float = typer.Option(default_of(DistillConfig, "temperature"), min=0.05, help="distillation temperature T"),
+    hard_weight: float = typer.Option(default_of(DistillConfig, "hard_weight"), min=0.0, max=1.0,
+                                      help="weight of the label loss where labels exist"),
+    views: int = typer.Option(default_of(DistillConfig, "views"), min=1, max=16,
+                              help="teacher views per image (the image + challenge views), cached"),
+    teacher_mode: str = typer.Option(default_of(DistillConfig, "teacher_mode"),
+                                     help="ensemble (every tier) | cascade (the teacher's own early exits)"),
+    epochs: int = typer.Option(default_of(DistillConfig, "epochs"), min=1),
+    batch_size: int = typer.Option(default_of(DistillConfig, "batch_size"), min=1),
+    lr: float = typer.Option(default_of(DistillConfig, "lr"), min=0.0),
     max_train: Optional[int] = typer.Option(None), max_extra: Optional[int] = typer.Option(None),
     max_val: Optional[int] = typer.Option(None), max_steps: Optional[int] = typer.Option(None),
     cache: Optional[Path] = typer.Option(None, help="teacher-target cache directory (default OUT/../distill-cache)"),
-    seed: int = typer.Option(0), device: str = typer.Option("auto"), threads: Optional[int] = typer.Option(None, min=1),
+    seed: int = typer.Option(default_of(DistillConfig, "seed")), device: str = typer.Option(default_of(DistillConfig, "device")),
+    threads: Optional[int] = typer.Option(None, min=1),
 ) -> None:
     """Distil any bundle into one student network, written as a calibrated, folded stage-1 bundle."""
     from ..cascade.bundle import BundleError
     from .console import console, fail as _fail, progress_bar
     from ..io.data import DataError
-    from ..fit.distill import DistillConfig, distill
+    from ..fit.distill import distill
 
     try:
-        cfg = DistillConfig(teacher=str(teacher), student=student, input_size=input_size, extra=tuple(extra),
-                            temperature=temperature, hard_weight=hard_weight, views=views, teacher_mode=teacher_mode,
-                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, data=data,
-                            max_train=max_train, max_extra=max_extra, max_val=max_val, max_steps=max_steps,
-                            cache=str(cache) if cache else None, threads=threads)
+        cfg = DistillConfig(**given(teacher=str(teacher), student=student, input_size=input_size, extra=tuple(extra),
+                                    temperature=temperature, hard_weight=hard_weight, views=views, teacher_mode=teacher_mode,
+                                    epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, data=data,
+                                    max_train=max_train, max_extra=max_extra, max_val=max_val, max_steps=max_steps,
+                                    cache=str(cache) if cache else None, threads=threads))
         with progress_bar() as cb:
             res = distill(cfg, out, progress=cb, log=console.print)
     except (BundleError, DataError, FileNotFoundError, ValueError) as e:

@@ -76,6 +76,21 @@ def serve(
                           api_key=api_key or None, open_health=open_health, anytime=anytime)
     except ValueError as e:
         _fail(str(e))
+    _set_up_process(backend, malloc_arenas, threads, log_level)
+    _warn_if_open(host, port, cfg)
+    if engine == "ray":
+        from ..distributed.serve_command import serve_on_ray
+
+        serve_on_ray(bundle, cfg, host, port, address=address, target_rps=target_rps, stage_gpus=stage_gpus, threads=threads, fail=_fail)
+        return
+    if engine != "native":
+        _fail(f"--engine must be native or ray, not {engine!r}")
+    app = create_app(bundle, cfg, device=device)
+    uvicorn.Server(server_config(app, host, port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)).run()
+
+
+def _set_up_process(backend: str, malloc_arenas: int, threads: Optional[int], log_level: str) -> None:
+    """The serving process's settings: the tier backend (kept for reloads), malloc arenas, torch threads, logging."""
     from ..cascade.onnx_tier import BACKEND_ENV, BACKENDS
 
     if backend not in BACKENDS:
@@ -87,22 +102,16 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _warn_if_open(host: str, port: int, cfg: ServeConfig) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         if cfg.api_key:
             console.print(f"[yellow]note:[/yellow] listening on {host}, not only on loopback (API key required)")
         else:
             console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
                           f"{host}:{port} can use this server; set --api-key or ROADCASCADE_API_KEY")
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if engine == "ray":
-        from ..distributed.serve_command import serve_on_ray
-
-        serve_on_ray(bundle, cfg, host, port, address=address, target_rps=target_rps, stage_gpus=stage_gpus, threads=threads, fail=_fail)
-        return
-    if engine != "native":
-        _fail(f"--engine must be native or ray, not {engine!r}")
-    app = create_app(bundle, cfg, device=device)
-    uvicorn.Server(server_config(app, host, port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)).run()
 
 
 def _cap_malloc_arenas(n: int) -> None:

@@ -111,22 +111,37 @@ def _scores(y: np.ndarray, folded: np.ndarray, source: np.ndarray) -> dict:
     return out
 
 
-def measure_effect(classifier_bundle, detector_bundle, data: str | None = None, n_views: int = 4, batch_size: int = 32,
-                   max_images: int | None = None, progress: Progress | None = None, log: Callable[[str], None] = print) -> dict:
-    from ..cascade.calibration import best_threshold, fold
+@dataclass
+class _Fitted:
+    """What is fitted on val: both tiers' thresholds, the stacked model and its threshold, the verify rule, the gate."""
+
+    thr_c: float
+    thr_d: float
+    stack: _Stacker
+    thr_s: float
+    verify: object  # ConeVerifyRule
+    tau: float
+
+
+def _tiers(classifier_bundle, detector_bundle):
+    """The classifier tier, the detector tier and their exit thresholds."""
     from ..cascade.runtime import ClassifierTier
-    from ..io.data import open_dataset
-    from ..bench.evaluate import make_items
-    from ..metrics import DASHCAM_SOURCES
-    from .tier import ConeVerifyRule, DetectorTier
+    from .tier import DetectorTier
 
     clf = next((t for t in classifier_bundle.cascade.tiers if isinstance(t, ClassifierTier)), None)
     det = next((t for t in detector_bundle.cascade.tiers if isinstance(t, DetectorTier)), None)
     if clf is None or det is None:
         raise ValueError("need a bundle with a classifier tier and a bundle with a detector tier")
-    thr_c = float(clf.calibrator.threshold_)
-    det_idx = detector_bundle.cascade.tiers.index(det)
-    thr_d = float(detector_bundle.cascade.exits[det_idx].threshold)
+    thr_d = float(detector_bundle.cascade.exits[detector_bundle.cascade.tiers.index(det)].threshold)
+    return clf, det, float(clf.calibrator.threshold_), thr_d
+
+
+def _collect_runs(clf, det, data: str | None, n_views: int, batch_size: int, max_images: int | None,
+                  progress: Progress | None) -> dict[str, TierRuns]:
+    """Both tiers on val (seed 0) and test (seed 1), clean and challenge: ``"split/views"`` -> runs."""
+    from ..bench.evaluate import make_items
+    from ..io.data import open_dataset
+
     full = open_dataset(data)
     runs: dict[str, TierRuns] = {}
     for split, seed in (("val", 0), ("test", 1)):
@@ -134,65 +149,84 @@ def measure_effect(classifier_bundle, detector_bundle, data: str | None = None, 
         for views in ("clean", "challenge"):
             items = make_items(ds, views, seed, n_views=n_views)
             runs[f"{split}/{views}"] = collect(clf, det, items, batch_size, progress, f"{split} {views}")
-    val = TierRuns.concat([runs["val/clean"], runs["val/challenge"]])
+    return runs
+
+
+def _best_option(options: Sequence, y: np.ndarray, answers: Callable) -> object:
+    """The option whose answers (``answers(option)``: folded answers, mask of the images it hands on) reach the best
+    MCC on ``y``, ties to the fewest handed on."""
+    from ..metrics import summarize
+
+    best = None
+    for o in options:
+        folded, handed = answers(o)
+        key = (round(summarize(y, folded).mcc, 6), -handed.mean())
+        if best is None or key > best[0]:
+            best = (key, o)
+    return best[1]
+
+
+def _fit_on_val(val: TierRuns, thr_c: float, thr_d: float) -> _Fitted:
+    """The stacked model and threshold, the verify rule's low/high and the gate's tau, all on val."""
+    from ..cascade.calibration import best_threshold, fold
+    from .tier import ConeVerifyRule
+
     stack = _Stacker().fit(val)
     p_val = stack.prob(val)
     thr_s = best_threshold(p_val, val.y)
-    f_clf_val = fold(val.clf_prob, thr_c)
+    f_clf, f_stack = fold(val.clf_prob, thr_c), fold(p_val, thr_s)
 
-    def mcc_of(folded, r):
-        from ..metrics import summarize
+    def verified(lh):  # the classifier's answer unless the cone rule sees a disagreement: then the stacked one
+        dis = ConeVerifyRule(low=lh[0], high=lh[1], classifier_threshold=thr_c).disagree_arrays(val.clf_prob[:, None],
+                                                                                                [val.det_features])
+        return np.where(dis, f_stack, f_clf), dis
 
-        return summarize(r.y, folded).mcc
+    def gated(tau):  # the detector runs where the classifier is unsure
+        run_det = np.abs(f_clf - 0.5) < tau
+        return np.where(run_det, f_stack, f_clf), run_det
 
-    # verify: classifier answer unless the cone rule sees a disagreement -> stacked answer
-    best_v = None
-    for low in (0.1, 0.2, 0.3):
-        for high in (0.5, 0.6, 0.7, 0.8):
-            rule = ConeVerifyRule(low=low, high=high, classifier_threshold=thr_c)
-            dis = rule.disagree_arrays(val.clf_prob[:, None], [val.det_features])
-            f = np.where(dis, fold(p_val, thr_s), f_clf_val)
-            key = (round(mcc_of(f, val), 6), -dis.mean())
-            if best_v is None or key > best_v[0]:
-                best_v = (key, low, high)
-    _, low, high = best_v
-    verify = ConeVerifyRule(low=low, high=high, classifier_threshold=thr_c)
-    # gated: the detector runs where the classifier is unsure
-    best_g = None
-    for tau in (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.45, 0.49, 0.5):
-        run_det = np.abs(f_clf_val - 0.5) < tau
-        f = np.where(run_det, fold(p_val, thr_s), f_clf_val)
-        key = (round(mcc_of(f, val), 6), -run_det.mean())
-        if best_g is None or key > best_g[0]:
-            best_g = (key, tau)
-    tau = best_g[1]
-    log(f"fitted on val: stacked threshold {thr_s:.3f}; verify low/high {low}/{high}; gated tau {tau}")
+    low, high = _best_option([(lo, hi) for lo in (0.1, 0.2, 0.3) for hi in (0.5, 0.6, 0.7, 0.8)], val.y, verified)
+    tau = _best_option((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.45, 0.49, 0.5), val.y, gated)
+    return _Fitted(thr_c, thr_d, stack, thr_s, ConeVerifyRule(low=low, high=high, classifier_threshold=thr_c), tau)
 
+
+def _results(r: TierRuns, fit: _Fitted, g_c: float, g_d: float) -> dict:
+    """Every policy's scores on one set of runs, with its GFLOPs and detector rate."""
+    from ..cascade.calibration import fold
+
+    f_c = fold(r.clf_prob, fit.thr_c)
+    f_s = fold(fit.stack.prob(r), fit.thr_s)
+    dis = fit.verify.disagree_arrays(r.clf_prob[:, None], [r.det_features])
+    gate = np.abs(f_c - 0.5) < fit.tau
+    rows = {
+        "classifier": (f_c, g_c, 0.0),
+        "detector": (fold(r.det_prob, fit.thr_d), g_d, 1.0),
+        "stacked": (f_s, g_c + g_d, 1.0),
+        "verify": (np.where(dis, f_s, f_c), g_c + g_d, 1.0),
+        "gated": (np.where(gate, f_s, f_c), g_c + g_d * float(gate.mean()), float(gate.mean())),
+    }
+    out = {name: {**_scores(r.y, f, r.source), "gflops": g, "detector_rate": rate,
+                  **({"escalated": float(dis.mean())} if name == "verify" else {})}
+           for name, (f, g, rate) in rows.items()}
+    out["ms"] = r.ms
+    return out
+
+
+def measure_effect(classifier_bundle, detector_bundle, data: str | None = None, n_views: int = 4, batch_size: int = 32,
+                   max_images: int | None = None, progress: Progress | None = None, log: Callable[[str], None] = print) -> dict:
+    """Fit the combinations on val, report every policy on test and val (see the module docstring)."""
+    from ..metrics import DASHCAM_SOURCES
+
+    clf, det, thr_c, thr_d = _tiers(classifier_bundle, detector_bundle)
+    runs = _collect_runs(clf, det, data, n_views, batch_size, max_images, progress)
+    fit = _fit_on_val(TierRuns.concat([runs["val/clean"], runs["val/challenge"]]), thr_c, thr_d)
+    low, high = fit.verify.low, fit.verify.high
+    log(f"fitted on val: stacked threshold {fit.thr_s:.3f}; verify low/high {low}/{high}; gated tau {fit.tau}")
     g_c, g_d = float(clf.gflops), float(det.gflops)
-    report: dict = {
+    return {
         "classifier": {"bundle": str(classifier_bundle.path), "tier": clf.name, "gflops": g_c, "threshold": thr_c},
         "detector": {"bundle": str(detector_bundle.path), "tier": det.name, "gflops": g_d, "threshold": thr_d},
-        "fitted_on": "val clean + val challenge (seed 0)", "stacked_threshold": thr_s,
-        "verify": {"low": low, "high": high}, "gated": {"tau": tau}, "dashcam_sources": list(DASHCAM_SOURCES),
-        "results": {},
+        "fitted_on": "val clean + val challenge (seed 0)", "stacked_threshold": fit.thr_s,
+        "verify": {"low": low, "high": high}, "gated": {"tau": fit.tau}, "dashcam_sources": list(DASHCAM_SOURCES),
+        "results": {key: _results(runs[key], fit, g_c, g_d) for key in ("test/clean", "test/challenge", "val/clean", "val/challenge")},
     }
-    for key in ("test/clean", "test/challenge", "val/clean", "val/challenge"):
-        r = runs[key]
-        f_c = fold(r.clf_prob, thr_c)
-        f_s = fold(stack.prob(r), thr_s)
-        dis = verify.disagree_arrays(r.clf_prob[:, None], [r.det_features])
-        gate = np.abs(f_c - 0.5) < tau
-        rows = {
-            "classifier": (f_c, g_c, 0.0),
-            "detector": (fold(r.det_prob, thr_d), g_d, 1.0),
-            "stacked": (f_s, g_c + g_d, 1.0),
-            "verify": (np.where(dis, f_s, f_c), g_c + g_d, 1.0),
-            "gated": (np.where(gate, f_s, f_c), g_c + g_d * float(gate.mean()), float(gate.mean())),
-        }
-        report["results"][key] = {
-            name: {**_scores(r.y, f, r.source), "gflops": g, "detector_rate": rate,
-                   **({"escalated": float(dis.mean())} if name == "verify" else {})}
-            for name, (f, g, rate) in rows.items()
-        }
-        report["results"][key]["ms"] = r.ms
-    return report

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -32,88 +31,17 @@ import torch
 
 from ..io.data import Dataset, Sample, open_dataset
 from ..models.preprocess import pick_device
-from ..fit.schedule import ema_update, lr_at
+from ..fit.config import apply_threads
+from ..fit.schedule import ema_update, format_record, frozen_copy, loader_workers, lr_at, total_steps
 from .boxes import box_area, yolo_to_xyxy
 from .evaluate import DetEval, coco_map, evaluate_detector, measure_speed, operating_point, run_split
-from .model import ConeDetector, DetectorConfig
+from .config import RECIPES, DetTrainConfig, config_from_meta, make_config
+from .model import ConeDetector
 
 Progress = Callable[[str, int, int], None]
 
 __all__ = ["DetTrainConfig", "RECIPES", "make_config", "augment_detection", "ConeTrainSet", "train_detector", "finalize_detector",
            "config_from_meta", "fit_evidence", "DetTrainResult"]
-
-
-@dataclass
-class DetTrainConfig:
-    recipe: str = "cpu"
-    # network
-    backbone: str = "lite0"
-    fpn_channels: int = 64
-    head_convs: int = 2
-    freeze_blocks: int = 2
-    min_size: int = 256  # inference short side (stored in the tier)
-    max_size: int = 512
-    train_sizes: tuple[int, ...] = (224, 256, 288)
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.5
-    weight_decay: float = 1e-4
-    warmup_steps: int = 60
-    grad_clip: float = 10.0
-    ema_decay: float = 0.99
-    neg_ratio: float = 0.3
-    pad_free: bool = True  # one image per forward pass (no batch padding; matches inference)
-    resume: bool = False  # go on from out/train_state.pt (written after every epoch) if present
-    # augmentation
-    crop_prob: float = 0.5
-    crop_min: float = 0.55
-    min_visible: float = 0.4
-    color_prob: float = 0.5
-    distort_prob: float = 0.35
-    jpeg_prob: float = 0.3
-    # run
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA only
-    threads: int | None = 1  # torch CPU threads (None: torch's default)
-    num_workers: int | None = None  # DataLoader workers (default: 0 on CPU, 8 on CUDA)
-    data: str | None = None
-    max_train: int | None = None  # cap on boxed training images (smoke runs)
-    max_steps: int | None = None
-    max_eval: int | None = None  # stratified subset of val/test images for evaluation (smoke runs)
-    eval_from: float = 0.5  # evaluate val mAP from this fraction of the epochs on
-    evidence_views: int = 4  # challenge views per val image for the evidence scorer (0: clean only)
-    evaluate_test: bool = True  # report (never select on) test detection metrics at the end
-    speed_images: int = 64
-
-    def detector_config(self) -> DetectorConfig:
-        return DetectorConfig(backbone=self.backbone, fpn_channels=self.fpn_channels, head_convs=self.head_convs,
-                              freeze_blocks=self.freeze_blocks, min_size=self.min_size, max_size=self.max_size)
-
-
-# The two recipes: "cpu" fits a shared 2-core machine (one thread: ~20 min of training on a quiet machine);
-# "gpu" is for one H100 (bigger head, 320 px, 30 epochs, bf16 autocast, 8 loader workers).
-RECIPES: dict[str, dict] = {
-    "cpu": {},
-    "gpu": dict(fpn_channels=96, head_convs=3, freeze_blocks=1, min_size=320, max_size=640,
-                train_sizes=(256, 288, 320, 352, 384), epochs=30, batch_size=16, lr=1e-3, ema_decay=0.998,
-                warmup_steps=100, neg_ratio=0.4, threads=None, device="cuda", amp=True),
-}
-
-
-def make_config(recipe: str = "cpu", **overrides) -> DetTrainConfig:
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
-    kw = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name for f in fields(DetTrainConfig)}
-    bad = set(kw) - names
-    if bad:
-        raise ValueError(f"unknown detector training options: {sorted(bad)}")
-    if "train_sizes" in kw:
-        kw["train_sizes"] = tuple(int(s) for s in kw["train_sizes"])
-    return DetTrainConfig(recipe=recipe, **kw)
 
 
 @dataclass
@@ -257,19 +185,61 @@ def _val_map(model: ConeDetector, samples: Sequence[Sample], images: Sequence[np
 
 def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | None = None,
                    log: Callable[[str], None] = print) -> DetTrainResult:
-    from .model import detector_summary
-
+    """Train the detector (the EMA checkpoint with the best val mAP kept), then :func:`finalize_detector`."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = pick_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-
     full = open_dataset(cfg.data)
+    data = _detector_data(cfg, full, device, log)
+    loop = _detector_loop(cfg, data, device, log)
+    state_path = out / "train_state.pt"  # written after every epoch; lets a killed run go on (--resume)
+    st = _resume(state_path, cfg, loop, log) if cfg.resume and state_path.exists() else _DetState()
+    eval_start = min(cfg.epochs - 1, int(cfg.eval_from * cfg.epochs))
+    for epoch in range(st.epoch, cfg.epochs):
+        rec = _detector_epoch(cfg, loop, data, epoch, st, progress, log)
+        if epoch >= eval_start or epoch == cfg.epochs - 1 or st.step >= loop.total:
+            m = _val_map(loop.ema, data.val_boxed, data.val_images, loop.amp)
+            rec.update({f"val_{k}": v for k, v in m.items()})
+            key = (m["map50"], m["map"])
+            if st.best is None or key > st.best["key"]:
+                st.best = {"key": key, "epoch": epoch + 1, "state": copy.deepcopy(loop.ema.state_dict())}
+        st.history.append(rec)
+        log(format_record(rec))
+        st.epoch = epoch + 1
+        _save_state(state_path, cfg, loop, st)
+        if st.step >= loop.total:
+            break
+    assert st.best is not None
+    loop.ema.load_state_dict(st.best["state"])
+    loop.ema.set_sizes(cfg.min_size, cfg.max_size)
+    train_seconds = time.perf_counter() - t_start
+    log(f"selected epoch {st.best['epoch']} (val mAP@0.5 {st.best['key'][0]:.4f}, mAP@0.5:0.95 {st.best['key'][1]:.4f}); "
+        f"trained in {train_seconds / 60:.1f} min")
+
+    train_meta = {**asdict(cfg), "selected_epoch": st.best["epoch"], "train_seconds": train_seconds, "device": str(device),
+                  "history": st.history}
+    data_meta = {"n_train_boxed": len(data.pos), "n_train_negatives": len(data.neg)}
+    metrics = finalize_detector(loop.ema, cfg, full, out, train_meta, data_meta, progress=progress, log=log)
+    state_path.unlink(missing_ok=True)
+    return DetTrainResult(out=out, history=st.history, metrics=metrics, seconds=time.perf_counter() - t_start)
+
+
+@dataclass
+class _DetData:
+    """The boxed training images (decoded once) and the negatives (decoded on use), and val's boxed images."""
+
+    pos: list[Sample]
+    neg: list[Sample]
+    images: list[np.ndarray | None]  # pos's images, then None per negative
+    val_boxed: list[Sample]
+    val_images: list[np.ndarray]
+
+
+def _detector_data(cfg: DetTrainConfig, full: Dataset, device: torch.device, log: Callable[[str], None]) -> _DetData:
     train_ds, val_ds = full.split("train"), full.split("val").subset(cfg.max_eval, cfg.seed)
     pos = [s for s in train_ds.samples if s.boxes]
     if cfg.max_train:
@@ -279,24 +249,40 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | No
         raise ValueError(f"{full.name}: the train split has no boxed images to train a detector on")
     log(f"data: {full.name}  train: {len(pos)} boxed images ({sum(len(s.boxes) for s in pos)} boxes), "
         f"{len(neg)} negatives (~{int(cfg.neg_ratio * len(pos))} drawn per epoch)  device {device}  recipe {cfg.recipe}")
-
-    samples = pos + neg
     # boxed images decoded once (~250 KB each at StreetWork's 224 px short side); negatives on use
     images: list[np.ndarray | None] = [s.load() for s in pos] + [None] * len(neg)
     val_boxed = [s for s in val_ds.samples if s.boxes]
-    val_boxed_imgs = [s.load() for s in val_boxed]
+    return _DetData(pos, neg, images, val_boxed, [s.load() for s in val_boxed])
 
-    dcfg = cfg.detector_config()
-    model = ConeDetector(dcfg, pretrained=True).to(device)
+
+@dataclass
+class _DetLoop:
+    """A detector run's networks, optimiser, training set and step schedule."""
+
+    model: ConeDetector
+    ema: ConeDetector
+    opt: torch.optim.Optimizer
+    dset: ConeTrainSet
+    rng: np.random.Generator  # draws each epoch's negatives
+    n_neg: int  # negatives per epoch
+    total: int
+    workers: int
+    device: torch.device
+    amp: bool
+
+
+def _detector_loop(cfg: DetTrainConfig, data: _DetData, device: torch.device, log: Callable[[str], None]) -> _DetLoop:
+    """The detector (training sizes) and its EMA copy (inference size), AdamW with the backbone at
+    ``backbone_lr_mult`` x the learning rate (no weight decay on biases and norms), the training set."""
+    from .model import detector_summary
+
+    model = ConeDetector(cfg.detector_config(), pretrained=True).to(device)
     model.set_sizes(cfg.train_sizes, cfg.max_size)
-    ema = copy.deepcopy(model).eval()
+    ema = frozen_copy(model)
     ema.set_sizes(cfg.min_size, cfg.max_size)
-    for p in ema.parameters():
-        p.requires_grad_(False)
     summ = detector_summary(model)
     log(f"detector: FCOS on {cfg.backbone}, strides {summ['strides']}, {summ['params'] / 1e6:.2f} M params "
         f"({summ['trainable'] / 1e6:.2f} M trainable), {ema.gflops():.2f} GFLOPs at {cfg.min_size} px (381x224 frame)")
-
     body_params = [p for p in model.fcos.backbone.body.parameters() if p.requires_grad]
     body_ids = {id(p) for p in body_params}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in body_ids]
@@ -306,118 +292,107 @@ def train_detector(cfg: DetTrainConfig, out: str | Path, progress: Progress | No
                 {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, "lr_mult": mult}]
 
     opt = torch.optim.AdamW(groups(body_params, cfg.backbone_lr_mult) + groups(rest, 1.0), lr=cfg.lr)
+    n_neg = min(len(data.neg), int(round(cfg.neg_ratio * len(data.pos))))
+    total = total_steps(max(1, (len(data.pos) + n_neg) // cfg.batch_size), cfg.epochs, cfg.max_steps)
+    return _DetLoop(model, ema, opt, ConeTrainSet(data.pos + data.neg, cfg, data.images), np.random.default_rng(cfg.seed),
+                    n_neg, total, loader_workers(cfg.num_workers, device), device, cfg.amp and device.type == "cuda")
 
-    dset = ConeTrainSet(samples, cfg, images)
-    n_neg = min(len(neg), int(round(cfg.neg_ratio * len(pos))))
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    steps_per_epoch = max(1, (len(pos) + n_neg) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    eval_start = min(cfg.epochs - 1, int(cfg.eval_from * cfg.epochs))
-    rng = np.random.default_rng(cfg.seed)
-    history: list[dict] = []
+
+@dataclass
+class _DetState:
+    """What goes on from epoch to epoch (and into ``train_state.pt`` after each, for --resume)."""
+
+    history: list[dict] = field(default_factory=list)
     best: dict | None = None
-    step = 0
-    start_epoch = 0
-    state_path = out / "train_state.pt"  # written after every epoch; lets a killed run go on (--resume)
-    if cfg.resume and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        if st.get("cfg") != _resume_key(cfg):
-            raise ValueError(f"{state_path} was written by a run with other settings; remove it or drop --resume")
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        rng.bit_generator.state = st["rng"]
-        torch.set_rng_state(st["torch_rng"])
-        history, best, step, start_epoch = st["history"], st["best"], st["step"], st["epoch"]
-        log(f"resumed from {state_path}: epoch {start_epoch}, step {step}")
-    for epoch in range(start_epoch, cfg.epochs):
-        neg_idx = (len(pos) + rng.choice(len(neg), size=n_neg, replace=False)).tolist() if n_neg else []
-        dset.order = list(range(len(pos))) + neg_idx
-        dset.epoch = epoch
-        loader = torch.utils.data.DataLoader(
-            dset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers, collate_fn=_collate,
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch), pin_memory=device.type == "cuda",
-        )
-        model.train()
-        sums: dict[str, float] = {}
-        n_batches = 0
-        t_epoch = time.perf_counter()
-        for xs, ts in loader:
-            if step >= total:
-                break
-            f = _lr_factor(step, total, cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * g["lr_mult"] * f
-            xs = [x.to(device, non_blocking=True).float().div_(255.0) for x in xs]
-            ts = [{k: v.to(device) for k, v in t.items()} for t in ts]
-            opt.zero_grad(set_to_none=True)
-            # pad_free: one image per forward pass (gradients accumulated), so no image is padded to its
-            # batch-mates' size: training sees what inference sees (detect() batches only same-size images)
-            parts = [([x], [t]) for x, t in zip(xs, ts)] if cfg.pad_free else [(xs, ts)]
-            losses: dict[str, torch.Tensor] = {}
-            loss = torch.zeros((), device=device)
-            bad = False
-            for px, pt in parts:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    li = model(px, pt)
-                w = len(px) / len(xs)
-                part = sum(v.float() for v in li.values()) * w
-                if not torch.isfinite(part):
-                    bad = True
-                    break
-                part.backward()
-                loss = loss + part.detach()
-                for k, v in li.items():
-                    losses[k] = losses.get(k, torch.zeros((), device=device)) + v.detach().float() * w
-            if bad or not losses:
-                log(f"  step {step}: non-finite loss; batch skipped")
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                continue
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            opt.step()
-            ema_update(ema, model, step, cfg.ema_decay)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            n_batches += 1
-            step += 1
-            if progress:
-                progress(f"detector epoch {epoch + 1}/{cfg.epochs}", step, total)
-        rec: dict = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - t_epoch, 1),
-                     **{k: v / max(1, n_batches) for k, v in sums.items()}}
-        last = epoch == cfg.epochs - 1 or step >= total
-        if epoch >= eval_start or last:
-            m = _val_map(ema, val_boxed, val_boxed_imgs, amp)
-            rec.update({f"val_{k}": v for k, v in m.items()})
-            key = (m["map50"], m["map"])
-            if best is None or key > best["key"]:
-                best = {"key": key, "epoch": epoch + 1, "state": copy.deepcopy(ema.state_dict())}
-        history.append(rec)
-        log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-        torch.save({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "opt": opt.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "history": history, "best": best, "cfg": _resume_key(cfg)}, state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").replace(state_path)
-        if step >= total:
-            break
-    assert best is not None
-    ema.load_state_dict(best["state"])
-    ema.set_sizes(cfg.min_size, cfg.max_size)
-    train_seconds = time.perf_counter() - t_start
-    log(f"selected epoch {best['epoch']} (val mAP@0.5 {best['key'][0]:.4f}, mAP@0.5:0.95 {best['key'][1]:.4f}); "
-        f"trained in {train_seconds / 60:.1f} min")
+    step: int = 0
+    epoch: int = 0  # epochs done
 
-    train_meta = {**asdict(cfg), "selected_epoch": best["epoch"], "train_seconds": train_seconds, "device": str(device),
-                  "history": history}
-    data_meta = {"n_train_boxed": len(pos), "n_train_negatives": len(neg)}
-    metrics = finalize_detector(ema, cfg, full, out, train_meta, data_meta, progress=progress, log=log)
-    state_path.unlink(missing_ok=True)
-    seconds = time.perf_counter() - t_start
-    return DetTrainResult(out=out, history=history, metrics=metrics, seconds=seconds)
+
+def _resume(state_path: Path, cfg: DetTrainConfig, loop: _DetLoop, log: Callable[[str], None]) -> _DetState:
+    st = torch.load(state_path, map_location=loop.device, weights_only=False)
+    if st.get("cfg") != _resume_key(cfg):
+        raise ValueError(f"{state_path} was written by a run with other settings; remove it or drop --resume")
+    loop.model.load_state_dict(st["model"])
+    loop.ema.load_state_dict(st["ema"])
+    loop.opt.load_state_dict(st["opt"])
+    loop.rng.bit_generator.state = st["rng"]
+    torch.set_rng_state(st["torch_rng"])
+    log(f"resumed from {state_path}: epoch {st['epoch']}, step {st['step']}")
+    return _DetState(st["history"], st["best"], st["step"], st["epoch"])
+
+
+def _save_state(state_path: Path, cfg: DetTrainConfig, loop: _DetLoop, st: _DetState) -> None:
+    torch.save({"epoch": st.epoch, "step": st.step, "model": loop.model.state_dict(), "ema": loop.ema.state_dict(),
+                "opt": loop.opt.state_dict(), "rng": loop.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "history": st.history, "best": st.best, "cfg": _resume_key(cfg)}, state_path.with_suffix(".tmp"))
+    state_path.with_suffix(".tmp").replace(state_path)
+
+
+def _detector_epoch(cfg: DetTrainConfig, loop: _DetLoop, data: _DetData, epoch: int, st: _DetState,
+                    progress: Progress | None, log: Callable[[str], None]) -> dict:
+    """One epoch: every boxed image and a fresh draw of negatives; the epoch's record (mean losses)."""
+    n_pos = len(data.pos)
+    neg_idx = (n_pos + loop.rng.choice(len(data.neg), size=loop.n_neg, replace=False)).tolist() if loop.n_neg else []
+    loop.dset.order = list(range(n_pos)) + neg_idx
+    loop.dset.epoch = epoch
+    loader = torch.utils.data.DataLoader(
+        loop.dset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=loop.workers, collate_fn=_collate,
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch), pin_memory=loop.device.type == "cuda",
+    )
+    loop.model.train()
+    sums: dict[str, float] = {}
+    n_batches = 0
+    t_epoch = time.perf_counter()
+    for xs, ts in loader:
+        if st.step >= loop.total:
+            break
+        f = _lr_factor(st.step, loop.total, cfg.warmup_steps)
+        for g in loop.opt.param_groups:
+            g["lr"] = cfg.lr * g["lr_mult"] * f
+        losses = _detector_batch(cfg, loop, xs, ts)
+        if losses is None:
+            log(f"  step {st.step}: non-finite loss; batch skipped")
+            loop.opt.zero_grad(set_to_none=True)
+            st.step += 1
+            continue
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in loop.opt.param_groups for p in g["params"]], cfg.grad_clip)
+        loop.opt.step()
+        ema_update(loop.ema, loop.model, st.step, cfg.ema_decay)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n_batches += 1
+        st.step += 1
+        if progress:
+            progress(f"detector epoch {epoch + 1}/{cfg.epochs}", st.step, loop.total)
+    return {"epoch": epoch + 1, "step": st.step, "seconds": round(time.perf_counter() - t_epoch, 1),
+            **{k: v / max(1, n_batches) for k, v in sums.items()}}
+
+
+def _detector_batch(cfg: DetTrainConfig, loop: _DetLoop, xs: list, ts: list) -> dict[str, torch.Tensor] | None:
+    """Forward and backward of one batch (gradients accumulated); its losses by name plus ``loss``, their sum
+    (None when a loss is not finite)."""
+    device = loop.device
+    xs = [x.to(device, non_blocking=True).float().div_(255.0) for x in xs]
+    ts = [{k: v.to(device) for k, v in t.items()} for t in ts]
+    loop.opt.zero_grad(set_to_none=True)
+    # pad_free: one image per forward pass (gradients accumulated), so no image is padded to its
+    # batch-mates' size: training sees what inference sees (detect() batches only same-size images)
+    parts = [([x], [t]) for x, t in zip(xs, ts)] if cfg.pad_free else [(xs, ts)]
+    losses: dict[str, torch.Tensor] = {}
+    loss = torch.zeros((), device=device)
+    for px, pt in parts:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.amp):
+            li = loop.model(px, pt)
+        w = len(px) / len(xs)
+        part = sum(v.float() for v in li.values()) * w
+        if not torch.isfinite(part):
+            return None
+        part.backward()
+        loss = loss + part.detach()
+        for k, v in li.items():
+            losses[k] = losses.get(k, torch.zeros((), device=device)) + v.detach().float() * w
+    return {**losses, "loss": loss} if losses else None
 
 
 def _resume_key(cfg: DetTrainConfig) -> dict:
@@ -484,16 +459,6 @@ def finalize_detector(model: ConeDetector, cfg: DetTrainConfig, full: Dataset, o
     Bundle(cascade, meta).save(out)
     (out / "detection_metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
     return metrics
-
-
-def config_from_meta(train_meta: dict, **overrides) -> DetTrainConfig:
-    """The DetTrainConfig a bundle was trained with (its ``train`` metadata), with overrides."""
-    names = {f.name for f in fields(DetTrainConfig)}
-    kw = {k: v for k, v in train_meta.items() if k in names}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    if "train_sizes" in kw:
-        kw["train_sizes"] = tuple(kw["train_sizes"])
-    return DetTrainConfig(**kw)
 
 
 def _jsonable(o):

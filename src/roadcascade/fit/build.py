@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..cascade.bundle import Bundle
 from ..cascade.calibration import TemperatureCalibrator, best_threshold, fold
@@ -37,16 +36,15 @@ from ..cascade.runtime import Cascade, ClassifierTier, ExitPoint, ImageState
 from ..cascade.fusion import WeightedVoteFusion
 from ..io.items import Progress
 from ..metrics import summarize
-from .policy import CascadePolicy, LTTResult, TierTable, collect_states, group_means, learn_then_test, replay, table_from_states
-from ..cascade.rules import SEARCHABLE_RULES
 from ..cascade.tta import DEFAULT_VIEWS, TTATier, model_logits
+from .config import DEFAULT_TIERS, BuildConfig, apply_threads
+from .policy import (CascadePolicy, LTTResult, PolicyPoint, TierTable, collect_states, group_means, learn_then_test, replay,
+                     table_from_states)
 
 
 Log = Callable[[str], None]
 
 __all__ = ["TierSpec", "parse_tiers", "BuildConfig", "BuildResult", "build", "baselines_report", "DEFAULT_TIERS"]
-
-DEFAULT_TIERS = "lite0@128,lite0@224,tta(lite0@224,n=4..8)"
 
 
 # ============================================================================= tier specs
@@ -154,42 +152,6 @@ def parse_tiers(text: str) -> list[TierSpec]:
 
 
 @dataclass
-class BuildConfig:
-    tiers: str = DEFAULT_TIERS
-    budget: str = "35%"
-    mode: str = "mcc"  # mcc: best MCC under the budget | guaranteed: Learn-then-Test policy
-    epsilon: float = 0.05
-    delta: float = 0.1
-    cal_fraction: float = 0.5
-    pvalue: str = "hb"
-    rules: tuple[str, ...] = SEARCHABLE_RULES
-    fusion: str = "stacking"
-    orders: str = "cost"
-    max_tiers: int | None = None
-    grid: int = 16
-    folds: int = 5
-    mcc_slack: float = 0.0
-    seed: int = 0
-    # data (fit on val challenge views only)
-    data: str | None = None
-    val_split: str = "val"
-    n_views: int = 4
-    val_seed: int = 0
-    max_val: int | None = None
-    # compute
-    device: str = "auto"
-    threads: int | None = None
-    batch_size: int = 64
-    work: str | None = None  # default: <out>/../<out name>-work
-    # training of tiers without weights (through the stage-1 trainer)
-    train_epochs: int = 8
-    train_size: int | None = None
-    train_batch_size: int = 32
-    max_train: int | None = None
-    max_steps: int | None = None
-
-
-@dataclass
 class BuildResult:
     bundle: Bundle
     optimizer: CascadePolicy
@@ -230,10 +192,9 @@ def _resolve_sources(specs: Sequence[TierSpec], cfg: BuildConfig, work: Path, lo
             from .train import TrainConfig, train
 
             size = max(s.size for s in specs if s.model == model)
-            tc = TrainConfig(model=model, input_size=cfg.train_size, eval_size=size, epochs=cfg.train_epochs,
-                             batch_size=cfg.train_batch_size, seed=cfg.seed, device=cfg.device, data=cfg.data,
-                             val_split=cfg.val_split, val_views=cfg.n_views, val_seed=cfg.val_seed, max_train=cfg.max_train,
-                             max_val=cfg.max_val, max_steps=cfg.max_steps, threads=cfg.threads)
+            tc = TrainConfig(**cfg.run_options(), model=model, input_size=cfg.train_size, eval_size=size, epochs=cfg.train_epochs,
+                             batch_size=cfg.train_batch_size, val_split=cfg.val_split, val_views=cfg.n_views,
+                             val_seed=cfg.val_seed, max_val=cfg.max_val)
             log(f"training {model} (no weights given) -> {out}")
             train(tc, out, progress=progress, log=log)
             trained.append(model)
@@ -250,7 +211,24 @@ def _source_fingerprint(path: str) -> str:
     return f"{doc.resolve()}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def _val_items(cfg: BuildConfig, progress: Progress | None):
+def _is_open(spec) -> bool:
+    from ..open_models.spec import OpenTierSpec
+
+    return isinstance(spec, OpenTierSpec)
+
+
+@dataclass
+class _ValRows:
+    """The val challenge views the build fits on (made exactly as ``eval`` makes them), their labels and image ids."""
+
+    ds: object
+    items: list
+    images: list[np.ndarray]
+    y: np.ndarray
+    groups: np.ndarray
+
+
+def _val_items(cfg: BuildConfig, progress: Progress | None) -> _ValRows:
     from ..io.data import open_dataset
     from ..io.items import make_items
     from ..io.images import decode_bytes
@@ -261,7 +239,7 @@ def _val_items(cfg: BuildConfig, progress: Progress | None):
     y = np.array([it.label for it in items], dtype=np.int64)
     keys = [it.key.rsplit("#v", 1)[0] for it in items]
     _, groups = np.unique(np.array(keys), return_inverse=True)
-    return ds, items, images, y, groups
+    return _ValRows(ds, items, images, y, groups)
 
 
 def _timed(fn, *a, **kw):
@@ -280,144 +258,143 @@ def _chunked_logits(tier: ClassifierTier, images, progress: Progress | None, des
     return np.concatenate(out) if out else np.zeros(0)
 
 
-# ============================================================================= build
+class _ValCache:
+    """Every tier's val outputs, computed once: logits (``z::name``), every test-time view's logit (``V::name``) and
+    ms per image (``ms::name``), in one ``.npz`` of the work dir keyed by the tiers, their sources and the rows."""
+
+    def __init__(self, work: Path, specs: Sequence[TierSpec], sources: dict, cfg: BuildConfig, rows: _ValRows):
+        fp = json.dumps({
+            "tiers": [(s.name, s.views, s.fingerprint() if _is_open(s) else _source_fingerprint(sources[s.name])) for s in specs],
+            "data": rows.ds.name, "split": cfg.val_split, "seed": cfg.val_seed, "views": cfg.n_views,
+            "keys": hashlib.sha1("\n".join(it.key for it in rows.items).encode()).hexdigest(),
+        }, sort_keys=True)
+        self.path = work / f"val-cache-{hashlib.sha1(fp.encode()).hexdigest()[:12]}.npz"
+        self.arrays: dict[str, np.ndarray] = dict(np.load(self.path)) if self.path.exists() else {}
+
+    def logits(self, name: str, tier, images: Sequence[np.ndarray], progress: Progress | None) -> np.ndarray:
+        if f"z::{name}" not in self.arrays:
+            z, ms = _timed(_chunked_logits, tier, images, progress, f"val {name}")
+            self.arrays[f"z::{name}"], self.arrays[f"ms::{name}"] = z, np.array(ms / max(1, len(images)))
+        return self.arrays[f"z::{name}"]
+
+    def view_logits(self, spec: TierSpec, base: ClassifierTier, base_z: np.ndarray, images: Sequence[np.ndarray],
+                    progress: Progress | None, chunk: int = 128) -> np.ndarray:
+        """(n, n_max) logits of a test-time tier's views (view 0: the base tier's logit, known)."""
+        if f"V::{spec.name}" not in self.arrays:
+            rest = TTATier(base, spec.views or DEFAULT_VIEWS, 1, spec.n_max)  # all views, identity known
+            V = np.full((len(images), spec.n_max), np.nan)
+            V[:, 0] = base_z
+            t0 = time.perf_counter()
+            for i in range(0, len(images), chunk):
+                V[i : i + chunk] = rest.view_logits(images[i : i + chunk], identity=V[i : i + chunk, 0])
+                if progress:
+                    progress(f"val {spec.name}", min(i + chunk, len(images)), len(images))
+            ms = (time.perf_counter() - t0) * 1e3
+            self.arrays[f"V::{spec.name}"] = V
+            self.arrays[f"ms::{spec.name}"] = np.array(ms / (len(images) * max(1, spec.n_max - 1)))  # per view-image
+        return self.arrays[f"V::{spec.name}"]
+
+    def ms(self, name: str) -> float:
+        return float(self.arrays[f"ms::{name}"])
+
+    def save(self) -> None:
+        np.savez_compressed(self.path, **self.arrays)
 
 
-def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, log: Log = print) -> BuildResult:
-    """Build a cascade bundle (see the module docstring). Fits on val only."""
-    from ..open_models.spec import OpenTierSpec, make_tier
-    from ..models.preprocess import pick_device
-    from ..models.zoo import gflops as zoo_gflops
+@dataclass
+class _Fitted:
+    """The calibrated tiers by name, the classifier and open tiers' val logits, and ms per image of each tier."""
 
-    def is_open(s) -> bool:
-        return isinstance(s, OpenTierSpec)
+    tiers: dict = field(default_factory=dict)
+    logits: dict = field(default_factory=dict)
+    ms: dict = field(default_factory=dict)
 
-    t_start = time.perf_counter()
-    if cfg.mode not in ("mcc", "guaranteed"):
-        raise ValueError(f"mode must be mcc or guaranteed, not {cfg.mode!r}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(out)
-    work = Path(cfg.work) if cfg.work else out.parent / f"{out.name}-work"
-    work.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    specs = parse_tiers(cfg.tiers)
-    sources, trained = _resolve_sources(specs, cfg, work, log, progress)
 
-    # -- networks (one per source bundle and model), shared by every tier of that model ------------
+def _networks(specs: Sequence[TierSpec], sources: dict, device) -> dict[tuple[str, str], ClassifierTier]:
+    """One network per (source bundle, model), shared by every tier of that model."""
     nets: dict[tuple[str, str], ClassifierTier] = {}
     for s in specs:
-        if is_open(s):
-            sources[s.name] = s.source
-            continue
         key = (sources[s.name], s.model)
-        if key not in nets:
+        if not _is_open(s) and key not in nets:
             nets[key] = _find_classifier(Bundle.load(sources[s.name], device=device), s.model)
+    return nets
 
-    def classifier(spec_model: str, size: int, src: str) -> ClassifierTier:
-        net = nets[(src, spec_model)]
-        return ClassifierTier(name=f"{spec_model}@{size}", model_name=spec_model, model=net.model, input_size=size,
-                              mean=net.mean, std=net.std, calibrator=TemperatureCalibrator(),
-                              gflops=zoo_gflops(spec_model, size), device=device, batch_size=cfg.batch_size,
-                              squares=net.squares, view_scale=net.view_scale)
 
-    # -- val challenge views, exactly as eval makes them ------------------------------------------
-    ds, items, images, y, groups = _val_items(cfg, progress)
-    log(f"val: {ds.name}, {len(ds)} images x {cfg.n_views} challenge views (seed {cfg.val_seed}) = {len(items)} rows")
+def _classifier(net: ClassifierTier, model: str, size: int, device, batch_size: int) -> ClassifierTier:
+    """A classifier tier of ``net``'s weights at ``size`` (uncalibrated)."""
+    from ..models.zoo import gflops as zoo_gflops
 
-    fp = json.dumps({
-        "tiers": [(s.name, s.views, s.fingerprint() if is_open(s) else _source_fingerprint(sources[s.name])) for s in specs],
-        "data": ds.name, "split": cfg.val_split, "seed": cfg.val_seed, "views": cfg.n_views,
-        "keys": hashlib.sha1("\n".join(it.key for it in items).encode()).hexdigest(),
-    }, sort_keys=True)
-    cache_path = work / f"val-cache-{hashlib.sha1(fp.encode()).hexdigest()[:12]}.npz"
-    cache: dict[str, np.ndarray] = dict(np.load(cache_path)) if cache_path.exists() else {}
-    if cache:
-        log(f"val outputs from cache {cache_path}")
+    return ClassifierTier(name=f"{model}@{size}", model_name=model, model=net.model, input_size=size, mean=net.mean, std=net.std,
+                          calibrator=TemperatureCalibrator(), gflops=zoo_gflops(model, size), device=device,
+                          batch_size=batch_size, squares=net.squares, view_scale=net.view_scale)
 
-    # -- classifier tiers: logits once, then temperature + threshold on val -----------------------
-    tiers: dict[str, object] = {}
-    ms_per_img: dict[str, float] = {}
-    base_logits: dict[str, np.ndarray] = {}
+
+def _fit_tiers(specs: Sequence[TierSpec], sources: dict, cfg: BuildConfig, rows: _ValRows, cache: _ValCache, device,
+               progress: Progress | None) -> _Fitted:
+    """Every tier (and every test-time tier's base) fitted on val: temperature and threshold; for test-time tiers
+    also the verifier and stopping margin. Classifiers first, then open-model tiers, then test-time tiers."""
+    from ..open_models.spec import make_tier
+
+    nets, fit = _networks(specs, sources, device), _Fitted()
+
+    def add(name: str, tier, z: np.ndarray) -> None:
+        tier.calibrator.fit(z, rows.y)
+        fit.tiers[name], fit.logits[name], fit.ms[name] = tier, z, cache.ms(name)
+
     for s in specs:
         need = [s] if s.kind == "classifier" else []
-        if s.kind == "tta" and s.base_name not in tiers:
+        if s.kind == "tta" and s.base_name not in fit.tiers:
             need.append(TierSpec("classifier", s.model, s.size, s.source))
         for c in need:
-            if c.name in tiers:
-                continue
-            t = classifier(c.model, c.size, sources[s.name])
-            if f"z::{c.name}" not in cache:
-                z, ms = _timed(_chunked_logits, t, images, progress, f"val {c.name}")
-                cache[f"z::{c.name}"], cache[f"ms::{c.name}"] = z, np.array(ms / max(1, len(images)))
-            z = cache[f"z::{c.name}"]
-            t.calibrator.fit(z, y)
-            tiers[c.name] = t
-            base_logits[c.name] = z
-            ms_per_img[c.name] = float(cache[f"ms::{c.name}"])
-
-    # -- open-model tiers (zero-shot, VLM): logits once, then temperature + threshold on val -------
-    for s in specs:
-        if is_open(s):
-            t = make_tier(s, device, cfg.batch_size)
-            if f"z::{s.name}" not in cache:
-                z, ms = _timed(_chunked_logits, t, images, progress, f"val {s.name}")
-                cache[f"z::{s.name}"], cache[f"ms::{s.name}"] = z, np.array(ms / max(1, len(images)))
-            t.calibrator.fit(cache[f"z::{s.name}"], y)
-            tiers[s.name], base_logits[s.name] = t, cache[f"z::{s.name}"]
-            ms_per_img[s.name] = float(cache[f"ms::{s.name}"])
-
-    # -- test-time scaling tiers: every view's logit once, then verifier + margin + calibration ---
-    for s in specs:
-        if s.kind != "tta":
-            continue
-        base = tiers[s.base_name]
+            if c.name not in fit.tiers:
+                t = _classifier(nets[(sources[s.name], c.model)], c.model, c.size, device, cfg.batch_size)
+                add(c.name, t, cache.logits(c.name, t, rows.images, progress))
+    for s in filter(_is_open, specs):  # zero-shot, VLM: models at local paths
+        t = make_tier(s, device, cfg.batch_size)
+        add(s.name, t, cache.logits(s.name, t, rows.images, progress))
+    for s in (s for s in specs if s.kind == "tta"):
+        base = fit.tiers[s.base_name]
         t = TTATier(base, s.views or DEFAULT_VIEWS, s.n_min, s.n_max, name=s.name)
-        if f"V::{s.name}" not in cache:
-            rest = TTATier(base, s.views or DEFAULT_VIEWS, 1, s.n_max)  # all views, identity known
-            V = np.full((len(images), s.n_max), np.nan)
-            V[:, 0] = base_logits[s.base_name]
-            t0 = time.perf_counter()
-            for i in range(0, len(images), 128):
-                sub = rest.view_logits(images[i : i + 128], identity=V[i : i + 128, 0])
-                V[i : i + 128] = sub
-                if progress:
-                    progress(f"val {s.name}", min(i + 128, len(images)), len(images))
-            ms = (time.perf_counter() - t0) * 1e3
-            views_run = len(images) * max(1, s.n_max - 1)
-            cache[f"V::{s.name}"] = V
-            cache[f"ms::{s.name}"] = np.array(ms / views_run)  # per view-image at the base size
-        t.fit(cache[f"V::{s.name}"], y, groups, folds=cfg.folds, seed=cfg.seed)
-        tiers[s.name] = t
-        ms_per_img[s.name] = float(cache[f"ms::{s.name}"])
-    np.savez_compressed(cache_path, **cache)
+        t.fit(cache.view_logits(s, base, fit.logits[s.base_name], rows.images, progress), rows.y, rows.groups,
+              folds=cfg.folds, seed=cfg.seed)
+        fit.tiers[s.name], fit.ms[s.name] = t, cache.ms(s.name)
+    cache.save()
+    return fit
 
-    # -- the table the optimiser sees (out-of-fold outputs of the test-time tiers) ----------------
-    names = [s.name for s in specs]
-    n, T = len(y), len(names)
+
+def _tier_table(names: list[str], fit: _Fitted, rows: _ValRows) -> TierTable:
+    """The table the optimiser sees: per row and tier the logit, probability, GFLOPs and ms (out-of-fold outputs of
+    the test-time tiers, whose reuse of their base tier's logit is a saving where the base ran first)."""
+    n, T = len(rows.y), len(names)
     L, P, G, M = (np.zeros((n, T)) for _ in range(4))
     feats: list[np.ndarray | None] = [None] * T
     src = np.full(T, -1)
     saving, saving_ms = np.zeros((n, T)), np.zeros((n, T))
     for j, nm in enumerate(names):
-        t = tiers[nm]
+        t = fit.tiers[nm]
         if isinstance(t, TTATier):
             o = t.oof_
             L[:, j], P[:, j], G[:, j], feats[j] = o.logits, o.prob, o.gflops, o.features
-            per_gflop = ms_per_img[nm] / max(1e-12, t.view_gflops[0])
-            M[:, j] = o.gflops * per_gflop
+            M[:, j] = o.gflops * (fit.ms[nm] / max(1e-12, t.view_gflops[0]))
             if t.base.name in names:
                 src[j] = names.index(t.base.name)
                 saving[:, j] = t.view_gflops[0]
-                saving_ms[:, j] = ms_per_img[t.base.name]
+                saving_ms[:, j] = fit.ms[t.base.name]
         else:
-            L[:, j], P[:, j], G[:, j], M[:, j] = base_logits[nm], t.calibrator.calibrated(base_logits[nm]), t.gflops, ms_per_img[nm]
-    table = TierTable(names, L, P, G, M, [_tier_threshold(tiers[nm]) for nm in names], y, groups, feats, src, saving, saving_ms)
-    table.save(work / "val-table.npz")
+            z = fit.logits[nm]
+            L[:, j], P[:, j], G[:, j], M[:, j] = z, t.calibrator.calibrated(z), t.gflops, fit.ms[nm]
+    return TierTable(names, L, P, G, M, [_tier_threshold(fit.tiers[nm]) for nm in names], rows.y, rows.groups, feats, src,
+                     saving, saving_ms)
 
-    # -- policy optimiser and guaranteed mode ------------------------------------------------------
-    opt_kw = dict(rules=cfg.rules, fusion=cfg.fusion, orders=cfg.orders, max_tiers=cfg.max_tiers, grid=cfg.grid,
-                  folds=cfg.folds, mcc_slack=cfg.mcc_slack)
+
+def _optimizer_options(cfg: BuildConfig) -> dict:
+    return dict(rules=cfg.rules, fusion=cfg.fusion, orders=cfg.orders, max_tiers=cfg.max_tiers, grid=cfg.grid,
+                folds=cfg.folds, mcc_slack=cfg.mcc_slack)
+
+
+def _fit_policies(cfg: BuildConfig, table: TierTable, log: Log) -> tuple[CascadePolicy, PolicyPoint, LTTResult]:
+    """The policy optimiser (the best policy under the budget) and the guaranteed (Learn-then-Test) policy."""
+    opt_kw = _optimizer_options(cfg)
     opt = CascadePolicy(seed=cfg.seed, **opt_kw).fit(table)
     chosen = opt.select(cfg.budget)
     ltt = learn_then_test(table, cfg.epsilon, cfg.delta, cfg.cal_fraction, cfg.seed, cfg.pvalue, **opt_kw)
@@ -427,64 +404,114 @@ def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, l
         f"({chosen.gflops / max(1e-12, opt.full_.gflops):.0%} of the full ensemble)")
     log(f"guaranteed (eps {cfg.epsilon}, delta {cfg.delta}): {ltt.point.describe()}  cal disagreement {ltt.risk_cal:.4f} "
         f"(p {ltt.p_value:.3g}, {ltt.n_cal} images), {ltt.point.gflops:.3f} GFLOPs/img")
+    return opt, chosen, ltt
 
-    # -- the cascade, the full ensemble, the bundle ------------------------------------------------
+
+def _deployed(cfg: BuildConfig, opt: CascadePolicy, chosen: PolicyPoint, ltt: LTTResult, tiers: dict, table: TierTable,
+              out: Path) -> tuple[Cascade, dict]:
+    """The cascade of the mode's policy, and the config of its full ensemble (every tier; with the weighted vote)
+    for the ``baselines`` of ``eval``; fitted on the rows its policy was fitted on."""
     def cascade_of(seq, exits) -> Cascade:
-        return Cascade([tiers[names[t]] for t in seq], list(exits))
+        return Cascade([tiers[table.names[t]] for t in seq], list(exits))
 
     if cfg.mode == "mcc":
         cascade = cascade_of(chosen.tiers, opt.exits_for(chosen))
         ensemble = cascade_of(opt.full_sequence_, opt.ensemble_exits())
-        vote_rows = np.arange(n)
+        rows, full = np.arange(table.n), list(opt.full_sequence_)
     else:
         cascade = cascade_of(ltt.point.tiers, ltt.exits)
         ensemble = cascade_of(ltt.reference_tiers, ltt.reference_exits)
-        vote_rows = ltt.fit_rows
-    full = list(opt.full_sequence_ if cfg.mode == "mcc" else ltt.reference_tiers)
-    vote = WeightedVoteFusion().fit(L[np.ix_(vote_rows, full)], P[np.ix_(vote_rows, full)], y[vote_rows])
-    vote_thr = best_threshold(vote.prob(L[np.ix_(vote_rows, full)], P[np.ix_(vote_rows, full)]), y[vote_rows])
-
+        rows, full = ltt.fit_rows, list(ltt.reference_tiers)
+    L, P = table.logits[np.ix_(rows, full)], table.probs[np.ix_(rows, full)]
+    vote = WeightedVoteFusion().fit(L, P, table.y[rows])
+    vote_thr = best_threshold(vote.prob(L, P), table.y[rows])
     out.mkdir(parents=True, exist_ok=True)
     ens_cfg = ensemble.to_config(out)
     ens_cfg["vote"] = {"fusion": vote.to_config(), "threshold": float(vote_thr)}
-    guaranteed = {
+    return cascade, ens_cfg
+
+
+def _listed(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def _policy_meta(cfg: BuildConfig, opt: CascadePolicy, chosen: PolicyPoint, point: PolicyPoint) -> dict:
+    return {
+        "mode": cfg.mode,
+        "budget": cfg.budget,
+        "chosen": point.as_dict(),
+        "mcc_policy": chosen.as_dict(),
+        "full_ensemble": opt.full_.as_dict(),
+        "best_single": opt.best_single_.as_dict(),
+        "singles": [p.as_dict() for p in opt.singles_],
+        "frontier": [p.as_dict() for p in opt.frontier_],
+        "fusion_comparison": opt.fusion_comparison(),
+        "n_policies_evaluated": int(len(opt.mcc_)),
+        "optimizer": {**_listed(_optimizer_options(cfg)), "seed": cfg.seed},
+    }
+
+
+def _guaranteed_meta(ltt: LTTResult, names: list[str]) -> dict:
+    return {
         **ltt.as_dict(),
         "tiers": [names[t] for t in ltt.point.tiers],
         "exits": [e.to_config() for e in ltt.exits],
         "reference": {"tiers": [names[t] for t in ltt.reference_tiers], "exits": [e.to_config() for e in ltt.reference_exits]},
         "fit": "half of the val images (fusions, estimators, thresholds, path); p-values on the other half",
     }
+
+
+def _spec_meta(s, source: str) -> dict:
+    return {"name": s.name, "kind": s.kind, "model": s.model, "size": s.size, "source": source,
+            **({"options": dict(s.options)} if _is_open(s) else {}),
+            **({"n": [s.n_min, s.n_max], "views": list(s.views or DEFAULT_VIEWS)} if s.kind == "tta" else {})}
+
+
+# ============================================================================= build
+
+
+def build(cfg: BuildConfig, out: str | Path, progress: Progress | None = None, log: Log = print) -> BuildResult:
+    """Build a cascade bundle (see the module docstring). Fits on val only."""
+    from ..models.preprocess import pick_device
+
+    t_start = time.perf_counter()
+    if cfg.mode not in ("mcc", "guaranteed"):
+        raise ValueError(f"mode must be mcc or guaranteed, not {cfg.mode!r}")
+    apply_threads(cfg)
+    out = Path(out)
+    work = Path(cfg.work) if cfg.work else out.parent / f"{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    specs = parse_tiers(cfg.tiers)
+    sources, trained = _resolve_sources(specs, cfg, work, log, progress)
+    sources.update({s.name: s.source for s in specs if _is_open(s)})
+
+    rows = _val_items(cfg, progress)
+    log(f"val: {rows.ds.name}, {len(rows.ds)} images x {cfg.n_views} challenge views (seed {cfg.val_seed}) = {len(rows.items)} rows")
+    cache = _ValCache(work, specs, sources, cfg, rows)
+    if cache.arrays:
+        log(f"val outputs from cache {cache.path}")
+    fit = _fit_tiers(specs, sources, cfg, rows, cache, device, progress)
+    table = _tier_table([s.name for s in specs], fit, rows)
+    table.save(work / "val-table.npz")
+
+    opt, chosen, ltt = _fit_policies(cfg, table, log)
+    cascade, ens_cfg = _deployed(cfg, opt, chosen, ltt, fit.tiers, table, out)
     point = chosen if cfg.mode == "mcc" else ltt.point
     seconds = time.perf_counter() - t_start
     meta = {
         "kind": "cascade",
         "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": cfg.val_split, "views": "challenge",
-                 "n_views": cfg.n_views, "val_seed": cfg.val_seed, "n_images": len(ds), "n_rows": n,
+                 "n_views": cfg.n_views, "val_seed": cfg.val_seed, "n_images": len(rows.ds), "n_rows": table.n,
                  "estimates": "out-of-fold on val (grouped by image)"},
-        "policy": {
-            "mode": cfg.mode,
-            "budget": cfg.budget,
-            "chosen": point.as_dict(),
-            "mcc_policy": chosen.as_dict(),
-            "full_ensemble": opt.full_.as_dict(),
-            "best_single": opt.best_single_.as_dict(),
-            "singles": [p.as_dict() for p in opt.singles_],
-            "frontier": [p.as_dict() for p in opt.frontier_],
-            "fusion_comparison": opt.fusion_comparison(),
-            "n_policies_evaluated": int(len(opt.mcc_)),
-            "optimizer": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in opt_kw.items()}, "seed": cfg.seed},
-        },
-        "guaranteed": guaranteed,
+        "policy": _policy_meta(cfg, opt, chosen, point),
+        "guaranteed": _guaranteed_meta(ltt, table.names),
         "ensemble": ens_cfg,
-        "tier_specs": [{"name": s.name, "kind": s.kind, "model": s.model, "size": s.size, "source": sources[s.name],
-                        **({"options": dict(s.options)} if is_open(s) else {}),
-                        **({"n": [s.n_min, s.n_max], "views": list(s.views or DEFAULT_VIEWS)} if s.kind == "tta" else {})}
-                       for s in specs],
+        "tier_specs": [_spec_meta(s, sources[s.name]) for s in specs],
         "metrics": {"val": {"cascade": point.as_dict(), "full_ensemble": opt.full_.as_dict(),
                             "best_single": opt.best_single_.as_dict()}},
-        "build": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-                  "seconds": seconds, "device": str(device), "cache": str(cache_path), "work": str(work),
-                  "trained": trained, "val_ms_per_image": ms_per_img},
+        "build": {**_listed(asdict(cfg)), "seconds": seconds, "device": str(device), "cache": str(cache.path),
+                  "work": str(work), "trained": trained, "val_ms_per_image": fit.ms},
     }
     bundle = Bundle(cascade, meta)
     bundle.save(out)
@@ -608,7 +635,7 @@ def quickstart_tiers(stage1_dir: Path) -> str:
     return f"{model}@{small}:{stage1_dir},{model}@{size}:{stage1_dir}"
 
 
-def quickstart_cascade(stage1_dir: Path, out: Path, data: str | None = None, device: str = "auto", budget: str = "35%",
+def quickstart_cascade(stage1_dir: Path, out: Path, data: str | None = None, device: str = "auto", budget: str = BuildConfig.budget,
                        progress: Progress | None = None, log: Log = print) -> Path:
     """Build the quickstart cascade from the stage-1 bundle unless an up-to-date one is there."""
     tiers = quickstart_tiers(stage1_dir)

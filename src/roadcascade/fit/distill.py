@@ -11,7 +11,6 @@ code of :mod:`roadcascade.fit.train`: the student is a stage-1 bundle, usable as
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -29,59 +28,17 @@ from ..cascade.runtime import Cascade, ConfidenceRule, ExitPoint
 from ..io.challenge import ChallengeConfig, challenge_views
 from ..io.data import IMAGE_SUFFIXES, Dataset, Sample, open_dataset
 from ..models.preprocess import normalize, pick_device, resize_square
-from .schedule import lr_at, optimiser_step
-from .train import decode_all, predict_logits, score_logits, seed_everything, smooth_targets, stage1_cascade, view_set
 from ..models.zoo import create_model, get_spec
+from .config import DistillConfig, apply_threads, student_spec
+from .schedule import frozen_copy, total_steps
+from .train import (Loop, ValViews, decode_all, fit_epochs, open_training_only, seed_everything, smooth_targets, stage1_cascade,
+                    view_set)
+
+__all__ = ["DistillConfig", "DistillResult", "distill", "student_spec", "teacher_probs", "soft_target", "teacher_id", "TargetCache",
+           "image_views", "fill_targets", "unlabelled_folder", "open_extra", "ViewTargetSet", "distill_loss"]
 
 Progress = Callable[[str, int, int], None]
 UNLABELLED = -1
-
-
-@dataclass
-class DistillConfig:
-    teacher: str  # bundle directory
-    student: str = "lite0"  # MODEL or MODEL@SIZE (SIZE: the student's inference resolution)
-    input_size: int | None = None  # training resolution (default: the student's SIZE)
-    extra: tuple[str, ...] = ()  # image folders (labels not needed) or training-only manifests (synthetic)
-    temperature: float = 2.0
-    hard_weight: float = 0.3  # weight of the label loss on labelled images (0: soft targets only)
-    views: int = 3  # teacher views per training image: the image + views-1 challenge views
-    teacher_mode: str = "ensemble"  # ensemble: every tier, last exit's fusion | cascade: the bundle's own early exits
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 6e-4
-    weight_decay: float = 0.05
-    ema_decay: float = 0.995
-    label_smoothing: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    data: str | None = None
-    max_train: int | None = None
-    max_extra: int | None = None
-    max_val: int | None = None
-    max_steps: int | None = None
-    val_views: int = 4
-    cache: str | None = None  # teacher-target cache directory (default: <out>/../distill-cache)
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0 or not 0.0 <= self.hard_weight <= 1.0 or self.views < 1:
-            raise ValueError("need temperature > 0, hard_weight in [0, 1] and views >= 1")
-        if self.teacher_mode not in ("ensemble", "cascade"):
-            raise ValueError(f"teacher_mode must be ensemble or cascade, got {self.teacher_mode!r}")
-        student_spec(self.student)  # ValueError for an unknown model or a bad size
-
-
-def student_spec(student: str) -> tuple[str, int]:
-    """``MODEL[@SIZE]`` -> (zoo model name, inference size)."""
-    name, _, size = student.partition("@")
-    try:
-        spec = get_spec(name)
-    except KeyError as e:
-        raise ValueError(str(e).strip("'\"")) from None
-    if size and not (size.isdigit() and 32 <= int(size) <= 1024):
-        raise ValueError(f"student size must be an integer in [32, 1024], got {size!r}")
-    return name, int(size) if size else spec.input_size
 
 
 # ----------------------------------------------------------------------------- teacher targets
@@ -170,11 +127,7 @@ def open_extra(path: str) -> Dataset:
     """A training-only manifest (its labels kept) or a plain image folder (unlabelled)."""
     p = Path(path)
     if (p / "manifest.csv").exists():
-        ds = open_dataset(p)
-        bad = sorted(set(ds.splits) - {"train", "all"})
-        if bad:
-            raise ValueError(f"{p}: an extra training set must hold training data only, found split(s) {bad}")
-        return ds
+        return open_training_only(p)
     if not p.is_dir():
         raise ValueError(f"{p}: not a directory of images or a manifest")
     return unlabelled_folder(p)
@@ -237,44 +190,25 @@ def _training_views(cfg: DistillConfig, teacher: Bundle, sets: Sequence[Dataset]
     return views, np.asarray(targets), np.asarray(labels, dtype=np.float64), before
 
 
-def _fit(cfg: DistillConfig, model: torch.nn.Module, dset: ViewTargetSet, val: tuple, device: torch.device,
+def _fit(cfg: DistillConfig, model: torch.nn.Module, dset: ViewTargetSet, val: ValViews, device: torch.device,
          progress: Progress | None, log: Callable[[str], None]) -> tuple[dict, list[dict]]:
     """The training loop (AdamW, warm-up + cosine, EMA), selecting the EMA checkpoint by val challenge MCC."""
-    val_views, val_y, size, mean, std = val
-    ema = copy.deepcopy(model).eval()
+    ema = frozen_copy(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(dset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dset) > cfg.batch_size,
                                          generator=gen, num_workers=0)
-    total = len(loader) * cfg.epochs if not cfg.max_steps else min(len(loader) * cfg.epochs, cfg.max_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best, history, step = None, [], 0
-    for epoch in range(cfg.epochs):
-        dset.epoch, losses = epoch, []
-        model.train()
-        for xb, tb, yb in loader:
-            if step >= total:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, len(loader) // 2, cfg.lr)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                z = model(normalize(xb.to(device), mean, std)).float().reshape(-1)
-            loss = distill_loss(z, tb.to(device).float(), yb.to(device).float(), cfg.temperature, cfg.hard_weight,
-                                cfg.label_smoothing)
-            losses.append(optimiser_step(opt, loss, model, ema, step, cfg.ema_decay))
-            step += 1
-            if progress:
-                progress("distill", step, total)
-        zv = predict_logits(ema, val_views, size, mean, std, device, amp=device.type == "cuda")
-        rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
-               **{f"val_challenge_{k}": v for k, v in score_logits(zv, val_y).items()}}
-        key = (rec["val_challenge_mcc_best"], rec["val_challenge_auroc"], -rec["val_challenge_nll"])
-        if best is None or key > best["key"]:
-            best = {"key": key, "epoch": epoch + 1, "state": copy.deepcopy(ema.state_dict()), "logits": zv}
-        history.append(rec)
-        log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-        if step >= total:
-            break
-    ema.load_state_dict(best["state"])
+    loop = Loop(model, ema, opt, dset, loader, total_steps(len(loader), cfg.epochs, cfg.max_steps), len(loader) // 2, device,
+                amp=device.type == "cuda", desc="distill")
+
+    def batch_loss(batch) -> torch.Tensor:
+        xb, tb, yb = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.amp):
+            z = model(normalize(xb.to(device), val.mean, val.std)).float().reshape(-1)
+        return distill_loss(z, tb.to(device).float(), yb.to(device).float(), cfg.temperature, cfg.hard_weight,
+                            cfg.label_smoothing)
+
+    best, history = fit_epochs(cfg, loop, batch_loss, val, progress, log)
     return {**best, "model": ema}, history
 
 
@@ -282,8 +216,7 @@ def distill(cfg: DistillConfig, out: str | Path, progress: Progress | None = Non
             log: Callable[[str], None] = print) -> DistillResult:
     """Teach a student from ``cfg.teacher``; write it as a calibrated, folded stage-1 bundle at ``out``."""
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(out)
@@ -300,7 +233,7 @@ def distill(cfg: DistillConfig, out: str | Path, progress: Progress | None = Non
     val_views, val_y = view_set(val_ds, val_imgs, cfg.val_views, 0, eval_size)
     model = create_model(name, num_classes=1, pretrained=True).to(device)
     dset = ViewTargetSet(views, targets, labels, cfg.input_size or eval_size, cfg.seed)
-    best, history = _fit(cfg, model, dset, (val_views, val_y, eval_size, spec.mean, spec.std), device, progress, log)
+    best, history = _fit(cfg, model, dset, ValViews(val_views, val_y, eval_size, spec.mean, spec.std), device, progress, log)
     calibrator = TemperatureCalibrator().fit(best["logits"], val_y)  # on val challenge views, as stage 1 is
     log(f"selected epoch {best['epoch']}; temperature {calibrator.temperature_:.3f}, threshold {calibrator.threshold_:.3f}")
     from ..metrics import summarize

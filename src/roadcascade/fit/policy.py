@@ -355,6 +355,147 @@ class _Exit:
     estimator: DifficultyEstimator | None = None
 
 
+class _ExitModels:
+    """The fusion, threshold, decisions and rule scores of every exit point (a prefix of tiers) on one table: out of
+    fold for the search (memoised), refitted on all rows for the bundle."""
+
+    def __init__(self, table: TierTable, fusion: str, rules: Sequence[str], folds: int, seed: int, l2: float):
+        self.table, self.fusion, self.rules, self.folds, self.seed, self.l2 = table, fusion, tuple(rules), folds, seed, l2
+        self._exits: dict[tuple[int, ...], _Exit] = {}
+
+    def oof(self, prefix: tuple[int, ...]) -> _Exit:
+        """Out-of-fold fusion, threshold, decisions and rule scores of one exit point (memoised)."""
+        if prefix in self._exits:
+            return self._exits[prefix]
+        tb = self.table
+        P = list(prefix)
+        L, Pr, y = tb.logits[:, P], tb.probs[:, P], tb.y
+
+        def fp(train, test):
+            return make_fusion(self.fusion).fit(L[train], Pr[train], y[train]).prob(L[test], Pr[test])
+
+        oof = out_of_fold(fp, tb.n, tb.groups, self.folds, self.seed)
+        thr = best_threshold(oof, y)
+        folded = fold(oof, thr)
+        decision = folded > 0.5
+        scores: dict[str, np.ndarray] = {}
+        feats = [tb.features[t] for t in P]
+        if "difficulty" in self.rules:
+            X = difficulty_features(folded, L, Pr, feats)
+            wrong = (decision != (y == 1)).astype(np.float64)
+
+            def dp(train, test):
+                return DifficultyEstimator(self.l2).fit(X[train], wrong[train]).predict_proba(X[test])
+
+            risk = out_of_fold(dp, tb.n, tb.groups, self.folds, self.seed + 1)
+            scores["difficulty"] = rule_score("difficulty", folded, risk=risk)
+        for kind in self.rules:
+            if kind != "difficulty":
+                scores[kind] = rule_score(kind, folded, Pr, tb.thresholds[P])
+        ex = _Exit(prefix, oof, thr, decision, folded, scores)
+        self._exits[prefix] = ex
+        return ex
+
+    def deployed(self, prefix: tuple[int, ...]) -> _Exit:
+        """The exit point refitted on all rows (what goes into the bundle)."""
+        ex = self.oof(prefix)
+        if ex.fusion is None:
+            tb = self.table
+            P = list(prefix)
+            L, Pr, y = tb.logits[:, P], tb.probs[:, P], tb.y
+            ex.fusion = make_fusion(self.fusion).fit(L, Pr, y)
+            fused = ex.fusion.prob(L, Pr)
+            ex.deploy_threshold = best_threshold(fused, y)
+            folded = fold(fused, ex.deploy_threshold)
+            X = difficulty_features(folded, L, Pr, [tb.features[t] for t in P])
+            ex.estimator = DifficultyEstimator(self.l2).fit(X, ((folded > 0.5) != (y == 1)).astype(np.float64))
+        return ex
+
+
+class _ThresholdSearch:
+    """Every combination of rule choices (kind and threshold per non-final exit) of a sequence, evaluated exactly:
+    per-image outcomes are summed with one matrix product per choice of the earlier exits."""
+
+    def __init__(self, models: _ExitModels, reference: np.ndarray, rules: Sequence[str], grid: int, max_leaves: int):
+        self.models, self.reference, self.rules, self.grid, self.max_leaves = models, reference, tuple(rules), grid, max_leaves
+
+    def options(self, ex: _Exit, grid: int) -> list[tuple[str, float, np.ndarray]]:
+        """Rule choices at one exit: (kind, threshold, stop mask), duplicates removed; 'never' first."""
+        n = len(ex.decision)
+        opts = [("never", math.inf, np.zeros(n, dtype=bool))]
+        seen = {np.zeros(n, dtype=bool).tobytes()}
+        shares = 1.0 - np.geomspace(0.02, 0.9, max(1, grid))
+        for kind in self.rules:
+            s = ex.scores.get(kind)
+            if s is None:
+                continue
+            if kind == "agreement" and len(ex.prefix) < 2:
+                continue
+            desc = np.sort(s)[::-1]
+            for q in shares:
+                thr = float(desc[max(0, min(n - 1, int(math.ceil(q * n)) - 1))])
+                if not np.isfinite(thr):
+                    continue
+                mask = s >= thr
+                key = mask.tobytes()
+                if key in seen or mask.all():
+                    continue
+                seen.add(key)
+                opts.append((kind, thr, mask))
+        return opts
+
+    def outcomes(self, seq: tuple[int, ...]) -> list[np.ndarray]:
+        """Per exit k: (n, 7) per-image outcomes if the image exits there: tp, fp, tn, fn, disagreement,
+        cumulative GFLOPs, cumulative ms."""
+        tb = self.models.table
+        y = tb.y == 1
+        cg, cm = tb.costs(seq, "gflops"), tb.costs(seq, "ms")
+        out = []
+        for k in range(len(seq)):
+            d = self.models.oof(seq[: k + 1]).decision
+            out.append(np.column_stack([d & y, d & ~y, ~d & ~y, ~d & y, d != self.reference, cg[k], cm[k]]).astype(np.float64))
+        return out
+
+    def run(self, seq: tuple[int, ...]):
+        """(seq, options per non-final exit, (m, L-1) option index per combination, (m, 7) summed outcomes)."""
+        L = len(seq)
+        V = self.outcomes(seq)
+        n = self.models.table.n
+        if L == 1:
+            return seq, [], np.zeros((1, 0), dtype=np.int64), V[0].sum(axis=0)[None, :]
+        exits = [self.models.oof(seq[: k + 1]) for k in range(L - 1)]
+        grid = self.grid
+        if L > 2:  # thin the grid of the earlier exits so that the combinations stay under max_leaves
+            per = max(2.0, self.max_leaves ** (1.0 / (L - 2)))
+            grid = max(2, min(self.grid, int(per // max(1, len(self.rules)))))
+        opts = [self.options(ex, grid if k < L - 2 else self.grid) for k, ex in enumerate(exits)]
+        last = np.stack([m for _, _, m in opts[L - 2]]).astype(np.float64)  # (O, n)
+        choices, values = [], []
+
+        def rec(k: int, alive: np.ndarray, pre: np.ndarray, chosen: list[int]) -> None:
+            if k == L - 2:
+                stop = last * alive
+                cont = alive - stop
+                tot = pre + stop @ V[k] + cont @ V[L - 1]
+                values.append(tot)
+                c = np.empty((len(last), L - 1), dtype=np.int64)
+                c[:, : L - 2] = chosen
+                c[:, L - 2] = np.arange(len(last))
+                choices.append(c)
+                return
+            for oi, (_, _, m) in enumerate(opts[k]):
+                st = alive * m
+                rec(k + 1, alive - st, pre + st @ V[k], chosen + [oi])
+
+        rec(0, np.ones(n), np.zeros(V[0].shape[1]), [])
+        return seq, opts, np.concatenate(choices), np.concatenate(values)
+
+
+def _mcc_of(pred: np.ndarray, y: np.ndarray) -> float:
+    """MCC of boolean decisions against boolean labels."""
+    return float(mcc_counts((pred & y).sum(), (pred & ~y).sum(), (~pred & ~y).sum(), (~pred & y).sum()))
+
+
 class CascadePolicy:
     """The policy optimiser (sklearn-shaped: the constructor stores settings, ``fit`` returns self).
 
@@ -409,11 +550,12 @@ class CascadePolicy:
     def fit(self, table: TierTable) -> "CascadePolicy":
         self._check_params(table)
         self.table_ = table
-        self._exits: dict[tuple[int, ...], _Exit] = {}
+        self._models = _ExitModels(table, self.fusion, self.rules, self.folds, self.seed, self.l2)
         full = self.full_sequence(table)
         self.full_sequence_ = full
         self.reference_ = self._exit(full).decision  # full-ensemble decisions (out-of-fold)
-        recs = [self._search(seq) for seq in self.sequences(table)]
+        search = _ThresholdSearch(self._models, self.reference_, self.rules, self.grid, self.max_leaves)
+        recs = [search.run(seq) for seq in self.sequences(table)]
         self.sequences_ = [r[0] for r in recs]
         self.options_ = [r[1] for r in recs]
         width = max(1, max(len(r[0]) for r in recs) - 1)
@@ -440,123 +582,10 @@ class CascadePolicy:
             raise RuntimeError("CascadePolicy is not fitted: call fit(table) first")
 
     def _exit(self, prefix: tuple[int, ...]) -> _Exit:
-        """Out-of-fold fusion, threshold, decisions and rule scores of one exit point (memoised)."""
-        if prefix in self._exits:
-            return self._exits[prefix]
-        tb = self.table_
-        P = list(prefix)
-        L, Pr, y = tb.logits[:, P], tb.probs[:, P], tb.y
-
-        def fp(train, test):
-            return make_fusion(self.fusion).fit(L[train], Pr[train], y[train]).prob(L[test], Pr[test])
-
-        oof = out_of_fold(fp, tb.n, tb.groups, self.folds, self.seed)
-        thr = best_threshold(oof, y)
-        folded = fold(oof, thr)
-        decision = folded > 0.5
-        scores: dict[str, np.ndarray] = {}
-        feats = [tb.features[t] for t in P]
-        if "difficulty" in self.rules:
-            X = difficulty_features(folded, L, Pr, feats)
-            wrong = (decision != (y == 1)).astype(np.float64)
-
-            def dp(train, test):
-                return DifficultyEstimator(self.l2).fit(X[train], wrong[train]).predict_proba(X[test])
-
-            risk = out_of_fold(dp, tb.n, tb.groups, self.folds, self.seed + 1)
-            scores["difficulty"] = rule_score("difficulty", folded, risk=risk)
-        for kind in self.rules:
-            if kind != "difficulty":
-                scores[kind] = rule_score(kind, folded, Pr, tb.thresholds[P])
-        ex = _Exit(prefix, oof, thr, decision, folded, scores)
-        self._exits[prefix] = ex
-        return ex
+        return self._models.oof(prefix)
 
     def _deployed(self, prefix: tuple[int, ...]) -> _Exit:
-        """The exit point refitted on all rows (what goes into the bundle)."""
-        ex = self._exit(prefix)
-        if ex.fusion is None:
-            tb = self.table_
-            P = list(prefix)
-            L, Pr, y = tb.logits[:, P], tb.probs[:, P], tb.y
-            ex.fusion = make_fusion(self.fusion).fit(L, Pr, y)
-            fused = ex.fusion.prob(L, Pr)
-            ex.deploy_threshold = best_threshold(fused, y)
-            folded = fold(fused, ex.deploy_threshold)
-            X = difficulty_features(folded, L, Pr, [tb.features[t] for t in P])
-            ex.estimator = DifficultyEstimator(self.l2).fit(X, ((folded > 0.5) != (y == 1)).astype(np.float64))
-        return ex
-
-    def _options(self, ex: _Exit, grid: int) -> list[tuple[str, float, np.ndarray]]:
-        """Rule choices at one exit: (kind, threshold, stop mask), duplicates removed; 'never' first."""
-        n = len(ex.decision)
-        opts = [("never", math.inf, np.zeros(n, dtype=bool))]
-        seen = {np.zeros(n, dtype=bool).tobytes()}
-        shares = 1.0 - np.geomspace(0.02, 0.9, max(1, grid))
-        for kind in self.rules:
-            s = ex.scores.get(kind)
-            if s is None:
-                continue
-            if kind == "agreement" and len(ex.prefix) < 2:
-                continue
-            desc = np.sort(s)[::-1]
-            for q in shares:
-                thr = float(desc[max(0, min(n - 1, int(math.ceil(q * n)) - 1))])
-                if not np.isfinite(thr):
-                    continue
-                mask = s >= thr
-                key = mask.tobytes()
-                if key in seen or mask.all():
-                    continue
-                seen.add(key)
-                opts.append((kind, thr, mask))
-        return opts
-
-    def _outcomes(self, seq: tuple[int, ...]) -> list[np.ndarray]:
-        """Per exit k: (n, 7) per-image outcomes if the image exits there: tp, fp, tn, fn, disagreement,
-        cumulative GFLOPs, cumulative ms."""
-        tb = self.table_
-        y = tb.y == 1
-        cg, cm = tb.costs(seq, "gflops"), tb.costs(seq, "ms")
-        out = []
-        for k in range(len(seq)):
-            d = self._exit(seq[: k + 1]).decision
-            out.append(np.column_stack([d & y, d & ~y, ~d & ~y, ~d & y, d != self.reference_, cg[k], cm[k]]).astype(np.float64))
-        return out
-
-    def _search(self, seq: tuple[int, ...]):
-        """Every combination of the rule options of a sequence, evaluated exactly."""
-        L = len(seq)
-        V = self._outcomes(seq)
-        n = self.table_.n
-        if L == 1:
-            return seq, [], np.zeros((1, 0), dtype=np.int64), V[0].sum(axis=0)[None, :]
-        exits = [self._exit(seq[: k + 1]) for k in range(L - 1)]
-        grid = self.grid
-        if L > 2:  # thin the grid of the earlier exits so that the combinations stay under max_leaves
-            per = max(2.0, self.max_leaves ** (1.0 / (L - 2)))
-            grid = max(2, min(self.grid, int(per // max(1, len(self.rules)))))
-        opts = [self._options(ex, grid if k < L - 2 else self.grid) for k, ex in enumerate(exits)]
-        last = np.stack([m for _, _, m in opts[L - 2]]).astype(np.float64)  # (O, n)
-        choices, values = [], []
-
-        def rec(k: int, alive: np.ndarray, pre: np.ndarray, chosen: list[int]) -> None:
-            if k == L - 2:
-                stop = last * alive
-                cont = alive - stop
-                tot = pre + stop @ V[k] + cont @ V[L - 1]
-                values.append(tot)
-                c = np.empty((len(last), L - 1), dtype=np.int64)
-                c[:, : L - 2] = chosen
-                c[:, L - 2] = np.arange(len(last))
-                choices.append(c)
-                return
-            for oi, (_, _, m) in enumerate(opts[k]):
-                st = alive * m
-                rec(k + 1, alive - st, pre + st @ V[k], chosen + [oi])
-
-        rec(0, np.ones(n), np.zeros(V[0].shape[1]), [])
-        return seq, opts, np.concatenate(choices), np.concatenate(values)
+        return self._models.deployed(prefix)
 
     # ------------------------------------------------------------------------ points
 
@@ -585,11 +614,10 @@ class CascadePolicy:
             pred[stop], ex_at[stop], cost_g[stop], cost_m[stop] = ex.decision[stop], k, cg[k][stop], cm[k][stop]
             alive &= ~stop
         y = tb.y == 1
-        m = float(mcc_counts((pred & y).sum(), (pred & ~y).sum(), (~pred & ~y).sum(), (~pred & y).sum()))
         ref = self.reference_ if hasattr(self, "reference_") else pred
         return PolicyPoint(
             tiers=tuple(seq), names=tuple(tb.names[t] for t in seq), rules=tuple((k, float(t)) for k, t in rules),
-            fusion=self.fusion, mcc=m, accuracy=float(np.mean(pred == y)), disagreement=float(np.mean(pred != ref)),
+            fusion=self.fusion, mcc=_mcc_of(pred, y), accuracy=float(np.mean(pred == y)), disagreement=float(np.mean(pred != ref)),
             gflops=float(cost_g.mean()), ms=float(cost_m.mean()),
             exit_rates=tuple(float(np.mean(ex_at == k)) for k in range(len(seq))),
         )
@@ -668,9 +696,7 @@ class CascadePolicy:
                         tb.logits[test][:, P], tb.probs[test][:, P])
 
                 oof = out_of_fold(fp, tb.n, tb.groups, self.folds, self.seed)
-                d = fold(oof, best_threshold(oof, tb.y)) > 0.5
-                y = tb.y == 1
-                row[kind] = float(mcc_counts((d & y).sum(), (d & ~y).sum(), (~d & ~y).sum(), (~d & y).sum()))
+                row[kind] = _mcc_of(fold(oof, best_threshold(oof, tb.y)) > 0.5, tb.y == 1)
             rows.append(row)
         return rows
 

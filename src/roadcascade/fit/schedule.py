@@ -1,4 +1,5 @@
-"""The training loop's shared pieces: the learning-rate schedule and the weight EMA (classifier and detector).
+"""The training loop's shared pieces (classifier, student and detector): the learning-rate schedule, the weight
+EMA, the step count, loader workers and the per-epoch log line.
 
 timm ships both (``CosineLRScheduler``, ``ModelEmaV3``), but with other warm-up formulas (timm's warm-up
 starts at ``warmup_lr_init``; its EMA warm-up is ``1 - (1 + step / gamma) ** -power``): swapping would
@@ -7,11 +8,13 @@ change every trained bundle, so these keep the formulas the bundles were trained
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 
 import torch
 
-__all__ = ["lr_at", "ema_update"]
+__all__ = ["lr_at", "ema_update", "optimiser_step", "total_steps", "loader_workers", "format_record", "frozen_copy"]
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -42,3 +45,30 @@ def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: torch.
     opt.step()
     ema_update(ema, model, step, decay)
     return float(loss.detach())
+
+
+def total_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """Optimiser steps of a run: every epoch's, or ``max_steps`` when that is set and fewer."""
+    total = steps_per_epoch * epochs
+    return min(total, max_steps) if max_steps else total
+
+
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader workers: as given, else up to 8 on CUDA (decoding keeps up with the GPU) and 0 on the CPU
+    (the shared cores are busy with the network)."""
+    if num_workers is not None:
+        return num_workers
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def format_record(rec: dict) -> str:
+    """One epoch's record as a log line: ``key=value`` pairs, floats to 4 decimals."""
+    return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The EMA network: a copy of ``model`` in eval mode, without gradients."""
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema

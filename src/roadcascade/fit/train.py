@@ -5,7 +5,6 @@ Writes a stage-1 bundle (a cascade of one classifier tier)."""
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,54 +21,14 @@ from ..io.challenge import ChallengeConfig, challenge_view, challenge_views
 from ..io.data import Dataset, open_dataset
 from ..metrics import auroc
 from ..models.preprocess import normalize, pick_device, resize_square
-from .schedule import lr_at, optimiser_step
 from ..models.zoo import create_model, get_spec, gflops
+from .config import OptimOptions, TrainConfig, apply_threads
+from .schedule import format_record, frozen_copy, loader_workers, lr_at, optimiser_step, total_steps
+
+__all__ = ["TrainConfig", "TrainResult", "train", "augment", "AugmentedSet", "sample_weights", "open_extra_train", "decode_all",
+           "view_set", "predict_logits", "score_logits", "stage1_cascade", "ValViews", "Loop", "fit_epochs", "open_training_only"]
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class TrainConfig:
-    model: str = "lite0"
-    input_size: int | None = None  # training resolution (default: the model's input size)
-    eval_size: int | None = None  # inference resolution stored in the bundle (default: the model's)
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 6e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.995
-    clean_prob: float = 0.3  # share of training samples seen as clean (resized) images, the rest as challenge views
-    seed: int = 0
-    device: str = "auto"
-    data: str | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    val_views: int = 4
-    val_seed: int = 0
-    calibrate_on: str = "challenge"  # challenge | clean | both
-    max_train: int | None = None
-    max_val: int | None = None
-    max_steps: int | None = None  # stop early (tests, smoke runs)
-    eval_from: float = 0.67  # evaluate checkpoints from this fraction of the epochs on (the last third)
-    num_workers: int | None = None
-    threads: int | None = None
-    amp: bool = True  # bf16 autocast on CUDA
-    # dashcam robustness (issue 11): extra training-only sets (synthetic), their share of each epoch,
-    # source-balanced sampling of the real sources and the dashcam style transform (roadcascade.io.style)
-    extra_train: tuple[str, ...] = ()
-    synth_share: float = 0.4
-    balance_sources: bool = False
-    style_p: float = 0.0
-    epoch_size: int | None = None  # samples drawn per epoch (default: the real training split's size)
-    squares: int = 1  # the bundle's tier sees a non-square image as this many aspect-preserving squares (max-pooled)
-    view_scale: float = 1.0  # ... and runs those squares at this x its input size (ClassifierTier.view_size)
-    # challenge protocol of the training augmentation and the val views (challenge.PROTOCOLS; issue 12)
-    protocol: str = "v2.0.4"
-
-    def __post_init__(self) -> None:
-        ChallengeConfig(protocol=self.protocol)  # ValueError naming the protocols for an unknown one
 
 
 @dataclass
@@ -147,16 +106,18 @@ def sample_weights(sources: Sequence[str], extra: Sequence[bool], extra_share: f
     return w
 
 
+def open_training_only(path: str | Path) -> Dataset:
+    """A training-only manifest (a synthetic set); refuses one that holds another split's data."""
+    ds = open_dataset(path)
+    bad = sorted(set(ds.splits) - {"train", "all"})
+    if bad:
+        raise ValueError(f"{path}: an extra training set must hold training data only, found split(s) {bad}")
+    return ds
+
+
 def open_extra_train(paths: Sequence[str]) -> Dataset:
-    """Training-only sets (the synthetic manifests); refuses one that holds another split's data."""
-    samples = []
-    for p in paths:
-        ds = open_dataset(p)
-        bad = sorted(set(ds.splits) - {"train", "all"})
-        if bad:
-            raise ValueError(f"{p}: an extra training set must hold training data only, found split(s) {bad}")
-        samples += ds.samples
-    return Dataset("extra", samples)
+    """Training-only sets (the synthetic manifests) as one dataset."""
+    return Dataset("extra", [s for p in paths for s in open_training_only(p).samples])
 
 
 def decode_all(ds: Dataset, desc: str = "decode", progress: Progress | None = None) -> list[np.ndarray]:
@@ -209,127 +170,210 @@ def stage1_cascade(model_name: str, model: torch.nn.Module, eval_size: int, mean
     return Cascade([tier], [ExitPoint(LastTierFusion(), calibrator.threshold_, FinalRule())])
 
 
+# ----------------------------------------------------------------------------- the loop (training and distillation)
+
+
+@dataclass
+class ValViews:
+    """What checkpoints are selected on: the val challenge views, their labels, and how the network sees them."""
+
+    views: Sequence[np.ndarray]
+    y: np.ndarray
+    size: int
+    mean: tuple
+    std: tuple
+
+
+@dataclass
+class Loop:
+    """A classifier training loop's parts: the networks, the optimiser, the data and the step schedule."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    dset: torch.utils.data.Dataset  # has an ``epoch`` attribute (its augmentation is seeded per epoch)
+    loader: torch.utils.data.DataLoader
+    total: int  # optimiser steps in all
+    warmup: int  # steps of linear warm-up
+    device: torch.device
+    amp: bool = False
+    eval_start: int = 0  # first epoch (0-based) whose EMA weights are scored on val
+    desc: str = "train"
+
+
+def run_epoch(cfg: OptimOptions, loop: Loop, batch_loss: Callable[[tuple], torch.Tensor], step: int,
+              progress: Progress | None = None) -> tuple[list[float], int]:
+    """One pass over the loader (warm-up + cosine learning rate, one optimiser and EMA step per batch), stopping at
+    ``loop.total`` steps; the batch losses and the step reached."""
+    loop.model.train()
+    losses = []
+    for batch in loop.loader:
+        if step >= loop.total:
+            break
+        for g in loop.opt.param_groups:
+            g["lr"] = lr_at(step, loop.total, loop.warmup, cfg.lr)
+        losses.append(optimiser_step(loop.opt, batch_loss(batch), loop.model, loop.ema, step, cfg.ema_decay))
+        step += 1
+        if progress:
+            progress(loop.desc, step, loop.total)
+    return losses, step
+
+
+def select_checkpoint(best: dict | None, rec: dict, loop: Loop, val: ValViews) -> dict | None:
+    """Score the EMA weights on the val views (into ``rec``); keep them if they beat ``best`` on (MCC, AUROC, -NLL)."""
+    z = predict_logits(loop.ema, val.views, val.size, val.mean, val.std, loop.device, amp=loop.amp)
+    rec.update({f"val_challenge_{k}": v for k, v in score_logits(z, val.y).items()})
+    key = (rec["val_challenge_mcc_best"], rec["val_challenge_auroc"], -rec["val_challenge_nll"])
+    if best is None or key > best["key"]:
+        return {"key": key, "epoch": rec["epoch"], "state": copy.deepcopy(loop.ema.state_dict()), "logits": z}
+    return best
+
+
+def fit_epochs(cfg: OptimOptions, loop: Loop, batch_loss: Callable[[tuple], torch.Tensor], val: ValViews,
+               progress: Progress | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+    """The epochs; the EMA weights are scored from ``loop.eval_start`` on (and at the last epoch) and the best
+    are loaded back into ``loop.ema``. Returns the best checkpoint (its val logits included) and the history."""
+    best, history, step = None, [], 0
+    for epoch in range(cfg.epochs):
+        loop.dset.epoch = epoch
+        losses, step = run_epoch(cfg, loop, batch_loss, step, progress)
+        rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan")}
+        if epoch >= loop.eval_start or epoch == cfg.epochs - 1 or step >= loop.total:
+            best = select_checkpoint(best, rec, loop, val)
+        history.append(rec)
+        log(format_record(rec))
+        if step >= loop.total:
+            break
+    assert best is not None
+    loop.ema.load_state_dict(best["state"])
+    return best, history
+
+
 # ----------------------------------------------------------------------------- training
 
 
+@dataclass
+class TrainData:
+    """A run's decoded data: training images (the split's, then the extra sets'), val images and val views."""
+
+    train: Dataset
+    extra: Dataset
+    val: Dataset
+    images: list[np.ndarray]
+    val_images: list[np.ndarray]
+    val_views: list[np.ndarray]
+    val_y: np.ndarray
+
+
+def load_train_data(cfg: TrainConfig, eval_size: int, device: torch.device, progress: Progress | None,
+                    log: Callable[[str], None]) -> TrainData:
+    full = open_dataset(cfg.data)
+    train_ds = full.split(cfg.train_split).subset(cfg.max_train, cfg.seed)
+    val_ds = full.split(cfg.val_split).subset(cfg.max_val, cfg.seed)
+    log(f"data: {full.name}  train {train_ds.counts()}  val {val_ds.counts()}  device {device}")
+    extra_ds = open_extra_train(cfg.extra_train)
+    if len(extra_ds):
+        log(f"extra training data: {extra_ds.counts()} ({cfg.synth_share:.0%} of each epoch)")
+    images = decode_all(train_ds, "decode train", progress) + decode_all(extra_ds, "decode extra", progress)
+    val_imgs = decode_all(val_ds, "decode val", progress)
+    val_views, val_y = view_set(val_ds, val_imgs, cfg.val_views, cfg.val_seed, eval_size, cfg.protocol)
+    return TrainData(train_ds, extra_ds, val_ds, images, val_imgs, val_views, val_y)
+
+
+def train_loader(cfg: TrainConfig, data: TrainData, size: int, device: torch.device) -> tuple[AugmentedSet, torch.utils.data.DataLoader]:
+    """The augmented training set and its loader (weighted sampling when there are extra sets or balanced sources)."""
+    n_real = len(data.train)
+    labels = np.concatenate([data.train.labels(), data.extra.labels()])
+    # synthetic frames are seen whole: a challenge view's crop (L0 centre square, L1+ random resized crop)
+    # often cuts away the small pasted objects and would leave a "roadwork" label on a frame without any
+    clean = np.where(np.arange(len(data.images)) >= n_real, 1.0, cfg.clean_prob)
+    dset = AugmentedSet(data.images, labels, size, clean, cfg.seed, cfg.style_p, cfg.protocol)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if len(data.extra) or cfg.balance_sources:
+        w = sample_weights(np.concatenate([data.train.sources(), data.extra.sources()]), np.arange(len(dset)) >= n_real,
+                           cfg.synth_share, cfg.balance_sources)
+        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), cfg.epoch_size or n_real, replacement=True, generator=gen)
+    loader = torch.utils.data.DataLoader(
+        dset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dset) > cfg.batch_size,
+        num_workers=loader_workers(cfg.num_workers, device), generator=gen, pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    return dset, loader
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the weights, none on biases and norms (1-d parameters)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def calibrate(cfg: TrainConfig, ema: torch.nn.Module, best: dict, data: TrainData, val: ValViews, loop: Loop
+              ) -> tuple[TemperatureCalibrator, np.ndarray]:
+    """Temperature and MCC-optimal threshold on val (``cfg.calibrate_on``); also the val clean logits."""
+    clean_z = predict_logits(ema, data.val_images, val.size, val.mean, val.std, loop.device, amp=loop.amp)
+    clean_y = data.val.labels()
+    z = {"challenge": best["logits"], "clean": clean_z, "both": np.concatenate([best["logits"], clean_z])}[cfg.calibrate_on]
+    y = {"challenge": data.val_y, "clean": clean_y, "both": np.concatenate([data.val_y, clean_y])}[cfg.calibrate_on]
+    return TemperatureCalibrator().fit(z, y), clean_z
+
+
+def stage1_meta(cfg: TrainConfig, data: TrainData, calibrator: TemperatureCalibrator, best: dict, clean_z: np.ndarray,
+                history: list[dict], seconds: float, device: torch.device) -> dict:
+    """The stage-1 bundle's metadata: data, val metrics (challenge and clean) and the training record."""
+    from ..metrics import summarize
+
+    val_metrics = {
+        "challenge": summarize(data.val_y, calibrator.predict_proba(best["logits"])).as_dict(),
+        "clean": summarize(data.val.labels(), calibrator.predict_proba(clean_z)).as_dict(),
+    }
+    return {
+        "kind": "stage1",
+        "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": cfg.train_split, "select_split": cfg.val_split,
+                 "calibrate_on": f"{cfg.val_split} {cfg.calibrate_on}", "val_views": cfg.val_views, "val_seed": cfg.val_seed,
+                 "n_train": len(data.train), "n_val": len(data.val), "extra_train": list(cfg.extra_train),
+                 "n_extra": len(data.extra)},
+        "metrics": {"val": val_metrics},
+        "train": {**asdict(cfg), "selected_epoch": best["epoch"], "seconds": seconds, "device": str(device), "history": history},
+    }
+
+
 def train(cfg: TrainConfig, out: str | Path, progress: Progress | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune ``cfg.model``, select the EMA checkpoint on val challenge views, calibrate, write a stage-1 bundle."""
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     spec = get_spec(cfg.model)
     size = cfg.input_size or spec.input_size
     eval_size = cfg.eval_size or spec.input_size
-    amp = cfg.amp and device.type == "cuda"
-
-    full = open_dataset(cfg.data)
-    train_ds = full.split(cfg.train_split).subset(cfg.max_train, cfg.seed)
-    val_ds = full.split(cfg.val_split).subset(cfg.max_val, cfg.seed)
-    log(f"data: {full.name}  train {train_ds.counts()}  val {val_ds.counts()}  device {device}")
-
-    extra_ds = open_extra_train(cfg.extra_train)
-    if len(extra_ds):
-        log(f"extra training data: {extra_ds.counts()} ({cfg.synth_share:.0%} of each epoch)")
-    train_imgs = decode_all(train_ds, "decode train", progress) + decode_all(extra_ds, "decode extra", progress)
-    n_real = len(train_ds)
-    val_imgs = decode_all(val_ds, "decode val", progress)
-    val_views, val_y = view_set(val_ds, val_imgs, cfg.val_views, cfg.val_seed, eval_size, cfg.protocol)
-    val_clean_y = val_ds.labels()
+    data = load_train_data(cfg, eval_size, device, progress, log)
+    val = ValViews(data.val_views, data.val_y, eval_size, spec.mean, spec.std)
 
     model = create_model(cfg.model, num_classes=1, pretrained=True).to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-
-    labels = np.concatenate([train_ds.labels(), extra_ds.labels()])
-    # synthetic frames are seen whole: a challenge view's crop (L0 centre square, L1+ random resized crop)
-    # often cuts away the small pasted objects and would leave a "roadwork" label on a frame without any
-    clean = np.where(np.arange(len(train_imgs)) >= n_real, 1.0, cfg.clean_prob)
-    dset = AugmentedSet(train_imgs, labels, size, clean, cfg.seed, cfg.style_p, cfg.protocol)
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = None
-    if len(extra_ds) or cfg.balance_sources:
-        w = sample_weights(np.concatenate([train_ds.sources(), extra_ds.sources()]), np.arange(len(dset)) >= n_real,
-                           cfg.synth_share, cfg.balance_sources)
-        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), cfg.epoch_size or n_real, replacement=True, generator=gen)
-    loader = torch.utils.data.DataLoader(
-        dset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dset) > cfg.batch_size,
-        num_workers=workers, generator=gen, pin_memory=device.type == "cuda", persistent_workers=False,
-    )
+    ema = frozen_copy(model)
+    dset, loader = train_loader(cfg, data, size, device)
     steps_per_epoch = max(1, len(loader))
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    loop = Loop(model, ema, opt, dset, loader, total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps),
+                int(cfg.warmup_epochs * steps_per_epoch), device, amp=cfg.amp and device.type == "cuda",
+                eval_start=min(cfg.epochs - 1, int(cfg.eval_from * cfg.epochs)))
 
-    mean, std = spec.mean, spec.std
-    history: list[dict] = []
-    best: dict | None = None
-    step = 0
-    eval_start = min(cfg.epochs - 1, int(cfg.eval_from * cfg.epochs))
-    for epoch in range(cfg.epochs):
-        dset.epoch = epoch
-        model.train()
-        losses = []
-        for xb, yb in loader:
-            if step >= total:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, cfg.lr)
-            x = normalize(xb.to(device, non_blocking=True), mean, std)
-            y = smooth_targets(yb.to(device), cfg.label_smoothing)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                z = model(x).float().reshape(-1)
-            loss = F.binary_cross_entropy_with_logits(z, y)
-            losses.append(optimiser_step(opt, loss, model, ema, step, cfg.ema_decay))
-            step += 1
-            if progress:
-                progress("train", step, total)
-        last_epoch = epoch == cfg.epochs - 1 or step >= total
-        rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan")}
-        if epoch >= eval_start or last_epoch:
-            z = predict_logits(ema, val_views, eval_size, mean, std, device, amp=amp)
-            rec.update({f"val_challenge_{k}": v for k, v in score_logits(z, val_y).items()})
-            key = (rec["val_challenge_mcc_best"], rec["val_challenge_auroc"], -rec["val_challenge_nll"])
-            if best is None or key > best["key"]:
-                best = {"key": key, "epoch": epoch + 1, "state": copy.deepcopy(ema.state_dict()), "logits": z}
-        history.append(rec)
-        log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-        if step >= total:
-            break
-    assert best is not None
-    ema.load_state_dict(best["state"])
+    def batch_loss(batch) -> torch.Tensor:
+        xb, yb = batch
+        x = normalize(xb.to(device, non_blocking=True), spec.mean, spec.std)
+        y = smooth_targets(yb.to(device), cfg.label_smoothing)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.amp):
+            z = model(x).float().reshape(-1)
+        return F.binary_cross_entropy_with_logits(z, y)
 
-    # calibrate on val: temperature, MCC-optimal threshold, fold
-    val_clean_z = predict_logits(ema, val_imgs, eval_size, mean, std, device, amp=amp)
-    cal_z = {"challenge": best["logits"], "clean": val_clean_z, "both": np.concatenate([best["logits"], val_clean_z])}[cfg.calibrate_on]
-    cal_y = {"challenge": val_y, "clean": val_clean_y, "both": np.concatenate([val_y, val_clean_y])}[cfg.calibrate_on]
-    calibrator = TemperatureCalibrator().fit(cal_z, cal_y)
+    best, history = fit_epochs(cfg, loop, batch_loss, val, progress, log)
+    calibrator, clean_z = calibrate(cfg, ema, best, data, val, loop)
     log(f"selected epoch {best['epoch']}; temperature {calibrator.temperature_:.3f}, threshold {calibrator.threshold_:.3f}")
-
-    cascade = stage1_cascade(cfg.model, ema, eval_size, mean, std, calibrator, cfg.squares, cfg.view_scale)
+    cascade = stage1_cascade(cfg.model, ema, eval_size, spec.mean, spec.std, calibrator, cfg.squares, cfg.view_scale)
     seconds = time.perf_counter() - t_start
-    from ..metrics import summarize
-
-    val_metrics = {
-        "challenge": summarize(val_y, calibrator.predict_proba(best["logits"])).as_dict(),
-        "clean": summarize(val_clean_y, calibrator.predict_proba(val_clean_z)).as_dict(),
-    }
-    meta = {
-        "kind": "stage1",
-        "data": {"dataset": str(cfg.data or "default StreetWork"), "fit_split": cfg.train_split, "select_split": cfg.val_split,
-                 "calibrate_on": f"{cfg.val_split} {cfg.calibrate_on}", "val_views": cfg.val_views, "val_seed": cfg.val_seed,
-                 "n_train": len(train_ds), "n_val": len(val_ds), "extra_train": list(cfg.extra_train),
-                 "n_extra": len(extra_ds)},
-        "metrics": {"val": val_metrics},
-        "train": {**asdict(cfg), "selected_epoch": best["epoch"], "seconds": seconds, "device": str(device), "history": history},
-    }
-    bundle = Bundle(cascade, meta)
+    bundle = Bundle(cascade, stage1_meta(cfg, data, calibrator, best, clean_z, history, seconds, device))
     bundle.save(out)
     return TrainResult(bundle=bundle, history=history, seconds=seconds)
