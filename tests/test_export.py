@@ -195,3 +195,21 @@ def test_calibration_reader_gives_every_input_once_in_strided_ranges(n, batch):
     r.set_range(0, len(r))
     r.rewind()
     assert sum(len(b["image"]) for b in iter(r.get_next, None)) == n
+
+
+def test_head_nodes_are_the_last_conv_and_the_classifier(tmp_path):
+    """head_fp32 keeps exactly the head in fp32: the Conv feeding the global pool and the Gemm after it, nothing else."""
+    import onnx
+
+    from roadcascade.models.export import export_onnx, head_nodes, stem_convs
+
+    torch.manual_seed(0)
+    path = export_onnx(create_model("lite0", num_classes=1, pretrained=False).eval(), 64, tmp_path / "m.onnx")
+    nodes = list(onnx.load(str(path)).graph.node)
+    heads = head_nodes(path)
+    by_name = {n.name: n for n in nodes}
+    assert [by_name[h].op_type for h in heads] == ["Conv", "Gemm"]
+    pool = next(i for i, n in enumerate(nodes) if n.op_type == "GlobalAveragePool")
+    conv_idx = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    assert nodes[max(i for i in conv_idx if i < pool)].name == heads[0]  # the last conv before the pool
+    assert not set(heads) & set(stem_convs(path))

@@ -24,6 +24,7 @@ def export_command(
     calibrate_method: str = typer.Option("percentile", help="percentile (99.999 of each activation's histogram) | minmax | entropy"),
     exclude_depthwise: bool = typer.Option(False, help="keep depthwise convolutions in fp32"),
     stem_fp32: bool = typer.Option(True, "--stem-fp32/--stem-int8", help="keep the convolution on the image in fp32 (INT8: most of the logit error)"),
+    head_fp32: bool = typer.Option(False, "--head-fp32/--head-int8", help="keep the head (last conv and classifier) in fp32"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the check as JSON here"),
@@ -44,7 +45,7 @@ def export_command(
     try:
         cfg = ExportConfig(int8=int8, data=data, calib_images=calib_images, check_images=check_images,
                            calibrate_method=calibrate_method, exclude_depthwise=exclude_depthwise, per_channel=per_channel,
-                           stem_fp32=stem_fp32)
+                           stem_fp32=stem_fp32, head_fp32=head_fp32)
         rep = export_bundle(bundle, out, cfg, log=console.print)
     except (BundleError, DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
