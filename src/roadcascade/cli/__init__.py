@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -323,9 +324,12 @@ def quickstart(
     view_scale: float = typer.Option(QUICKSTART_VIEW_SCALE, min=0.25, max=4.0, help="run those squares at this x the input size"),
     guard_fpr: Optional[float] = typer.Option(QUICKSTART_GUARD_FPR, min=0.0, max=0.5, help="open-set guard: lower thresholds to where this share of val's real dashcam negatives pass (see `roadcascade guard`)"),
     guard: bool = typer.Option(True, "--guard/--no-guard", help="apply the open-set guard to both bundles"),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="also export the bundle to INT8 ONNX and ship whichever form has the best "
+                              "val MCC per CPU-ms (within 0.005 MCC of fp32 PyTorch); see `roadcascade export`"),
 ) -> None:
-    """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, evaluate
-    test clean + challenge and real dashcam frames (night-dev recall, dashcam false positives), report."""
+    """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, export it
+    to INT8 and ship the better form for the CPU, evaluate test clean + challenge and real dashcam frames (night-dev
+    recall, dashcam false positives), report."""
     from ..fit.guard import guard_bundle
     from ..bench.realcam import format_realcam, realcam_html
     from ..bench.report import write_html
@@ -354,17 +358,36 @@ def quickstart(
             quickstart_cascade(sdir, bdir, data=data, device=device, budget=budget, progress=cb, log=console.print)
             if gcfg:
                 guard_bundle(bdir, gcfg, device=device, log=console.print)
-        # the deployed bundle (the cascade, or stage 1 with --stage1-only), then the stage-1 model on its own
-        runs = [(bdir, "", "")] + ([(sdir, "-stage1", "stage-1 ")] if cascade else [])
+        shipped = _ship(bdir, out, data, gcfg, cb) if int8 else bdir
+        # the deployed bundle (the cascade, or stage 1 with --stage1-only; its INT8 form when that ships), the fp32
+        # PyTorch form when the INT8 one ships, then the stage-1 model on its own
+        runs = ([(shipped, "", "")] + ([(bdir, "-fp32", "fp32 ")] if shipped != bdir else [])
+                + ([(sdir, "-stage1", "stage-1 ")] if cascade else []))
         reps, realcam = _evaluate_runs(runs, out, data, device, cb)
     html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
                       title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
     for name, r in realcam.items():
         out_console.print(format_realcam(name, r))
-    console.print(f"bundle {bdir}\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
+    console.print(f"bundle {shipped}" + (f" (shipped: {out}/shipped.json; fp32 PyTorch form {bdir})" if shipped != bdir else "")
+                  + f"\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
                   + (f" (stage 1 alone: {out}/eval-test-*-stage1.json)" if cascade else "") + f"\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+
+
+def _ship(bdir: Path, out: Path, data: Optional[str], gcfg, cb) -> Path:
+    """The INT8 ONNX export of ``bdir`` at ``out/bundle-int8`` and the form to ship (``fit.ship``); a failed export
+    leaves the fp32 bundle shipped, said plainly (a missing onnxruntime must not cost the whole quickstart)."""
+    from ..fit.ship import ShipConfig, ship_int8
+
+    dest = out / "bundle-int8"
+    if dest.exists():
+        shutil.rmtree(dest)  # exported from the bundle just built: a cached export could be of an older one
+    try:
+        return Path(ship_int8(bdir, dest, ShipConfig(data=data), guard=gcfg, log=console.print, progress=cb).shipped)
+    except (ImportError, RuntimeError, ValueError, OSError) as e:
+        console.print(f"[yellow]INT8 export failed ({type(e).__name__}: {e}); shipping the fp32 bundle {bdir}[/yellow]")
+        return bdir
 
 
 def _stage1(cfg: TrainConfig, sdir: Path, retrain: bool, cb) -> None:

@@ -116,15 +116,17 @@ def reference_negatives(cfg: GuardConfig, min_size: int | None = None) -> list[n
     return [decode_bytes(s.data if s.data is not None else s.path.read_bytes(), min_size=min_size) for s in samples]
 
 
-def guard_bundle(path, cfg: GuardConfig = GuardConfig(), device: str = "auto", log: Callable[[str], None] = print) -> GuardReport:
+def guard_bundle(path, cfg: GuardConfig = GuardConfig(), device: str = "auto", log: Callable[[str], None] = print,
+                 refit: bool = False) -> GuardReport:
     """Guard a saved bundle in place: thresholds lowered, the report kept in ``bundle.json`` under ``guard``.
-    A bundle guarded before is guarded again from its fitted thresholds (the guard does not compound)."""
+    A bundle guarded before is guarded again from its fitted thresholds (the guard does not compound); with the
+    same settings it is left as it is unless ``refit`` (its models changed, e.g. an INT8 export of it)."""
     from ..cascade.bundle import Bundle
     from ..models.preprocess import pick_device
 
     b = Bundle.load(path, device=pick_device(device))
     before = b.meta.get("guard")
-    if before and _same(before, cfg) and [e.full_threshold for e in b.cascade.exits] == list(before["thresholds"]):
+    if not refit and before and _same(before, cfg) and [e.full_threshold for e in b.cascade.exits] == list(before["thresholds"]):
         log(f"{path} already guarded (fpr {cfg.fpr})")  # not rewritten: a cached cascade built from it stays fresh
         return GuardReport(**{k: tuple(v) if isinstance(v, list) else v for k, v in before.items()})
     for e in b.cascade.exits:  # the reference negatives are full frames: read them with the fitted thresholds

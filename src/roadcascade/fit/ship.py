@@ -1,0 +1,102 @@
+"""Which form of a bundle to ship on the CPU: the PyTorch fp32 bundle or its INT8 ONNX export (issue 16).
+
+The quickstart exports its cascade to INT8 ONNX (every classifier tier, calibrated on ``val``), guards the
+export again when the original was guarded (the INT8 logits move a little, and the full-frame thresholds are
+read off them), then runs both forms on the same ``val`` challenge views, taking turns chunk by chunk
+(``bench.onnx.bench_backends``: the load of a shared CPU falls on both alike). It ships the form with the
+best MCC per CPU-millisecond among those whose val MCC is within ``max_dmcc`` of the reference's: a form
+that is faster but decides worse is not a cheaper way to the same answer.
+
+Everything here is chosen on ``val``; ``test`` is only reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ShipConfig:
+    max_dmcc: float = 0.005  # a faster form ships only with val MCC >= the reference's - this
+    split: str = "val"
+    views: str = "challenge"
+    max_images: int | None = None  # a stratified subset of the split (smoke runs)
+    threads: int = 1  # the CPU a single-threaded miner process has: the ratio that matters there
+    data: str | None = None
+    calib_images: int = 96  # val images that calibrate the INT8 ranges (ExportConfig's default)
+    check_images: int = 48  # other val images for the export's check against PyTorch
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_dmcc <= 1.0:
+            raise ValueError(f"max_dmcc must be in [0, 1], got {self.max_dmcc}")
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+
+
+@dataclass
+class ShipChoice:
+    shipped: str  # the bundle directory to use
+    label: str
+    rows: list[dict] = field(default_factory=list)  # bench_backends rows, the reference first
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def mcc_per_ms(mcc: float, img_s: float) -> float:
+    """MCC bought per CPU-millisecond of one image (img/s / 1000 = images per ms)."""
+    return mcc * img_s / 1e3 if img_s > 0 else float("-inf")
+
+
+def choose(mccs: Sequence[float], img_s: Sequence[float], max_dmcc: float) -> int:
+    """Index of the form to ship: the best MCC per ms among those within ``max_dmcc`` of form 0 (the reference,
+    always eligible). Ties go to the earlier form."""
+    if not mccs or len(mccs) != len(img_s):
+        raise ValueError("need one MCC and one speed per form, at least one form")
+    ok = [i for i, m in enumerate(mccs) if i == 0 or m >= mccs[0] - max_dmcc]
+    return max(ok, key=lambda i: (mcc_per_ms(mccs[i], img_s[i]), -i))
+
+
+def ship_int8(bundle: str | Path, out: str | Path, cfg: ShipConfig = ShipConfig(), guard=None,
+              log: Callable[[str], None] = print, progress: Progress | None = None) -> ShipChoice:
+    """Export ``bundle`` to INT8 ONNX at ``out`` (guarded again with ``guard``, a GuardConfig, when given),
+    measure both forms on ``cfg.split`` and return the choice (also written to ``out/../shipped.json``)."""
+    import torch
+
+    from ..bench.onnx import bench_backends
+    from ..cascade.bundle import Bundle
+    from ..io.data import open_dataset
+    from ..io.items import make_items, view_seed
+    from ..models.export import ExportConfig, export_bundle
+    from .guard import guard_bundle
+
+    bundle, out = Path(bundle), Path(out)
+    rep = export_bundle(bundle, out, ExportConfig(int8=True, data=cfg.data, calib_images=cfg.calib_images,
+                                                 check_images=cfg.check_images), log=log)
+    log(f"INT8 export {out}: val agreement {rep.cascade_agreement:.2%}, max |dp| {rep.cascade_max_abs_dp:.3f}")
+    if guard is not None:
+        guard_bundle(out, guard, device="cpu", log=log, refit=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        forms = [("torch-fp32", bundle, "torch"), ("onnx-int8", out, "onnxruntime")]
+        loaded = [(label, Bundle.load(path, device="cpu", backend=be)) for label, path, be in forms]
+        ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
+        items = make_items(ds, cfg.views, view_seed(cfg.split, None), progress=progress)
+        rows = bench_backends(loaded, items, progress=progress)
+    finally:
+        torch.set_num_threads(old)
+    k = choose([r.mcc for r in rows], [r.img_s for r in rows], cfg.max_dmcc)
+    ref, pick = rows[0], rows[k]
+    reason = (f"{pick.label}: val {cfg.views} MCC {pick.mcc:.4f} at {pick.img_s:.1f} img/s ({pick.speedup:.2f}x, {cfg.threads} thread)"
+              f" against {ref.label} MCC {ref.mcc:.4f}; best MCC per CPU-ms within {cfg.max_dmcc} MCC of the reference")
+    choice = ShipChoice(shipped=str(forms[k][1]), label=pick.label, rows=[r.as_dict() for r in rows], reason=reason)
+    (out.parent / "shipped.json").write_text(json.dumps(choice.as_dict(), indent=2))
+    log(f"ships {choice.shipped}: {reason}")
+    return choice
