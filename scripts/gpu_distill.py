@@ -53,30 +53,36 @@ def main() -> None:
     small = {"max_train": a.max_train, "max_val": a.max_train, "max_steps": a.max_steps}
     a.out.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    times, t0 = {}, time.perf_counter()
+    times, rows, t0 = {}, {}, time.perf_counter()
+    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+               "student": a.student, "epochs": a.epochs, "temperature": a.temperature, "hard_weight": a.hard_weight,
+               "views": a.views, "extra": a.extra, "test_challenge": rows, "seconds": times}
+
+    def done(name: str, path: Path, key: str, since: float) -> None:
+        """Time the phase, evaluate its bundle on test challenge views at once and rewrite the summary, so that a
+        run cut off by a time limit keeps everything finished before the cut."""
+        times[key] = time.perf_counter() - since
+        rows[name] = test_challenge(path, a.data, a.max_train)
+        log(f"{name}: test challenge {json.dumps(rows[name])}")
+        (a.out / "summary.json").write_text(json.dumps(summary, indent=2))
+
     teacher = Path(a.teacher) if a.teacher else a.out / "teacher"
     if not a.teacher:
         build(BuildConfig(tiers=a.teacher_tiers, budget=a.teacher_budget, data=a.data, train_epochs=a.epochs, seed=a.seed,
                           work=str(a.out / "teacher-work"), max_train=a.max_train, max_val=a.max_train,
                           max_steps=a.max_steps), teacher, log=log)
-        times["teacher_s"] = time.perf_counter() - t0
+    summary["teacher_tiers"] = Bundle.load(teacher).cascade.tier_names
+    done("teacher", teacher, "teacher_s", t0)
     t1 = time.perf_counter()
-    distill(DistillConfig(teacher=str(teacher), student=a.student, extra=tuple(a.extra), temperature=a.temperature,
-                          hard_weight=a.hard_weight, views=a.views, epochs=a.epochs, data=a.data, seed=a.seed, **small),
-            a.out / "student-distilled", log=log)
-    times["distill_s"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
     model, _, size = a.student.partition("@")
     train(TrainConfig(model=model, input_size=int(size) if size else None, eval_size=int(size) if size else None,
                       epochs=a.epochs, data=a.data, seed=a.seed, **small), a.out / "student-labels", log=log)
-    times["labels_s"] = time.perf_counter() - t2
-    rows = {name: test_challenge(path, a.data, a.max_train) for name, path in
-            (("teacher", teacher), ("student_distilled", a.out / "student-distilled"), ("student_labels", a.out / "student-labels"))}
-    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-               "teacher_tiers": Bundle.load(teacher).cascade.tier_names, "student": a.student, "epochs": a.epochs,
-               "temperature": a.temperature, "hard_weight": a.hard_weight, "views": a.views, "extra": a.extra,
-               "test_challenge": rows, "seconds": times}
-    (a.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    done("student_labels", a.out / "student-labels", "labels_s", t1)
+    t2 = time.perf_counter()
+    distill(DistillConfig(teacher=str(teacher), student=a.student, extra=tuple(a.extra), temperature=a.temperature,
+                          hard_weight=a.hard_weight, views=a.views, epochs=a.epochs, data=a.data, seed=a.seed, **small),
+            a.out / "student-distilled", log=log)
+    done("student_distilled", a.out / "student-distilled", "distill_s", t2)
     print(json.dumps(summary, indent=2))
 
 
