@@ -7,7 +7,8 @@ On a CUDA machine only (skipped on CPU CI, with the reason): the GPU path agains
 same JPEGs, within the tolerances stated in docs/GPU.md:
 
 - resize on the GPU: bit-exact with PIL;
-- decoded pixels (nvJPEG vs libjpeg-turbo): mean |diff| <= PIXEL_MEAN_TOL levels over an image set;
+- decoded pixels (nvJPEG vs libjpeg-turbo): mean |diff| <= PIXEL_MEAN_TOL levels over an image set (a loose
+  bound: what matters is the answers, checked on the same images);
 - probabilities (nvJPEG + bf16 vs PIL + fp32): mean |dp| <= DP_MEAN_TOL, max |dp| <= DP_MAX_TOL,
   decisions (p > 0.5) identical on >= AGREE_TOL of the images.
 
@@ -46,7 +47,13 @@ from roadcascade.accel.runtime import (
 from roadcascade.io.images import BadImage, DecodeLimits, decode_bytes, encode_jpeg
 
 # tolerances of the CPU/GPU match (docs/GPU.md gives the measured values)
-PIXEL_MEAN_TOL = 1.0  # measured 0.21 (224 q75) / 0.43 (native) on the H100
+# nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: measured 0.21 (224 q75) / 0.43 (native) levels on
+# the H100 (torchvision 0.26 there) but 2.1 on the H200 (the hardware engine's own IDCT). A few levels of
+# smooth noise do not move a 224-pixel classifier (the answers are checked with DP_* / AGREE_TOL); this bound
+# only catches a decoder gone wrong (swapped channels, shifted planes: tens of levels)
+PIXEL_MEAN_TOL = 4.0
+NATIVE_AGREE_TOL = 0.995  # issue 12: large images through the new path against the CPU path's full-size decode
+NATIVE_DP_MEAN_TOL = 0.005
 DP_MEAN_TOL = 0.005  # measured 0.0016-0.0020
 DP_MAX_TOL = 0.1  # measured 0.035-0.039
 AGREE_TOL = 0.98  # measured 1.0
@@ -599,12 +606,17 @@ def _decoders(gc) -> dict:
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_decoded_pixels_close_to_pil(gpu_setup):
-    _, gc, payloads = gpu_setup
+    """The GPU decoders' pixels: near PIL's (a loose bound, see PIXEL_MEAN_TOL), and the answers on them those of
+    the CPU path (decisions and |dp|), which is what matters."""
+    casc, gc, payloads = gpu_setup
+    ref = np.array([p.probability for i in range(0, len(payloads), 64)
+                    for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
     old = gc.cfg.decode, gc.nvdec
     for name, nvd in _decoders(gc).items():
         gc.cfg.decode, gc.nvdec = "gpu", nvd
         try:
-            dec = gc._decode(payloads, inline=True)
+            dec = gc._decode(payloads, inline=True, keep=True)
+            got = gc._compute(dec).probability
         finally:
             gc.cfg.decode, gc.nvdec = old
         assert dec.n_gpu > 0
@@ -616,23 +628,27 @@ def test_gpu_decoded_pixels_close_to_pil(gpu_setup):
             mads.append(np.abs(a - r).mean())
             worst = max(worst, int(np.abs(a - r).max()))
             exact += bool((a == r).all())
+        d = np.abs(ref - got)
+        agree = np.mean((ref > 0.5) == (got > 0.5))
         print(f"\n{name} vs PIL pixels: mean |diff| {np.mean(mads):.3f}, worst image mean {max(mads):.3f}, max {worst}, "
-              f"identical images {exact}/{len(payloads)}")
+              f"identical images {exact}/{len(payloads)}; answers: mean |dp| {d.mean():.5f}, agreement {agree:.4f}")
         assert np.mean(mads) <= PIXEL_MEAN_TOL
+        assert d.mean() <= DP_MEAN_TOL and d.max() <= DP_MAX_TOL and agree >= AGREE_TOL
 
 
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_cpu_threads_decode_is_exact(gpu_setup):
-    _, gc, payloads = gpu_setup
+    casc, gc, payloads = gpu_setup
     old = gc.cfg.decode
     gc.cfg.decode = "cpu"
     try:
-        dec = gc._decode(payloads[:32], inline=True)
+        dec = gc._decode(payloads[:32], inline=True, keep=True)
     finally:
         gc.cfg.decode = old
-    for i, p in enumerate(payloads[:32]):
-        np.testing.assert_array_equal(dec.images[i].permute(1, 2, 0).cpu().numpy(), decode_bytes(p))
+    for i, p in enumerate(payloads[:32]):  # the CPU path's reduced-size decode, exactly
+        want = decode_bytes(p, min_size=casc.decode_size())
+        np.testing.assert_array_equal(dec.images[i].permute(1, 2, 0).cpu().numpy(), want)
 
 
 @needs_cuda
@@ -738,10 +754,10 @@ def test_gpu_decode_processes_match_cpu_path(gpu_setup):
     casc, gc, payloads = gpu_setup
     ref = np.array([p.probability for i in range(0, len(payloads), 64)
                     for p in casc.predict([decode_bytes(b) for b in payloads[i:i + 64]])])
-    old = gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt
+    old = gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt, gc.cfg.route
     assert gc.procs is None  # the fixture runs without them
     gc.start_procs(2)
-    gc.cfg.proc_adapt = False
+    gc.cfg.proc_adapt, gc.cfg.route = False, "share"  # a fixed share, so the count below is known
     try:
         assert gc.procs._slots[0].out is None
         gc.cfg.proc_min, gc.cfg.decode = 8, "cpu"
@@ -763,4 +779,68 @@ def test_gpu_decode_processes_match_cpu_path(gpu_setup):
         np.testing.assert_allclose(streamed, res.probability, atol=BUCKET_TOL)
     finally:
         gc.start_procs(0)
-        gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt = old
+        gc.cfg.proc_share, gc.cfg.proc_min, gc.cfg.decode, gc.cfg.proc_adapt, gc.cfg.route = old
+
+
+def _sized(payloads: list[bytes], size: tuple[int, int], n: int) -> list[bytes]:
+    from roadcascade.bench.native import upscaled_jpeg
+
+    return [upscaled_jpeg(decode_bytes(b), size) for b in payloads[:n]]
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_large_images_answer_like_the_cpu_path(gpu_setup):
+    """1080p and 12-megapixel JPEGs made from the test photos, through every decoder of the new path (GPU decode +
+    float32 antialiased resize, reduced-size decodes on the CPU threads and in the decode processes, the measured
+    routing mixing them): decisions and |dp| against the CPU path's full-size decode, within issue 12's bounds."""
+    casc, gc, payloads = gpu_setup
+    for size, n in (((1920, 1080), 48), ((4032, 3024), 24)):
+        big = _sized(payloads, size, n)
+        ref = np.array([p.probability for p in casc.predict([decode_bytes(b) for b in big])])
+        old = gc.cfg.decode, gc.cfg.route, gc.cfg.proc_share, gc.cfg.proc_min
+        gc.start_procs(2)
+        try:
+            for mode in ("gpu", "cpu", "procs", "routed"):
+                gc.cfg.decode, gc.cfg.route, gc.cfg.proc_min = ("auto" if mode in ("procs", "routed") else mode), \
+                    ("share" if mode == "procs" else "measured"), 8
+                gc.cfg.proc_share = 1.0
+                res = gc.predict_batch(big)
+                d = np.abs(ref - res.probability)
+                agree = np.mean((ref > 0.5) == (res.probability > 0.5))
+                print(f"\n{size} {mode}: mean |dp| {d.mean():.5f}, max {d.max():.5f}, agreement {agree:.4f} "
+                      f"(gpu/cpu/proc {res.n_gpu_decoded}/{res.n_cpu_decoded}/{res.n_proc_decoded})")
+                assert not res.errors and agree >= NATIVE_AGREE_TOL and d.mean() <= NATIVE_DP_MEAN_TOL
+                if mode == "procs":
+                    assert res.n_proc_decoded == n
+        finally:
+            gc.start_procs(0)
+            gc.cfg.decode, gc.cfg.route, gc.cfg.proc_share, gc.cfg.proc_min = old
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_decode_memory_is_bounded_by_the_chunk(gpu_setup):
+    """The GPU decoder takes at most gpu_chunk_mpix megapixels per call and drops the full-size images after the
+    resize: the peak memory of a 12-megapixel batch does not grow with the batch size."""
+    _, gc, payloads = gpu_setup
+    big = _sized(payloads, (4032, 3024), 8)
+    old = gc.cfg.decode, gc.cfg.gpu_chunk_mpix
+    gc.cfg.decode, gc.cfg.gpu_chunk_mpix = "gpu", 50.0  # 4 images of 12.2 MP per call
+    peaks = {}
+    try:
+        for b in (8, 64):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            dec = gc._decode((big * 8)[:b], inline=True)
+            torch.cuda.synchronize()
+            assert dec.n_gpu == b and all(im is None for im in dec.images)
+            peaks[b] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del dec
+    finally:
+        gc.cfg.decode, gc.cfg.gpu_chunk_mpix = old
+    print(f"\npeak MiB above the base: {peaks}")
+    assert peaks[64] < 1.3 * peaks[8] + 64
+

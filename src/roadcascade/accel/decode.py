@@ -12,7 +12,7 @@ import torch
 
 from ..io.images import BadImage
 
-__all__ = ["Payload", "Decoded", "Pinned", "decode_into", "reduced_dims", "NvImgCodecDecoder", "nvimgcodec_available"]
+__all__ = ["Payload", "Decoded", "Plan", "Pinned", "decode_into", "reduced_dims", "NvImgCodecDecoder", "nvimgcodec_available"]
 
 Payload = bytes | bytearray | memoryview | np.ndarray
 
@@ -35,6 +35,17 @@ class Decoded:
     n_proc: int = 0
     payloads: Sequence[Payload] = ()
     gpu_timing: Any = None  # (host seconds, start event, end event, megapixels) of the GPU decoder's part
+
+
+@dataclass
+class Plan:
+    """Which rows of a batch go where; ``hw`` holds the header sizes of the plain JPEGs."""
+
+    gpu: list[int] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)
+    procs: list[int] = field(default_factory=list)
+    exact: list[int] = field(default_factory=list)
+    hw: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Pinned:

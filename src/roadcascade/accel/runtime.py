@@ -41,7 +41,6 @@ CPU too; ``GpuCascade(..., device="cpu")`` is the same runtime without CUDA (use
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections import deque
@@ -69,6 +68,7 @@ __all__ = [
     "jpeg_gpu_info",
     "pil_bilinear_weights",
     "resize_exact",
+    "resize_images",
     "horizontal_first",
     "fold_batchnorm",
     "bucket_for",
