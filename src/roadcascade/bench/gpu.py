@@ -59,7 +59,7 @@ def batches(pool: Sequence[bytes], b: int, start: int = 0) -> Iterator[list[byte
         i = (i + b) % n
 
 
-def _timed(gen: Iterator, seconds: float, min_items: int = 4) -> Iterator:
+def _timed(gen: Iterator, seconds: float, min_items: int = 3) -> Iterator:
     """Items of ``gen`` until ``seconds`` have passed (at least ``min_items``)."""
     t_end = time.perf_counter() + seconds
     for k, x in enumerate(gen):
@@ -105,9 +105,9 @@ def measure_row(gc, pool: Sequence[bytes], b: int, seconds: float, reps: int | N
     """One table row: latency (one batch at a time) and throughput (streamed) at batch size b."""
     import torch
 
-    reps = reps or max(5, min(300, 4096 // b))
+    reps = reps or max(3, min(300, 2048 // b))
     gen = batches(pool, b)
-    for _ in range(3):  # warm this size (cudnn benchmark, allocator, router)
+    for _ in range(3 if b <= 64 else 1):  # warm this size (cudnn benchmark, allocator, router)
         gc.predict_batch(next(gen))
     if gc.cuda:
         torch.cuda.synchronize()
@@ -143,7 +143,7 @@ def decode_ceiling(gc, pool: Sequence[bytes], b: int, seconds: float, decode: st
         cfg.decode = decode
     try:
         gen = batches(pool, b)
-        for dec in gc.decode_stream([next(gen) for _ in range(2)]):
+        for dec in gc.decode_stream([next(gen)]):
             pass
         n = 0
         t0 = time.perf_counter()

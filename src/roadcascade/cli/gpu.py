@@ -381,7 +381,7 @@ def _bench_command(
     route: Optional[str] = typer.Option(None, help="measured | share (default: GpuConfig's)"),
     device: str = typer.Option("auto", help="auto | cuda | cpu (cpu: a smoke test of the same code)"),
     latency_reps: Optional[int] = typer.Option(None, min=2, help="batches timed one at a time per row "
-                                               "(default: 4096 / batch, between 5 and 300)"),
+                                               "(default: 2048 / batch, between 3 and 300)"),
     procs: Optional[int] = typer.Option(None, min=0, help="decode processes (0: none; default: GpuConfig's)"),
     proc_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="route=share: share for the processes"),
     proc_adapt: Optional[bool] = typer.Option(None, "--proc-adapt/--no-proc-adapt", help="route=share: adapt the share"),
