@@ -108,6 +108,7 @@ class BenchSpec:
     command: str = ""
     latency_reps: int | None = None
     ceilings: tuple[str, ...] = ("routed", "gpu", "cpu", "procs")
+    sets: tuple[str, ...] = ()  # payload sets to measure (empty: all)
     config: dict[str, Any] = field(default_factory=dict)  # GpuConfig fields
 
 
@@ -273,6 +274,8 @@ def run_bench(spec: BenchSpec, compile_: bool = True, graphs: bool = True) -> di
     from ..cascade.bundle import Bundle
 
     pools = _pools(spec)
+    if spec.sets:
+        pools = {k: v for k, v in pools.items() if k in spec.sets or k == "q75"}  # q75 sets the composed cascade's tau
     dev = torch.device(spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     info = _info(dev, spec.command)
     info["images"] = {k: {"n": len(v), "mean_bytes": float(np.mean([len(b) for b in v]))} for k, v in pools.items()}
@@ -374,7 +377,8 @@ def _bench_command(
     compile: bool = typer.Option(True, "--compile/--no-compile"),
     graphs: bool = typer.Option(True, "--graphs/--no-graphs"),
     ceilings: str = typer.Option("routed,gpu,cpu,procs", help="decode-only ceilings per set: routed (the configured "
-                                 "routing), gpu, cpu (CPU threads), procs (decode processes)"),
+                                 "routing), gpu, torchvision, nvimgcodec, cpu (CPU threads), procs (decode processes)"),
+    sets: str = typer.Option("", help="payload sets to measure, comma-separated (default: all; q75 always)"),
     cpu_share: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="route=share: plain JPEGs on CPU threads"),
     decode: str = typer.Option("auto", help="auto | gpu | cpu"),
     gpu_decoder: str = typer.Option("auto", help="auto | nvimgcodec | torchvision: the GPU JPEG decoder"),
@@ -398,7 +402,8 @@ def _bench_command(
                      images=images, native=native, data=data, n_images=n_images, sizes=_parse_sizes(sizes),
                      n_sized=n_sized, second_tier=second_tier, cascade_bundle=cascade_bundle, tau=tau, defer=defer,
                      ref_images=ref_images, seconds=seconds, device=device, command=cmd, latency_reps=latency_reps,
-                     ceilings=tuple(c for c in ceilings.split(",") if c.strip()), config=config)
+                     ceilings=tuple(c for c in ceilings.split(",") if c.strip()), config=config,
+                     sets=tuple(c.strip() for c in sets.split(",") if c.strip()))
     print(format_table(run_bench(spec, compile, graphs)), flush=True)
 
 
