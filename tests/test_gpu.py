@@ -576,6 +576,7 @@ def gpu_setup():
     casc = _gpu_bundle()
     cfg = GpuConfig(compile=os.environ.get("ROADCASCADE_GPU_TEST_COMPILE") == "1", graph_sizes=(2, 8, 32),
                     cudnn_benchmark=False, procs=0,  # the GPU decoders here; decode processes: their own test
+                    route_threads=False,  # every plain JPEG on the GPU decoder (the CPU threads: their own tests)
                     gpu_decoder="nvimgcodec" if nvimgcodec_available() else "torchvision")  # _decoders: both
     gc = GpuCascade(casc, device="cuda", config=cfg)
     yield casc, gc, _gpu_payloads()

@@ -162,11 +162,11 @@ class BatchDecoder:
         n, st, S = len(payloads), self._state(), self.first_size
         dec = Decoded(n=n, images=[None] * n, host={}, errors={}, good=np.zeros(0, np.int64), x0=None,
                       dims=np.zeros((n, 2), np.int64), size=S, payloads=payloads)
-        xrows = None
-        if S is not None:
-            xrows = torch.empty((n, S, S, 3), dtype=torch.uint8, device=self.device).permute(0, 3, 1, 2)
         ctx = torch.cuda.stream(st.stream) if self.cuda else nullcontext()
-        with ctx:
+        with ctx:  # everything of this batch, its allocations too, on this thread's stream
+            xrows = None
+            if S is not None:
+                xrows = torch.empty((n, S, S, 3), dtype=torch.uint8, device=self.device).permute(0, 3, 1, 2)
             threads = self.cpu.start_threads(plan, payloads, st, inline)  # first: they release the GIL
             exact_rows = list(plan.exact)
             fut_exact = self.cpu.map_exact(exact_rows, payloads, inline and len(exact_rows) <= 2)
