@@ -1,4 +1,4 @@
-"""Measurements behind ``roadcascade bench gpu`` (the CLI is :mod:`roadcascade.cli.gpu`): payload sets, the
+"""Measurements behind ``roadcascade bench gpu`` (the command is :mod:`roadcascade.bench.gpurun`): payload sets, the
 reference miner's way, streamed throughput and latency of a :class:`~roadcascade.accel.runtime.GpuCascade`,
 decode-only ceilings, and how far its answers are from the CPU path's.
 
