@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12 on the GPU machine: `roadcascade bench gpu` on q75 / native / 1920x1080 / 4032x3024 payloads (the sized
 # sets are made there from the native photos), with decode-only ceilings; or the GPU tests (`tests`).
-# Run from a folder holding src/, tests/, stage1/ (the quickstart stage-1 bundle), pay/{q75,native} (from
+# Run from a folder holding src/, tests/, stage1/ (the quickstart stage-1 bundle with "squares": 1 in bundle.json:
+# with its own 3 square views the tier is not one model on one resized tensor, so it gets no GPU engine and the
+# bench would time its CPU code), pay/{q75,native} (from
 # `python -m roadcascade.bench.gpurun payloads --out pay`) and optionally nv09.tgz (nvImageCodec 0.9 + libnvjpeg,
 # stripped: nvidia/nvimgcodec/{__init__.py, the cp312 module, libnvimgcodec.so.0, extensions/libnvjpeg_ext,
 # extensions/libjpeg_turbo_ext}, nvidia/cu13/lib/libnvjpeg.so.13). Writes under $OUT.

@@ -181,10 +181,13 @@ def _stage1(result: dict, spec: BenchSpec, pools, cfg, dev, save) -> Any:
     gc = GpuCascade(s1.cascade, device=dev, config=cfg, log=_log)
     eng = gc.engines[0]
     result["stage1"]["warmup_s"] = time.perf_counter() - t0
-    result["stage1"]["compile"] = {"compiled": eng.compiled, "compile_s": eng.compile_s, "capture_s": eng.capture_s,
-                                   "bn_folded": eng.folded}
+    if eng is None:  # e.g. square views (squares > 1): the tier runs its own code on decoded images, not an engine
+        _log(f"(b) the first tier {gc.tier_names[0]} is not one model on one resized tensor: no GPU engine")
+    else:
+        result["stage1"]["compile"] = {"compiled": eng.compiled, "compile_s": eng.compile_s,
+                                       "capture_s": eng.capture_s, "bn_folded": eng.folded}
+        _log(f"(b) warm-up {result['stage1']['warmup_s']:.1f} s (compile {eng.compile_s:.1f} s, compiled={eng.compiled})")
     result["config"]["gpu_decoder"] = gc.gpu_decoder
-    _log(f"(b) warm-up {result['stage1']['warmup_s']:.1f} s (compile {eng.compile_s:.1f} s, compiled={eng.compiled})")
     for name, pool in pools.items():
         ref = np.asarray(result["reference"][name]["_probs"])
         got = np.concatenate([gc.predict_batch(pool[i:i + 256]).probability for i in range(0, len(ref), 256)])[:len(ref)]
@@ -199,7 +202,7 @@ def _stage1(result: dict, spec: BenchSpec, pools, cfg, dev, save) -> Any:
                            spec.ceilings if gc.cuda else ("routed",), _log)
         result["stage1"][name], result["ceiling"][name] = res["rows"], res["decode_ceiling"]
         save()
-    if gc.cuda:
+    if gc.cuda and eng is not None:
         result["micro"]["model_only_img_s"] = _model_only(gc, pools["q75"])
     return gc
 
