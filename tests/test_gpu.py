@@ -285,20 +285,24 @@ def test_plan_routes_plain_jpegs_by_megapixels_and_the_rest_to_the_exact_path():
     Image.fromarray(_smooth(rng, 20, 20)).save(png, format="PNG")
     payloads = big + small + [png.getvalue(), _smooth(rng, 8, 8)]
     router = Router(rates={"gpu": 1.0, "threads": 1.0, "procs": 2.0}, floor=0.0)
-    plan = plan_rows(payloads, GpuConfig(), True, router, True, 0.7)
+    measured = GpuConfig(route_min_mpix=0.0)
+    plan = plan_rows(payloads, measured, True, router, True, 0.7)
     assert sorted(plan.gpu + plan.threads + plan.procs + plan.exact) == list(range(len(payloads)))
     assert 12 in plan.procs and 13 in plan.exact  # a PNG to the processes, an array to the exact path
     mp = lambda rows: sum(plan.hw[i][0] * plan.hw[i][1] for i in rows if i in plan.hw)  # noqa: E731
     total = mp(range(12))
     assert abs(mp(plan.procs) - total / 2) <= 240 * 320 and abs(mp(plan.gpu) - total / 4) <= 240 * 320
     # no processes: GPU decoder and threads only; decode="gpu": every plain JPEG on the GPU decoder
-    plan = plan_rows(payloads, GpuConfig(), True, router, False, 0.7)
+    plan = plan_rows(payloads, measured, True, router, False, 0.7)
     assert not plan.procs and 12 in plan.exact
     plan = plan_rows(payloads, GpuConfig(decode="gpu"), True, router, True, 0.7)
     assert sorted(plan.gpu) == list(range(12)) and not plan.procs and not plan.threads
     # the fixed share (route="share"): the first 70 % of the byte payloads to the processes, as before
     plan = plan_rows(payloads, GpuConfig(route="share"), True, router, True, 0.7)
     assert plan.procs == list(range(round(0.7 * 13)))
+    # ... and batches of small images under the measured routing (below route_min_mpix on average) likewise
+    small_plan = plan_rows(payloads, GpuConfig(route_min_mpix=0.25), True, router, True, 0.7)
+    assert small_plan.procs == plan.procs and small_plan.gpu == plan.gpu and small_plan.exact == plan.exact
 
 
 def test_threads_decode_reduced_like_the_cpu_path():

@@ -271,7 +271,7 @@ def test_every_decoder_places_its_rows_on_the_cpu():
     png = io.BytesIO()
     Image.fromarray(_smooth(rng, 50, 60)).save(png, format="PNG")
     payloads += [png.getvalue(), b"junk", payloads[0][: len(payloads[0]) // 2]]
-    cfg = GpuConfig(gpu_chunk_mpix=0.2, proc_min=4)
+    cfg = GpuConfig(gpu_chunk_mpix=0.2, proc_min=4, route_min_mpix=0.0)
     dec = BatchDecoder(torch.device("cpu"), cfg, 32, 40, keep_images=False, log=lambda m: None)
     try:
         dec.start_procs(2)

@@ -88,6 +88,9 @@ class GpuConfig:
     #                          threads and the decode processes by each one's measured megapixels per second
     #                          (accel.route.Router), other payloads go to the processes; share: the fixed
     #                          proc_share / cpu_share split above (per image, the 224x224 tuning)
+    route_min_mpix: float = 0.25  # measured routing for batches whose plain JPEGs average at least this many
+    #                               megapixels; smaller images keep the per-image shares (tuned on 224x224 views,
+    #                               where per-image overheads, not pixels, set the cost)
     route_threads: bool = True  # measured routing: the CPU threads take a share too
     rate_priors_mps: tuple[float, float, float] = (2000.0, 300.0, 600.0)  # start rates: gpu, threads, procs (MP/s)
     reduced_decode: bool = True  # CPU decoders (threads, processes, exact path) decode JPEGs at the largest DCT
@@ -124,6 +127,8 @@ class GpuConfig:
             raise ValueError(f"route must be measured or share, not {self.route!r}")
         if len(self.rate_priors_mps) != 3 or min(self.rate_priors_mps) <= 0:
             raise ValueError(f"rate_priors_mps must be three positive rates, got {self.rate_priors_mps}")
+        if self.route_min_mpix < 0:
+            raise ValueError(f"route_min_mpix must be >= 0, got {self.route_min_mpix}")
         if self.gpu_chunk_mpix <= 0:
             raise ValueError(f"gpu_chunk_mpix must be > 0, got {self.gpu_chunk_mpix}")
         if self.procs < -1:

@@ -46,43 +46,61 @@ _BYTES = (bytes, bytearray, memoryview)
 def plan_rows(payloads: Sequence[Payload], cfg: GpuConfig, cuda: bool, router: Router, procs_ok: bool,
               share: float) -> Plan:
     """Route a batch (pure but for the header walk): see the module docstring. ``procs_ok``: the decode
-    processes run and the batch is large enough for them; ``share``: their fixed share (``route="share"``)."""
+    processes run and the batch is large enough for them; ``share``: their fixed share (``route="share"``, and
+    batches of small images, below ``route_min_mpix`` on average, where the per-image shares were tuned)."""
     plan = Plan()
     n = len(payloads)
     byte_rows = [i for i in range(n) if isinstance(payloads[i], _BYTES)]
     plan.exact = [i for i in range(n) if not isinstance(payloads[i], _BYTES)]
     use_procs = procs_ok and (cfg.decode == "auto" or not cuda)
-    measured = cfg.route == "measured" and cuda and cfg.decode == "auto"
+    measured = cfg.route == "measured" and cuda and cfg.decode == "auto" and \
+        _mean_mpix(payloads, byte_rows[:8], cfg, plan.hw) >= cfg.route_min_mpix
+    if measured:  # every header first: the megapixels decide (a sample said these are large images)
+        for i in byte_rows:
+            hw = plan.hw.get(i) or jpeg_gpu_info(payloads[i], cfg.limits)
+            if hw is not None:
+                plan.hw[i] = hw
+        plain = [i for i in byte_rows if i in plan.hw]
+        mp = np.array([plan.hw[i][0] * plan.hw[i][1] for i in plain], dtype=np.float64) / 1e6
+        if len(mp) and mp.mean() >= cfg.route_min_mpix:
+            (plan.procs if use_procs else plan.exact).extend(i for i in byte_rows if i not in plan.hw)
+            paths = ["gpu"] + (["threads"] if cfg.route_threads and cfg.cpu_threads > 0 else []) + \
+                (["procs"] if use_procs else [])
+            for p, (a, b) in router.split(mp, paths).items():
+                getattr(plan, p).extend(plain[a:b])
+            plan.procs.sort()
+            return plan
     rest = byte_rows
-    if use_procs and not measured:  # the fixed share, before any per-image work
+    if use_procs:  # the fixed share, before any per-image work
         plan.procs = byte_rows[:int(round(share * len(byte_rows)))]
         rest = byte_rows[len(plan.procs):]
-    plain: list[int] = []
+    plain = []
     for i in rest:
-        hw = jpeg_gpu_info(payloads[i], cfg.limits) if cuda else None
+        hw = plan.hw.get(i) or (jpeg_gpu_info(payloads[i], cfg.limits) if cuda else None)
         if hw is None:
-            (plan.procs if measured and use_procs else plan.exact).append(i)
+            plan.exact.append(i)
         else:
             plan.hw[i] = hw
             plain.append(i)
-    if not plain:
-        return plan
-    if measured:
-        paths = ["gpu"] + (["threads"] if cfg.route_threads and cfg.cpu_threads > 0 else []) + \
-            (["procs"] if use_procs else [])
-        mp = np.array([plan.hw[i][0] * plan.hw[i][1] for i in plain], dtype=np.float64) / 1e6
-        cut = router.split(mp, paths)
-        for p, (a, b) in cut.items():
-            getattr(plan, p).extend(plain[a:b])
-        if plan.procs and len(plan.procs) > 1:
-            plan.procs.sort()
-        return plan
     if cfg.decode == "cpu" or (cfg.decode == "auto" and len(plain) < cfg.gpu_decode_min):
         plan.threads = plain
     else:
         n_fast = int(round(cfg.cpu_share * len(plain)))
         plan.gpu, plan.threads = plain[:len(plain) - n_fast], plain[len(plain) - n_fast:]
     return plan
+
+
+def _mean_mpix(payloads: Sequence[Payload], rows: Sequence[int], cfg: GpuConfig,
+               hw_out: dict[int, tuple[int, int]]) -> float:
+    """Mean megapixels of the plain JPEGs among ``rows`` (a small sample; 0 when none), their sizes kept in
+    ``hw_out``: batches of small images skip the full header walk before the fixed shares."""
+    mp = []
+    for i in rows:
+        hw = jpeg_gpu_info(payloads[i], cfg.limits)
+        if hw is not None:
+            hw_out[i] = hw
+            mp.append(hw[0] * hw[1] / 1e6)
+    return float(np.mean(mp)) if mp else 0.0
 
 
 class BatchDecoder:
