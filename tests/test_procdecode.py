@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -254,3 +255,40 @@ def test_adaptive_share_moves_and_answers_stay_exact():
     assert all(0.05 <= s <= 0.95 for s in shares) and len(set(shares)) > 1
     for p in probs[1:]:
         np.testing.assert_allclose(p, probs[0], atol=1e-6)
+
+
+def test_every_decoder_places_its_rows_on_the_cpu():
+    """The measured routing's plumbing without CUDA: a BatchDecoder on the CPU runs a plan made as on a CUDA machine
+    (GPU decoder = torchvision's CPU decode here, in calls of a small megapixel budget; reduced-size decodes on the
+    CPU threads and in the decode processes; the exact path for the rest). Every row lands in its place: the first
+    tier's input equals the CPU path's (reduced decode + PIL resize) within one level (the GPU rows resize the
+    full-size decode), bad rows are BadImage, decoded sizes are recorded."""
+    from roadcascade.accel.decoder import BatchDecoder, plan_rows
+
+    rng = np.random.default_rng(21)
+    shapes = [(240, 320), (96, 128), (240, 320), (130, 200), (96, 128), (240, 320)] * 3
+    payloads = [encode_jpeg(_smooth(rng, h, w), 85) for h, w in shapes]
+    png = io.BytesIO()
+    Image.fromarray(_smooth(rng, 50, 60)).save(png, format="PNG")
+    payloads += [png.getvalue(), b"junk", payloads[0][: len(payloads[0]) // 2]]
+    cfg = GpuConfig(gpu_chunk_mpix=0.2, proc_min=4, route_min_mpix=0.0)
+    dec = BatchDecoder(torch.device("cpu"), cfg, 32, 40, keep_images=False, log=lambda m: None)
+    try:
+        dec.start_procs(2)
+        dec.router.rates.update(gpu=1.0, threads=1.0, procs=1.0)
+        plan = plan_rows(payloads, cfg, True, dec.router, True, 0.7)  # as on a CUDA machine
+        assert plan.gpu and plan.threads and plan.procs and len(plan.gpu) >= 3
+        job = dec.procs.submit([payloads[i] for i in plan.procs])
+        d = dec._run(payloads, plan, job, inline=False, keep=False, t0=0.0)
+    finally:
+        dec.close()
+    assert sorted(d.errors) == [19, 20] and d.errors[19].reason == "not_image" and d.errors[20].reason == "truncated"
+    assert list(d.good) == [i for i in range(len(payloads)) if i not in (19, 20)]
+    assert d.x0.shape == (len(d.good), 3, 32, 32)
+    for j, i in enumerate(d.good):
+        want = resize_square(decode_bytes(payloads[i], min_size=40), 32).astype(int)
+        got = d.x0[j].permute(1, 2, 0).numpy().astype(int)
+        tol = 3 if i in plan.gpu else 0  # full-size decode + one resize vs DCT-scaled decode + resize
+        assert np.abs(got - want).max() <= tol, (i, np.abs(got - want).max())
+        assert tuple(d.dims[i]) in (shapes[i] if i < len(shapes) else (50, 60), decode_bytes(payloads[i], min_size=40).shape[:2])
+    assert d.n_gpu == len(plan.gpu) and d.n_proc == len([i for i in plan.procs if i not in (19, 20)])

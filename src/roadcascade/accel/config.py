@@ -84,6 +84,21 @@ class GpuConfig:
     #                           process finish together (adapt_share), so images that are costlier to decode on the
     #                           CPU (large, PNG) get a smaller share without a setting. Off: on the H100 it wandered
     #                           (0.05-0.9) and was not faster than a fixed 0.7 (docs/GPU.md)
+    route: str = "measured"  # measured | share. measured: plain JPEGs are split between the GPU decoder, the CPU
+    #                          threads and the decode processes by each one's measured megapixels per second
+    #                          (accel.route.Router), other payloads go to the processes; share: the fixed
+    #                          proc_share / cpu_share split above (per image, the 224x224 tuning)
+    route_min_mpix: float = 0.25  # measured routing for batches whose plain JPEGs average at least this many
+    #                               megapixels; smaller images keep the per-image shares (tuned on 224x224 views,
+    #                               where per-image overheads, not pixels, set the cost)
+    route_threads: bool = True  # measured routing: the CPU threads take a share too
+    rate_priors_mps: tuple[float, float, float] = (2000.0, 300.0, 600.0)  # start rates: gpu, threads, procs (MP/s)
+    reduced_decode: bool = True  # CPU decoders (threads, processes, exact path) decode JPEGs at the largest DCT
+    #                              scale that keeps the cascade's decode_size (images.decode_bytes' min_size)
+    exact_resize_max_px: int = 1 << 19  # CUDA: images up to this many pixels are resized PIL-exact (float64);
+    #                                     larger ones with the antialiased float32 resize (accel.resize)
+    gpu_chunk_mpix: float = 256.0  # the GPU decoder takes at most this many megapixels per call (memory bound:
+    #                               decoded full-size images of one call, about 3 bytes per pixel)
     proc_min: int = 64  # batches smaller than this skip the processes (latency: batch 1 stays on the GPU decoder)
     gc_freeze: bool = True  # after warm-up: gc.collect() + gc.freeze(), so the collector does not walk the
     #                         model and library objects during requests (stalls at batch 1)
@@ -108,6 +123,14 @@ class GpuConfig:
             raise ValueError(f"cpu_share must be in [0, 1], got {self.cpu_share}")
         if not 0.0 <= self.proc_share <= 1.0:
             raise ValueError(f"proc_share must be in [0, 1], got {self.proc_share}")
+        if self.route not in ("measured", "share"):
+            raise ValueError(f"route must be measured or share, not {self.route!r}")
+        if len(self.rate_priors_mps) != 3 or min(self.rate_priors_mps) <= 0:
+            raise ValueError(f"rate_priors_mps must be three positive rates, got {self.rate_priors_mps}")
+        if self.route_min_mpix < 0:
+            raise ValueError(f"route_min_mpix must be >= 0, got {self.route_min_mpix}")
+        if self.gpu_chunk_mpix <= 0:
+            raise ValueError(f"gpu_chunk_mpix must be > 0, got {self.gpu_chunk_mpix}")
         if self.procs < -1:
             raise ValueError(f"procs must be >= 0 (or -1: auto), got {self.procs}")
         sizes = tuple(sorted({int(s) for s in self.graph_sizes}))

@@ -12,27 +12,40 @@ import torch
 
 from ..io.images import BadImage
 
-__all__ = ["Payload", "Decoded", "Pinned", "decode_into", "NvImgCodecDecoder", "nvimgcodec_available"]
+__all__ = ["Payload", "Decoded", "Plan", "Pinned", "decode_into", "reduced_dims", "NvImgCodecDecoder", "nvimgcodec_available"]
 
 Payload = bytes | bytearray | memoryview | np.ndarray
 
 @dataclass
 class Decoded:
+    """One decoded batch: the first tier's input of every good row, ready on the device (after ``event``)."""
+
     n: int
-    images: list[torch.Tensor | None]  # (3, H, W) uint8 on the device
+    images: list[torch.Tensor | None]  # (3, H, W) uint8 on the device, kept only where asked (later tiers, tests)
     host: dict[int, np.ndarray]  # HxWx3 arrays of CPU-decoded rows (reused by CPU-only tiers)
     errors: dict[int, BadImage]
     good: np.ndarray  # row indices of decoded images, in order
     x0: torch.Tensor | None  # first tier's input (len(good), 3, S, S) uint8
+    dims: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (n, 2) decoded (h, w); 0 if bad
+    size: int | None = None  # S, the first tier's input size (None: no engine first)
     event: Any = None
     decode_ms: float = 0.0
     n_gpu: int = 0
     n_cpu: int = 0
-    payloads: Sequence[Payload] = ()
-    proc_x: dict[int, torch.Tensor] = field(default_factory=dict)  # size -> (n_proc, 3, S, S) from the processes
-    proc_pos: dict[int, int] = field(default_factory=dict)  # row -> its index in proc_x (good rows only)
-    proc_dims: np.ndarray | None = None  # (n_proc, 2) decoded (height, width) of the process rows
     n_proc: int = 0
+    payloads: Sequence[Payload] = ()
+    gpu_timing: Any = None  # (host seconds, start event, end event, megapixels) of the GPU decoder's part
+
+
+@dataclass
+class Plan:
+    """Which rows of a batch go where; ``hw`` holds the header sizes of the plain JPEGs."""
+
+    gpu: list[int] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)
+    procs: list[int] = field(default_factory=list)
+    exact: list[int] = field(default_factory=list)
+    hw: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Pinned:
@@ -85,19 +98,31 @@ def _cv2():
         return None
 
 
+_CV2_SCALE = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def reduced_dims(h: int, w: int, scale: int) -> tuple[int, int]:
+    """libjpeg's output size at DCT scale 1/``scale`` (rounded up)."""
+    return -(-h // scale), -(-w // scale)
+
+
 def decode_into(rows: Sequence[int], payloads: Sequence[Payload], dims: dict[int, tuple[int, int]],
-                 offsets: dict[int, int], out: np.ndarray) -> list[int]:
+                offsets: dict[int, int], out: np.ndarray, scales: dict[int, int] | None = None) -> list[int]:
     """Decode plain JPEGs with libjpeg-turbo straight into ``out`` (a pinned staging buffer) as HxWx3 RGB
-    at ``offsets``; returns the rows that failed. OpenCV releases the GIL while it decodes, so these
-    jobs run in parallel on the CPU threads (torchvision's CPU decoder does not)."""
+    at ``offsets``; returns the rows that failed. ``scales[i]`` (1, 2, 4 or 8): libjpeg's DCT scaling, the
+    reduced-size decode of :func:`roadcascade.io.images.decode_bytes` with ``min_size`` (same pixels; ``dims``
+    are then the reduced sizes), so a 12-megapixel photo is never materialised. OpenCV releases the GIL while
+    it decodes, so these jobs run in parallel on the CPU threads (torchvision's CPU decoder does not)."""
     cv2 = _cv2()
     failed = []
     for i in rows:
         h, w = dims[i]
+        s = (scales or {}).get(i, 1)
         view = out[offsets[i]:offsets[i] + h * w * 3].reshape(h, w, 3)
         try:
             if cv2 is not None:
-                bgr = cv2.imdecode(np.frombuffer(payloads[i], np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+                flag = getattr(cv2, _CV2_SCALE[s]) | cv2.IMREAD_IGNORE_ORIENTATION
+                bgr = cv2.imdecode(np.frombuffer(payloads[i], np.uint8), flag)
                 if bgr is None or bgr.shape != (h, w, 3):
                     failed.append(i)
                     continue
@@ -105,6 +130,9 @@ def decode_into(rows: Sequence[int], payloads: Sequence[Payload], dims: dict[int
                 if not np.shares_memory(res, view):
                     view[...] = res
             else:
+                if s != 1:  # torchvision's CPU decoder has no DCT scaling: the exact path decides
+                    failed.append(i)
+                    continue
                 from torchvision.io import ImageReadMode, decode_jpeg
 
                 t = decode_jpeg(torch.frombuffer(payloads[i], dtype=torch.uint8), mode=ImageReadMode.RGB)

@@ -34,7 +34,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -110,12 +110,13 @@ def _unlink(path: str) -> None:
 # ============================================================================ the worker side
 
 _W_LIMITS: DecodeLimits | None = None
+_W_MIN_SIZE: int | None = None
 _W_MAPS: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
 
 
-def _worker_init(limits: DecodeLimits) -> None:
-    global _W_LIMITS
-    _W_LIMITS = limits
+def _worker_init(limits: DecodeLimits, min_size: int | None = None) -> None:
+    global _W_LIMITS, _W_MIN_SIZE
+    _W_LIMITS, _W_MIN_SIZE = limits, min_size
     try:
         import torch
 
@@ -148,9 +149,11 @@ class _Task:
 
 
 def decode_rows(data: Sequence[bytes], sizes: Sequence[int], limits: DecodeLimits,
-                write: Callable[[int, int, np.ndarray], None]) -> tuple[list[tuple[int, BadImage]], list[int]]:
-    """The work of one task, pure: decode each payload like the CPU path and ``write(j, size_index, pixels)``
-    for each size (``resize_square``). Returns ``(j, BadImage)`` for the payloads that are bad, and each
+                write: Callable[[int, int, np.ndarray], None],
+                min_size: int | None = None) -> tuple[list[tuple[int, BadImage]], list[int]]:
+    """The work of one task, pure: decode each payload like the CPU path (``decode_bytes`` with ``min_size``: the
+    reduced-size JPEG decode, never a full 12-megapixel image when the model needs 224 pixels) and
+    ``write(j, size_index, pixels)`` for each size (``resize_square``: PIL's antialiased bilinear). Returns ``(j, BadImage)`` for the payloads that are bad, and each
     payload's decoded ``height << 32 | width`` (0 when bad)."""
     from ..models.preprocess import resize_square
 
@@ -158,7 +161,7 @@ def decode_rows(data: Sequence[bytes], sizes: Sequence[int], limits: DecodeLimit
     dims = [0] * len(data)
     for j, payload in enumerate(data):
         try:
-            img = decode_bytes(payload, limits)
+            img = decode_bytes(payload, limits, min_size=min_size)
         except BadImage as e:
             bad.append((j, e))
             continue
@@ -185,7 +188,7 @@ def _work(task: _Task) -> tuple[list[tuple[int, BadImage]], list[int]]:
     inp, out = _w_map(task.in_path), _w_map(task.out_path)
     data = [inp[o:o + n].tobytes() for o, n in zip(task.starts, task.lens)]
     write = _slot_writer(out, task.sizes, task.bases, task.rows)
-    bad, dims = decode_rows(data, task.sizes, _W_LIMITS or DecodeLimits(), write)
+    bad, dims = decode_rows(data, task.sizes, _W_LIMITS or DecodeLimits(), write, _W_MIN_SIZE)
     return [(task.rows[j], e) for j, e in bad], dims
 
 
@@ -237,6 +240,7 @@ class ProcBatch:
     n: int
     dims: np.ndarray  # (n, 2) int64
     redone: int = 0  # rows decoded again in the parent because a worker failed
+    seconds: float = 0.0  # wall time from submit until the last task finished (the router's measurement)
 
 
 @dataclass
@@ -249,6 +253,8 @@ class _Job:
     payloads: Sequence[bytes]
     pool: Any = None  # the pool its tasks went to
     done: bool = False
+    t0: float = 0.0  # perf_counter at submit
+    t_done: list[float] = field(default_factory=list)  # perf_counter when each task finished
 
 
 class DecodeProcs:
@@ -258,7 +264,7 @@ class DecodeProcs:
 
     def __init__(self, workers: int, sizes: Sequence[int], limits: DecodeLimits | None = None,
                  ring: int = 6, chunk: int = 24, pin: bool | None = None, start_method: str | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, min_size: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -266,6 +272,7 @@ class DecodeProcs:
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive, got {sizes}")
         self.limits = limits or DecodeLimits()
+        self.min_size = min_size  # reduced-size JPEG decode (images.decode_bytes' min_size): the CPU path's
         self.chunk = max(1, chunk)
         self.timeout_s = timeout_s  # a batch whose workers take longer is decoded again here (workers killed)
         if pin is None:
@@ -287,7 +294,8 @@ class DecodeProcs:
         ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(["roadcascade.accel.procdecode", "roadcascade.models.preprocess"])
-        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init, initargs=(self.limits,))
+        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(self.limits, self.min_size))
         try:
             for f in [pool.submit(_ping) for _ in range(self.workers)]:  # start them all now, not on the first batch
                 f.result(timeout=120)
@@ -320,6 +328,7 @@ class DecodeProcs:
     def submit(self, payloads: Sequence[bytes]) -> _Job:
         n = len(payloads)
         i = self._free.get()  # blocks while every slot is in use
+        t0 = time.perf_counter()
         slot = self._slots[i]
         try:
             lens = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=n)
@@ -337,6 +346,7 @@ class DecodeProcs:
                 slot.inp.array[:total] = np.frombuffer(b"".join(payloads), dtype=np.uint8)
             pool = self.pool
             futs = []
+            t_done: list[float] = []
             k = max(1, min(n, self.workers, max(1, n // 4)) if n <= self.workers * self.chunk else -(-n // self.chunk))
             step = -(-n // k) if n else 1
             for a in range(0, n, step):
@@ -344,15 +354,18 @@ class DecodeProcs:
                 task = _Task(slot.inp.path, slot.out.path, starts[a:a + len(rows)].tolist(),
                              lens[a:a + len(rows)].tolist(), rows, self.sizes, tuple(bases))
                 try:
-                    futs.append((pool.submit(_work, task), rows))
-                except Exception as e:  # noqa: BLE001 - a broken pool: these rows are redone in collect
-                    fut: Future = Future()
-                    fut.set_exception(e)
+                    fut = pool.submit(_work, task)
+                    fut.add_done_callback(lambda _f, d=t_done: d.append(time.perf_counter()))
                     futs.append((fut, rows))
+                except Exception as e:  # noqa: BLE001 - a broken pool: these rows are redone in collect
+                    broken_fut: Future = Future()
+                    broken_fut.set_exception(e)
+                    futs.append((broken_fut, rows))
         except BaseException:
             self._free.put(i)
             raise
-        return _Job(slot=i, n=n, sizes=self.sizes, bases=tuple(bases), futures=futs, payloads=payloads, pool=pool)
+        return _Job(slot=i, n=n, sizes=self.sizes, bases=tuple(bases), futures=futs, payloads=payloads, pool=pool,
+                    t0=t0, t_done=t_done)
 
     def collect(self, job: _Job, device: Any = None, stream: Any = None) -> ProcBatch:
         """Wait for the batch; return its pixels on ``device`` (``cpu``: copies, the slot is free at once)."""
@@ -382,7 +395,8 @@ class DecodeProcs:
             out = slot.out.array
             if redo:
                 write = _slot_writer(out, job.sizes, job.bases, redo)
-                bad, dims = decode_rows([bytes(job.payloads[r]) for r in redo], job.sizes, self.limits, write)
+                bad, dims = decode_rows([bytes(job.payloads[r]) for r in redo], job.sizes, self.limits, write,
+                                        self.min_size)
                 for j, e in bad:
                     errors[redo[j]] = e
                 packed[redo] = dims
@@ -403,7 +417,8 @@ class DecodeProcs:
         finally:
             self._free.put(job.slot)
         dims2 = np.stack([packed >> 32, packed & 0xFFFFFFFF], axis=1)
-        return ProcBatch(x=x, errors=errors, n=job.n, dims=dims2, redone=len(redo))
+        t_end = max(job.t_done) if job.t_done and not redo else time.perf_counter()
+        return ProcBatch(x=x, errors=errors, n=job.n, dims=dims2, redone=len(redo), seconds=t_end - job.t0)
 
     def abandon(self, job: _Job) -> None:
         """Give up a batch that will not be collected (its caller failed): wait for its tasks, free its slot."""

@@ -1,5 +1,6 @@
-"""Resizing on the device, bit-exact with PIL's bilinear + antialias (PIL's fixed-point filter coefficients
-applied as two float64 matrix products, with PIL's intermediate rounding)."""
+"""Resizing on the device: bit-exact with PIL's bilinear + antialias for small images (PIL's fixed-point filter
+coefficients applied as two float64 matrix products, with PIL's intermediate rounding), antialiased float32 for
+large downscales (equal answers, not equal bits)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["pil_bilinear_weights", "horizontal_first", "resize_exact", "resize_images"]
+__all__ = ["pil_bilinear_weights", "horizontal_first", "resize_exact", "resize_images", "resize_antialias",
+           "resize_group", "shape_groups", "EXACT_MAX_PIXELS"]
 
 # ============================================================================ PIL-exact resize
 
@@ -123,25 +125,70 @@ def resize_exact(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     return _passes(x.to(torch.float64), out_h, out_w, first).to(torch.uint8)
 
 
-def resize_images(images: Sequence[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
-    """List of (3, H, W) uint8 tensors (any sizes, any strides) -> (n, 3, size, size) uint8, PIL-exact.
+def resize_images(images: Sequence[torch.Tensor], size: int, device: torch.device,
+                  exact_max_pixels: int | None = None) -> torch.Tensor:
+    """List of (3, H, W) uint8 tensors (any sizes, any strides) -> (n, 3, size, size) uint8.
 
-    Images of one size are stacked and resized together (one pair of matrix products per size)."""
+    Images of one size are stacked and resized together (one pair of matrix products per size), PIL-exact;
+    with ``exact_max_pixels``, groups of larger images take the antialiased float32 resize (:func:`resize_group`)."""
     n = len(images)
     if n == 0:
         return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
-    shapes = [tuple(t.shape[1:]) for t in images]
-    first = shapes[0]
-    if all(s == first for s in shapes):
-        return resize_exact(torch.stack(list(images)), size, size)
+    groups = shape_groups([tuple(t.shape[1:]) for t in images])
+    if len(groups) == 1:
+        return resize_group(torch.stack(list(images)), size, exact_max_pixels)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(shapes):
-        groups.setdefault(s, []).append(i)
     for idx in groups.values():
-        block = resize_exact(torch.stack([images[i] for i in idx]), size, size)
+        block = resize_group(torch.stack([images[i] for i in idx]), size, exact_max_pixels)
         if len(idx) == 1:
             out[idx[0]].copy_(block[0])
         else:
             out.index_copy_(0, torch.tensor(idx, device=device), block)
     return out
+
+
+# ============================================================================ large downscales
+
+#: images above this many pixels are resized with :func:`resize_antialias` on CUDA (the float64 PIL-exact
+#: products cost O(H * W * S) multiply-adds in float64 per image: fine for a 0.1-megapixel frame, wasted on a
+#: 12-megapixel photo whose answer does not depend on the last bit of its 224-pixel thumbnail)
+EXACT_MAX_PIXELS = 1 << 19
+#: float32 working set of one :func:`resize_antialias` call, in pixels (x 3 channels x 4 bytes: 768 MiB)
+AA_CHUNK_PIXELS = 1 << 26
+
+
+def resize_antialias(x: torch.Tensor, out_h: int, out_w: int, chunk_pixels: int = AA_CHUNK_PIXELS) -> torch.Tensor:
+    """(n, C, H, W) uint8 -> (n, C, out_h, out_w) uint8: bilinear with antialiasing in float32
+    (``torch.nn.functional.interpolate(antialias=True)``, PIL's triangle filter widened by the scale, as
+    PIL's BILINEAR does), rounded to uint8. Within one level of :func:`resize_exact` (rounding order only).
+    Runs in pieces of at most ``chunk_pixels`` input pixels, so a batch of 12-megapixel photos never holds
+    more than one piece in float32."""
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"resize_antialias expects (n, C, H, W) uint8, got {tuple(x.shape)} {x.dtype}")
+    n, c, h, w = x.shape
+    if (h, w) == (out_h, out_w):
+        return x
+    out = torch.empty((n, out_h, out_w, c), dtype=torch.uint8, device=x.device).permute(0, 3, 1, 2)
+    step = max(1, chunk_pixels // max(1, h * w))
+    for a in range(0, n, step):
+        y = torch.nn.functional.interpolate(x[a:a + step].float(), size=(out_h, out_w), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[a:a + step] = y.round_().clamp_(0.0, 255.0).to(torch.uint8)
+    return out
+
+
+def resize_group(x: torch.Tensor, size: int, exact_max_pixels: int | None = EXACT_MAX_PIXELS) -> torch.Tensor:
+    """One shape group (n, 3, H, W) uint8 to (n, 3, size, size): PIL-exact up to ``exact_max_pixels`` input
+    pixels (None: always), antialiased float32 above."""
+    h, w = x.shape[-2:]
+    if exact_max_pixels is None or h * w <= exact_max_pixels:
+        return resize_exact(x, size, size)
+    return resize_antialias(x, size, size)
+
+
+def shape_groups(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Positions of each distinct (H, W), in first-seen order (phone and dashcam payloads come in few sizes)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(s, []).append(i)
+    return groups
