@@ -14,6 +14,7 @@ from roadcascade.detect.config import DetTrainConfig, make_config
 from roadcascade.fit.config import BuildConfig, DistillConfig, OptimOptions, RunOptions, TrainConfig
 from roadcascade.fit.guard import GuardConfig
 from roadcascade.io.synth.engine import SynthConfig
+from roadcascade.models.export_config import ExportConfig
 
 SHARED = [f.name for f in dataclasses.fields(RunOptions)]
 CONFIGS = [TrainConfig, BuildConfig, DistillConfig, DetTrainConfig]
@@ -71,6 +72,7 @@ COMMANDS = {
     ("calibrate-detector",): (DetTrainConfig, {"test": "evaluate_test"}),
     ("guard",): (GuardConfig, {}),
     ("synth",): (SynthConfig, {}),
+    ("export",): (ExportConfig, {}),
 }
 
 

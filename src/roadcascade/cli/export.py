@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ..fit.config import DistillConfig
+from ..models.export_config import ExportConfig as _Export
 from .defaults import default_of, given
 
 
@@ -17,15 +18,15 @@ def export_command(
     bundle: Path = typer.Option(..., help="bundle directory to export (read only)"),
     out: Path = typer.Option(..., help="new bundle directory to write"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (the only format)"),
-    int8: bool = typer.Option(False, "--int8/--fp32", help="static INT8 quantisation (QDQ, per-channel weights) calibrated on val"),
+    int8: bool = typer.Option(default_of(_Export, "int8"), "--int8/--fp32", help="static INT8 quantisation (QDQ, per-channel weights) calibrated on val"),
     data: Optional[str] = typer.Option(None, help="dataset whose val split calibrates and checks (default StreetWork)"),
-    calib_images: int = typer.Option(96, min=1, help="val images for INT8 calibration (each clean + one challenge view)"),
-    check_images: int = typer.Option(48, min=1, help="other val images for the check against PyTorch"),
-    calibrate_method: str = typer.Option("percentile", help="percentile (99.999 of each activation's histogram) | minmax | entropy"),
-    exclude_depthwise: bool = typer.Option(False, help="keep depthwise convolutions in fp32"),
-    stem_fp32: bool = typer.Option(True, "--stem-fp32/--stem-int8", help="keep the convolution on the image in fp32 (INT8: most of the logit error)"),
-    head_fp32: bool = typer.Option(False, "--head-fp32/--head-int8", help="keep the head (last conv and classifier) in fp32"),
-    per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
+    calib_images: int = typer.Option(default_of(_Export, "calib_images"), min=1, help="val images for INT8 calibration (each clean + one challenge view)"),
+    check_images: int = typer.Option(default_of(_Export, "check_images"), min=1, help="other val images for the check against PyTorch"),
+    calibrate_method: str = typer.Option(default_of(_Export, "calibrate_method"), help="percentile (99.999 of each activation's histogram) | minmax | entropy"),
+    exclude_depthwise: bool = typer.Option(default_of(_Export, "exclude_depthwise"), help="keep depthwise convolutions in fp32"),
+    stem_fp32: bool = typer.Option(default_of(_Export, "stem_fp32"), "--stem-fp32/--stem-int8", help="keep the convolution on the image in fp32 (INT8: most of the logit error)"),
+    head_fp32: bool = typer.Option(default_of(_Export, "head_fp32"), "--head-fp32/--head-int8", help="keep the head (last conv and classifier) in fp32"),
+    per_channel: bool = typer.Option(default_of(_Export, "per_channel"), "--per-channel/--per-tensor", help="weight scales per output channel"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the check as JSON here"),
 ) -> None:
