@@ -49,3 +49,21 @@ def test_ship_int8_exports_guards_measures_and_records(tmp_path, streetwork):
     assert all(t.kind == "onnx_classifier" for t in b.cascade.tiers)
     assert b.meta["guard"]["fpr"] == 0.05  # guarded again on the INT8 outputs
     assert all(e.full_threshold is not None and e.full_threshold <= e.threshold for e in b.cascade.exits)
+
+
+def test_quickstart_ship_step_falls_back_to_fp32_when_the_export_fails(tmp_path, monkeypatch):
+    """A failed INT8 export (e.g. an onnxruntime that cannot load) costs the INT8 form, not the quickstart; a stale
+    export from an earlier run is removed first, so it can never be shipped by mistake."""
+    import roadcascade.fit.ship as ship
+    from roadcascade.cli import _ship
+
+    stale = tmp_path / "bundle-int8"
+    stale.mkdir()
+    (stale / "bundle.json").write_text("{}")
+
+    def fail(*a, **k):
+        raise RuntimeError("onnxruntime session could not be created")
+
+    monkeypatch.setattr(ship, "ship_int8", fail)
+    assert _ship(tmp_path / "bundle", tmp_path, None, None, None) == tmp_path / "bundle"
+    assert not stale.exists()
