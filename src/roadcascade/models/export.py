@@ -9,6 +9,8 @@ the answers moved (largest |dp|, decision agreement).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
@@ -179,13 +181,15 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig) -
         # on the quickstart stage 1 (val, 582 inputs): all INT8 mean |dlogit| 0.125, stem in fp32 0.093, same speed
         exclude = (depthwise_convs(pre) if cfg.exclude_depthwise else []) + (stem_convs(pre) if cfg.stem_fp32 else []) \
             + (head_nodes(pre) if cfg.head_fp32 else [])
-        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
-                        reduce_range=cfg.reduce_range, calibrate_method=method, nodes_to_exclude=exclude,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibMovingAverage": False,
-                                       "CalibTensorRangeSymmetric": False, "CalibPercentile": cfg.percentile,
-                                       "CalibStridedMinMax": 1},
-                        calibration_providers=["CPUExecutionProvider"])
+        # onnxruntime's histogram calibrators print a line per collected batch; the export logs its own summary
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+                            reduce_range=cfg.reduce_range, calibrate_method=method, nodes_to_exclude=exclude,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibMovingAverage": False,
+                                           "CalibTensorRangeSymmetric": False, "CalibPercentile": cfg.percentile,
+                                           "CalibStridedMinMax": 1},
+                            calibration_providers=["CPUExecutionProvider"])
     return out
 
 
