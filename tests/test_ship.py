@@ -1,5 +1,5 @@
 """Which form the quickstart ships (fit.ship): the choice rule as properties, and one real run of the whole step
-(INT8 export of a tiny two-tier bundle, guard refit, both forms on val views, shipped.json)."""
+(fp32 and INT8 ONNX exports of a tiny two-tier bundle, guard refit, all forms on val views, shipped.json)."""
 
 import json
 
@@ -32,23 +32,29 @@ def test_faster_but_worse_is_not_shipped_and_equal_speed_keeps_the_reference():
 
 
 @pytest.mark.integration
-def test_ship_int8_exports_guards_measures_and_records(tmp_path, streetwork):
+def test_ship_cpu_form_exports_guards_measures_and_records(tmp_path, streetwork):
     from roadcascade.cascade.bundle import Bundle
     from roadcascade.fit.guard import GuardConfig
-    from roadcascade.fit.ship import ship_int8
+    from roadcascade.fit.ship import ship_cpu_form
     from roadcascade.serve.testing import tiny_bundle
 
     data = str(streetwork)
     src = tiny_bundle(tmp_path / "b")
     cfg = ShipConfig(data=data, max_images=12, calib_images=4, check_images=4)
-    choice = ship_int8(src, tmp_path / "b-int8", cfg, guard=GuardConfig(fpr=0.05, data=data), log=lambda *_: None)
+    choice = ship_cpu_form(src, tmp_path, cfg, guard=GuardConfig(fpr=0.05, data=data), log=lambda *_: None)
     doc = json.loads((tmp_path / "shipped.json").read_text())
-    assert doc["shipped"] == choice.shipped and choice.shipped in (str(src), str(tmp_path / "b-int8"))
-    assert [r["label"] for r in doc["rows"]] == ["torch-fp32", "onnx-int8"] and doc["rows"][0]["n"] == 48  # 12 x 4 views
-    b = Bundle.load(tmp_path / "b-int8", device="cpu")
-    assert all(t.kind == "onnx_classifier" for t in b.cascade.tiers)
-    assert b.meta["guard"]["fpr"] == 0.05  # guarded again on the INT8 outputs
-    assert all(e.full_threshold is not None and e.full_threshold <= e.threshold for e in b.cascade.exits)
+    assert doc["shipped"] == choice.shipped
+    assert choice.shipped in (str(src), str(tmp_path / "bundle-onnx"), str(tmp_path / "bundle-int8"))
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert list(rows) == ["torch-fp32", "onnx-fp32", "onnx-int8"] and rows["torch-fp32"]["n"] == 48  # 12 x 4 views
+    assert rows["onnx-fp32"]["agreement"] == 1.0 and rows["onnx-fp32"]["max_abs_dp"] < 1e-4  # fp32 ONNX answers as PyTorch
+    for name, precision in (("bundle-onnx", "fp32"), ("bundle-int8", "int8")):
+        b = Bundle.load(tmp_path / name, device="cpu")
+        assert all(t.kind == "onnx_classifier" for t in b.cascade.tiers)
+        assert b.meta["guard"]["fpr"] == 0.05  # guarded again on its own outputs
+        assert all(e.full_threshold is not None and e.full_threshold <= e.threshold for e in b.cascade.exits)
+    with pytest.raises(ValueError):
+        ShipConfig(forms=("onnx-fp16",))
 
 
 def test_quickstart_ship_step_falls_back_to_fp32_when_the_export_fails(tmp_path, monkeypatch):
@@ -57,13 +63,15 @@ def test_quickstart_ship_step_falls_back_to_fp32_when_the_export_fails(tmp_path,
     import roadcascade.fit.ship as ship
     from roadcascade.cli import _ship
 
-    stale = tmp_path / "bundle-int8"
-    stale.mkdir()
-    (stale / "bundle.json").write_text("{}")
+    stale = [tmp_path / "bundle-int8", tmp_path / "bundle-onnx"]
+    for d in stale:
+        d.mkdir()
+        (d / "bundle.json").write_text("{}")
+    (tmp_path / "shipped.json").write_text("{}")
 
     def fail(*a, **k):
         raise RuntimeError("onnxruntime session could not be created")
 
-    monkeypatch.setattr(ship, "ship_int8", fail)
+    monkeypatch.setattr(ship, "ship_cpu_form", fail)
     assert _ship(tmp_path / "bundle", tmp_path, None, None, None) == tmp_path / "bundle"
-    assert not stale.exists()
+    assert not any(d.exists() for d in stale) and not (tmp_path / "shipped.json").exists()

@@ -324,11 +324,11 @@ def quickstart(
     view_scale: float = typer.Option(QUICKSTART_VIEW_SCALE, min=0.25, max=4.0, help="run those squares at this x the input size"),
     guard_fpr: Optional[float] = typer.Option(QUICKSTART_GUARD_FPR, min=0.0, max=0.5, help="open-set guard: lower thresholds to where this share of val's real dashcam negatives pass (see `roadcascade guard`)"),
     guard: bool = typer.Option(True, "--guard/--no-guard", help="apply the open-set guard to both bundles"),
-    int8: bool = typer.Option(True, "--int8/--no-int8", help="also export the bundle to INT8 ONNX and ship whichever form has the best "
-                              "val MCC per CPU-ms (within 0.005 MCC of fp32 PyTorch); see `roadcascade export`"),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="also export the bundle to ONNX (fp32 and INT8) and ship whichever form "
+                              "has the best val MCC per CPU-ms (within 0.005 MCC of fp32 PyTorch); see `roadcascade export`"),
 ) -> None:
     """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, export it
-    to INT8 and ship the better form for the CPU, evaluate test clean + challenge and real dashcam frames (night-dev
+    to ONNX (fp32, INT8) and ship the best form for the CPU, evaluate test clean + challenge and real dashcam frames (night-dev
     recall, dashcam false positives), report."""
     from ..fit.guard import guard_bundle
     from ..bench.realcam import format_realcam, realcam_html
@@ -359,9 +359,9 @@ def quickstart(
             if gcfg:
                 guard_bundle(bdir, gcfg, device=device, log=console.print)
         shipped = _ship(bdir, out, data, gcfg, cb) if int8 else bdir
-        # the deployed bundle (the cascade, or stage 1 with --stage1-only; its INT8 form when that ships), the fp32
-        # PyTorch form when the INT8 one ships, then the stage-1 model on its own
-        runs = ([(shipped, "", "")] + ([(bdir, "-fp32", "fp32 ")] if shipped != bdir else [])
+        # the deployed bundle (the cascade, or stage 1 with --stage1-only; the ONNX form that ships), the PyTorch
+        # form when the INT8 one ships (an fp32 ONNX form answers as PyTorch does), then the stage-1 model on its own
+        runs = ([(shipped, "", "")] + ([(bdir, "-torch", "PyTorch fp32 ")] if shipped.name == "bundle-int8" else [])
                 + ([(sdir, "-stage1", "stage-1 ")] if cascade else []))
         reps, realcam = _evaluate_runs(runs, out, data, device, cb)
     html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
@@ -376,17 +376,19 @@ def quickstart(
 
 
 def _ship(bdir: Path, out: Path, data: Optional[str], gcfg, cb) -> Path:
-    """The INT8 ONNX export of ``bdir`` at ``out/bundle-int8`` and the form to ship (``fit.ship``); a failed export
-    leaves the fp32 bundle shipped, said plainly (a missing onnxruntime must not cost the whole quickstart)."""
-    from ..fit.ship import ShipConfig, ship_int8
+    """The ONNX exports of ``bdir`` (fp32 and INT8, under ``out``) and the form to ship (``fit.ship``); a failed
+    export leaves the fp32 PyTorch bundle shipped, said plainly (it must not cost the whole quickstart)."""
+    from ..fit.ship import ShipConfig, ship_cpu_form
 
-    dest = out / "bundle-int8"
-    if dest.exists():
-        shutil.rmtree(dest)  # exported from the bundle just built: a cached export could be of an older one
+    for stale in (out / "bundle-onnx", out / "bundle-int8", out / "shipped.json"):
+        if stale.is_dir():
+            shutil.rmtree(stale)  # exports of an older bundle must never be shipped
+        elif stale.exists():
+            stale.unlink()
     try:
-        return Path(ship_int8(bdir, dest, ShipConfig(data=data), guard=gcfg, log=console.print, progress=cb).shipped)
+        return Path(ship_cpu_form(bdir, out, ShipConfig(data=data), guard=gcfg, log=console.print, progress=cb).shipped)
     except (ImportError, RuntimeError, ValueError, OSError) as e:
-        console.print(f"[yellow]INT8 export failed ({type(e).__name__}: {e}); shipping the fp32 bundle {bdir}[/yellow]")
+        console.print(f"[yellow]ONNX export failed ({type(e).__name__}: {e}); shipping the fp32 bundle {bdir}[/yellow]")
         return bdir
 
 

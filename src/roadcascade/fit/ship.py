@@ -1,9 +1,10 @@
-"""Which form of a bundle to ship on the CPU: the PyTorch fp32 bundle or its INT8 ONNX export (issue 16).
+"""Which form of a bundle to ship on the CPU: the PyTorch fp32 bundle, its fp32 ONNX export or its INT8 ONNX
+export (issue 16).
 
-The quickstart exports its cascade to INT8 ONNX (every classifier tier, calibrated on ``val``), guards the
-export again when the original was guarded (the INT8 logits move a little, and the full-frame thresholds are
-read off them), then runs both forms on the same ``val`` challenge views, taking turns chunk by chunk
-(``bench.onnx.bench_backends``: the load of a shared CPU falls on both alike). It ships the form with the
+The quickstart exports its cascade to ONNX, fp32 and INT8 (every classifier tier; INT8 calibrated on ``val``),
+guards each export again when the original was guarded (the INT8 logits move a little, and the full-frame
+thresholds are read off them), then runs all forms on the same ``val`` challenge views, taking turns chunk by chunk
+(``bench.onnx.bench_backends``: the load of a shared CPU falls on all alike). It ships the form with the
 best MCC per CPU-millisecond among those whose val MCC is within ``max_dmcc`` of the reference's: a form
 that is faster but decides worse is not a cheaper way to the same answer.
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 Progress = Callable[[str, int, int], None]
 
+ONNX_FORMS = {"onnx-fp32": False, "onnx-int8": True}  # label -> INT8?; written to bundle-onnx / bundle-int8
+
 
 @dataclass(frozen=True)
 class ShipConfig:
@@ -28,6 +31,7 @@ class ShipConfig:
     max_images: int | None = None  # a stratified subset of the split (smoke runs)
     threads: int = 1  # the CPU a single-threaded miner process has: the ratio that matters there
     data: str | None = None
+    forms: tuple[str, ...] = ("onnx-fp32", "onnx-int8")  # the ONNX forms tried beside fp32 PyTorch (ONNX_FORMS)
     calib_images: int = 96  # val images that calibrate the INT8 ranges (ExportConfig's default)
     check_images: int = 48  # other val images for the export's check against PyTorch
 
@@ -36,6 +40,9 @@ class ShipConfig:
             raise ValueError(f"max_dmcc must be in [0, 1], got {self.max_dmcc}")
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
+        bad = [f for f in self.forms if f not in ONNX_FORMS]
+        if bad:
+            raise ValueError(f"unknown forms {bad}; choose from {', '.join(ONNX_FORMS)}")
 
 
 @dataclass
@@ -63,29 +70,45 @@ def choose(mccs: Sequence[float], img_s: Sequence[float], max_dmcc: float) -> in
     return max(ok, key=lambda i: (mcc_per_ms(mccs[i], img_s[i]), -i))
 
 
-def ship_int8(bundle: str | Path, out: str | Path, cfg: ShipConfig = ShipConfig(), guard=None,
-              log: Callable[[str], None] = print, progress: Progress | None = None) -> ShipChoice:
-    """Export ``bundle`` to INT8 ONNX at ``out`` (guarded again with ``guard``, a GuardConfig, when given),
-    measure both forms on ``cfg.split`` and return the choice (also written to ``out/../shipped.json``)."""
+def export_form(bundle: Path, label: str, root: Path, cfg: ShipConfig, guard, log: Callable[[str], None]) -> Path:
+    """``bundle`` exported as ONNX form ``label`` to ``root/bundle-onnx`` or ``root/bundle-int8`` (replacing an
+    older export), guarded again on its own outputs when ``guard`` (a GuardConfig) is given."""
+    import shutil
+
+    from ..models.export import ExportConfig, export_bundle
+    from .guard import guard_bundle
+
+    if label not in ONNX_FORMS:
+        raise ValueError(f"unknown form {label!r}; one of {', '.join(ONNX_FORMS)}")
+    int8 = ONNX_FORMS[label]
+    out = root / ("bundle-int8" if int8 else "bundle-onnx")
+    if out.exists():
+        shutil.rmtree(out)  # exported from the bundle just built: an older export could be of another one
+    rep = export_bundle(bundle, out, ExportConfig(int8=int8, data=cfg.data, calib_images=cfg.calib_images,
+                                                 check_images=cfg.check_images), log=log)
+    log(f"{label} export {out}: val agreement {rep.cascade_agreement:.2%}, max |dp| {rep.cascade_max_abs_dp:.3f}")
+    if guard is not None:
+        guard_bundle(out, guard, device="cpu", log=log, refit=True)
+    return out
+
+
+def ship_cpu_form(bundle: str | Path, root: str | Path, cfg: ShipConfig = ShipConfig(), guard=None,
+                  log: Callable[[str], None] = print, progress: Progress | None = None) -> ShipChoice:
+    """Export ``bundle`` in each of ``cfg.forms`` under ``root``, measure them and the fp32 PyTorch bundle on
+    ``cfg.split`` in turns, and return the choice (also written to ``root/shipped.json``)."""
     import torch
 
     from ..bench.onnx import bench_backends
     from ..cascade.bundle import Bundle
     from ..io.data import open_dataset
     from ..io.items import make_items, view_seed
-    from ..models.export import ExportConfig, export_bundle
-    from .guard import guard_bundle
 
-    bundle, out = Path(bundle), Path(out)
-    rep = export_bundle(bundle, out, ExportConfig(int8=True, data=cfg.data, calib_images=cfg.calib_images,
-                                                 check_images=cfg.check_images), log=log)
-    log(f"INT8 export {out}: val agreement {rep.cascade_agreement:.2%}, max |dp| {rep.cascade_max_abs_dp:.3f}")
-    if guard is not None:
-        guard_bundle(out, guard, device="cpu", log=log, refit=True)
+    bundle, root = Path(bundle), Path(root)
+    forms = [("torch-fp32", bundle, "torch")] + [(f, export_form(bundle, f, root, cfg, guard, log), "onnxruntime")
+                                                  for f in cfg.forms]
     old = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        forms = [("torch-fp32", bundle, "torch"), ("onnx-int8", out, "onnxruntime")]
         loaded = [(label, Bundle.load(path, device="cpu", backend=be)) for label, path, be in forms]
         ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
         items = make_items(ds, cfg.views, view_seed(cfg.split, None), progress=progress)
@@ -97,6 +120,6 @@ def ship_int8(bundle: str | Path, out: str | Path, cfg: ShipConfig = ShipConfig(
     reason = (f"{pick.label}: val {cfg.views} MCC {pick.mcc:.4f} at {pick.img_s:.1f} img/s ({pick.speedup:.2f}x, {cfg.threads} thread)"
               f" against {ref.label} MCC {ref.mcc:.4f}; best MCC per CPU-ms within {cfg.max_dmcc} MCC of the reference")
     choice = ShipChoice(shipped=str(forms[k][1]), label=pick.label, rows=[r.as_dict() for r in rows], reason=reason)
-    (out.parent / "shipped.json").write_text(json.dumps(choice.as_dict(), indent=2))
+    (root / "shipped.json").write_text(json.dumps(choice.as_dict(), indent=2))
     log(f"ships {choice.shipped}: {reason}")
     return choice
