@@ -14,8 +14,6 @@ shards. Ray Data retries failed tasks and restarts lost actors; the writer drops
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path

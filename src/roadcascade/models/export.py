@@ -27,7 +27,7 @@ from ..cascade.bundle_check import record_hashes, weights_fields
 from ..cascade.runtime import ClassifierTier
 from ..cascade.onnx_tier import OnnxClassifierTier, tier_inputs
 
-from .export_config import CALIBRATE_METHODS, ExportConfig  # noqa: F401  (re-exported: callers import them from here)
+from .export_config import ExportConfig
 
 
 @dataclass
