@@ -72,6 +72,6 @@ def test_quickstart_ship_step_falls_back_to_fp32_when_the_export_fails(tmp_path,
     def fail(*a, **k):
         raise RuntimeError("onnxruntime session could not be created")
 
-    monkeypatch.setattr(ship, "ship_cpu_form", fail)
+    monkeypatch.setattr(ship, "export_form", fail)
     assert _ship(tmp_path / "bundle", tmp_path, None, None, None) == tmp_path / "bundle"
     assert not any(d.exists() for d in stale) and not (tmp_path / "shipped.json").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -380,11 +379,6 @@ def _ship(bdir: Path, out: Path, data: Optional[str], gcfg, cb) -> Path:
     export leaves the fp32 PyTorch bundle shipped, said plainly (it must not cost the whole quickstart)."""
     from ..fit.ship import ShipConfig, ship_cpu_form
 
-    for stale in (out / "bundle-onnx", out / "bundle-int8", out / "shipped.json"):
-        if stale.is_dir():
-            shutil.rmtree(stale)  # exports of an older bundle must never be shipped
-        elif stale.exists():
-            stale.unlink()
     try:
         return Path(ship_cpu_form(bdir, out, ShipConfig(data=data), guard=gcfg, log=console.print, progress=cb).shipped)
     except (ImportError, RuntimeError, ValueError, OSError) as e:

@@ -2,9 +2,10 @@
 export (issue 16).
 
 The quickstart exports its cascade to ONNX, fp32 and INT8 (every classifier tier; INT8 calibrated on ``val``),
-guards each export again when the original was guarded (the INT8 logits move a little, and the full-frame
-thresholds are read off them), then runs all forms on the same ``val`` challenge views, taking turns chunk by chunk
-(``bench.onnx.bench_backends``: the load of a shared CPU falls on all alike). It ships the form with the
+guards the INT8 export again when the original was guarded (its logits move a little, and the full-frame
+thresholds are read off them; the fp32 export answers as PyTorch does and keeps the original's thresholds),
+then runs all forms on the same ``val`` challenge views, taking turns chunk by chunk (``bench.onnx.bench_backends``:
+the load of a shared CPU falls on all alike). It ships the form with the
 best MCC per CPU-millisecond among those whose val MCC is within ``max_dmcc`` of the reference's: a form
 that is faster but decides worse is not a cheaper way to the same answer.
 
@@ -70,25 +71,37 @@ def choose(mccs: Sequence[float], img_s: Sequence[float], max_dmcc: float) -> in
     return max(ok, key=lambda i: (mcc_per_ms(mccs[i], img_s[i]), -i))
 
 
-def export_form(bundle: Path, label: str, root: Path, cfg: ShipConfig, guard, log: Callable[[str], None]) -> Path:
-    """``bundle`` exported as ONNX form ``label`` to ``root/bundle-onnx`` or ``root/bundle-int8`` (replacing an
-    older export), guarded again on its own outputs when ``guard`` (a GuardConfig) is given."""
+def form_dir(root: Path, label: str) -> Path:
+    """Where form ``label`` is written under ``root``."""
+    return root / ("bundle-int8" if ONNX_FORMS[label] else "bundle-onnx")
+
+
+def clear_exports(root: Path) -> None:
+    """Remove what an earlier ship step left under ``root`` (every form's export and ``shipped.json``): exports of
+    an older bundle must never be taken for this one's."""
     import shutil
 
+    for label in ONNX_FORMS:
+        shutil.rmtree(form_dir(root, label), ignore_errors=True)
+    (root / "shipped.json").unlink(missing_ok=True)
+
+
+def export_form(bundle: Path, label: str, root: Path, cfg: ShipConfig, guard, log: Callable[[str], None]) -> Path:
+    """``bundle`` exported as ONNX form ``label`` to :func:`form_dir`. With ``guard`` (a GuardConfig), an INT8 export
+    is guarded again on its own outputs; an fp32 export keeps the source's guard thresholds (its outputs equal
+    PyTorch's to about 1e-6, so the guard's check finds it guarded and computes nothing)."""
     from ..models.export import ExportConfig, export_bundle
     from .guard import guard_bundle
 
     if label not in ONNX_FORMS:
         raise ValueError(f"unknown form {label!r}; one of {', '.join(ONNX_FORMS)}")
     int8 = ONNX_FORMS[label]
-    out = root / ("bundle-int8" if int8 else "bundle-onnx")
-    if out.exists():
-        shutil.rmtree(out)  # exported from the bundle just built: an older export could be of another one
+    out = form_dir(root, label)
     rep = export_bundle(bundle, out, ExportConfig(int8=int8, data=cfg.data, calib_images=cfg.calib_images,
                                                  check_images=cfg.check_images), log=log)
     log(f"{label} export {out}: val agreement {rep.cascade_agreement:.2%}, max |dp| {rep.cascade_max_abs_dp:.3f}")
     if guard is not None:
-        guard_bundle(out, guard, device="cpu", log=log, refit=True)
+        guard_bundle(out, guard, device="cpu", log=log, refit=int8)
     return out
 
 
@@ -104,6 +117,7 @@ def ship_cpu_form(bundle: str | Path, root: str | Path, cfg: ShipConfig = ShipCo
     from ..io.items import make_items, view_seed
 
     bundle, root = Path(bundle), Path(root)
+    clear_exports(root)
     forms = [("torch-fp32", bundle, "torch")] + [(f, export_form(bundle, f, root, cfg, guard, log), "onnxruntime")
                                                   for f in cfg.forms]
     old = torch.get_num_threads()
