@@ -244,3 +244,50 @@ def test_detections_do_not_depend_on_batch_company():
     np.testing.assert_allclose(mixed[1].scores, alone.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mixed[1].boxes, alone.boxes, rtol=1e-4, atol=1e-3)
     assert len(alone) > 0 and (alone.boxes[:, 2] <= 80 + 1e-3).all() and (alone.boxes[:, 3] <= 48 + 1e-3).all()
+
+
+@pytest.mark.parametrize("cap", [None, 96, 200])
+def test_native_cap_sizes_are_bounded_and_grow_with_the_photo(cap):
+    """Short side: min_size for small images, the image's own in between, never above the cap; the long-side cap
+    grows with it (same aspect budget). Without a cap every image gets (min_size, max_size)."""
+    from roadcascade.detect.model import DetectorConfig
+
+    cfg = DetectorConfig(backbone="test_tiny", min_size=64, max_size=128, native_cap=cap)
+    last = 0
+    for short in (32, 64, 80, 96, 150, 200, 400):
+        s, m = cfg.sizes_for(short, int(short * 1.7))
+        assert cfg.sizes_for(int(short * 1.7), short) == (s, m)  # portrait and landscape alike
+        if cap is None:
+            assert (s, m) == (64, 128)
+            continue
+        assert 64 <= s <= max(64, cap) and s >= last and m >= 128 and m / s == pytest.approx(128 / 64, abs=0.02)
+        assert s == max(64, min(short, cap))
+        last = s
+
+
+def test_native_cap_sees_large_photos_larger_and_leaves_the_transform_as_it_was():
+    """With a cap, a large image is detected at its own short side (boxes still in its pixel coordinates), a small
+    one as before; the transform's sizes are put back after every call."""
+    import torch
+
+    from roadcascade.detect.model import ConeDetector, DetectorConfig
+
+    torch.manual_seed(0)
+    base = DetectorConfig(backbone="test_tiny", fpn_channels=64, head_convs=1, min_size=64, max_size=128, score_thresh=0.0,
+                          detections_per_img=20)
+    m = ConeDetector(base, pretrained=False).eval()
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    large = rng.integers(0, 256, (160, 272, 3), dtype=np.uint8)
+    plain_small, plain_large = m.detect([small])[0], m.detect([large])[0]
+    seen = []
+    orig = m.fcos.transform.resize
+    m.fcos.transform.resize = lambda im, t: (seen.append(tuple(m.fcos.transform.min_size)), orig(im, t))[1]
+    m.cfg = base.replace(native_cap=160)
+    capped_small, capped_large = m.detect([small, large])
+    assert sorted(seen) == [(64,), (160,)]
+    assert m.fcos.transform.min_size == (64,) and m.fcos.transform.max_size == 128
+    np.testing.assert_allclose(capped_small.scores, plain_small.scores, rtol=1e-5, atol=1e-6)
+    assert len(capped_large) and (capped_large.boxes[:, 2] <= 272 + 1e-3).all() and (capped_large.boxes[:, 3] <= 160 + 1e-3).all()
+    assert not (len(capped_large) == len(plain_large) and np.allclose(capped_large.scores, plain_large.scores))
+    assert DetectorConfig.from_dict(m.cfg.to_dict()).native_cap == 160  # stored with the tier's detector config

@@ -156,3 +156,34 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert any(m.startswith("resumed from") and "epoch 3" in m for m in logs)
     assert [h["epoch"] for h in res.history] == [1, 2, 3]
     assert not (tmp_path / "b" / "train_state.pt").exists() and (tmp_path / "b" / "bundle.json").exists()
+
+
+def test_extra_training_sets_add_boxed_positives_and_negatives_and_refuse_held_out_rows(tmp_path):
+    """``extra_train`` (the synthetic dashcam set) adds its boxed cones to the positives and its frames without
+    roadwork to the negatives; a manifest holding a val or test row is refused."""
+    import torch
+
+    from roadcascade.detect.train import _detector_data, make_config
+    from roadcascade.io.data import open_dataset
+
+    write_manifest(tmp_path / "data")
+    extra = tmp_path / "extra"
+    write_manifest(extra, seed=3)
+    rows = list(csv.DictReader(open(extra / "manifest.csv")))
+    with open(extra / "manifest.csv", "w", newline="") as f:  # training-only: drop the held-out rows
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(r for r in rows if r["split"] == "train")
+    cfg = make_config("cpu", data=str(tmp_path / "data"), device="cpu")
+    full = open_dataset(cfg.data)
+    plain = _detector_data(cfg, full, torch.device("cpu"), log=lambda *_: None)
+    more = _detector_data(make_config("cpu", data=str(tmp_path / "data"), device="cpu", extra_train=(str(extra),)), full,
+                          torch.device("cpu"), log=lambda *_: None)
+    assert len(more.pos) == len(plain.pos) + 4 and len(more.neg) == len(plain.neg) + 4
+    assert len(more.images) == len(more.pos) + len(more.neg) and all(im is not None for im in more.images[: len(more.pos)])
+    assert all(s.boxes for s in more.pos) and all(s.label == 0 and not s.boxes for s in more.neg)
+    held = tmp_path / "held"
+    write_manifest(held, seed=4)  # still has its val/test rows
+    with pytest.raises(ValueError):
+        _detector_data(make_config("cpu", data=str(tmp_path / "data"), device="cpu", extra_train=(str(held),)), full,
+                       torch.device("cpu"), log=lambda *_: None)

@@ -46,6 +46,10 @@ def train_detector_cmd(
     min_size: Optional[int] = typer.Option(None, help="inference short side in px"),
     train_sizes: Optional[str] = typer.Option(None, help="training short sides, comma-separated, e.g. 224,256,288"),
     fpn_channels: Optional[int] = typer.Option(None, help="FPN/head width (multiple of 32)"),
+    extra_train: list[str] = typer.Option([], "--extra-train", help="a training-only manifest (e.g. `roadcascade synth` "
+                                          "output: its boxed cones and its frames without roadwork); repeatable"),
+    native_cap: Optional[int] = typer.Option(None, min=32, help="at inference, see larger photos at their own short side "
+                                             "up to this many px (never below --min-size)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (cpu recipe: 1)"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 0 on CPU, 8 on CUDA)"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA"),
@@ -65,6 +69,7 @@ def train_detector_cmd(
     try:
         cfg = make_config(recipe, data=data, backbone=backbone, device=device, epochs=epochs, batch_size=batch_size, lr=lr,
                           min_size=min_size, train_sizes=_sizes(train_sizes), fpn_channels=fpn_channels, threads=threads,
+                          extra_train=tuple(extra_train) or None, native_cap=native_cap,
                           num_workers=workers, amp=amp, seed=seed, max_train=max_train, max_steps=max_steps,
                           max_eval=max_eval, evidence_views=evidence_views, evaluate_test=test, resume=resume)
     except ValueError as e:

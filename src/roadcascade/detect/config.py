@@ -22,6 +22,10 @@ class DetTrainConfig(OptimOptions):
     min_size: int = 256  # inference short side (stored in the tier)
     max_size: int = 512
     train_sizes: tuple[int, ...] = (224, 256, 288)
+    # training-only manifests (the synthetic dashcam set: its boxed cones as positives, its frames without
+    # roadwork (distractor objects pasted) as negatives); any val/test row is refused
+    extra_train: tuple[str, ...] = ()
+    native_cap: int | None = None  # inference: larger photos at their own short side up to this (DetectorConfig)
     # optimisation (the shared fields with the detector's defaults; keyword-only, as they are in OptimOptions)
     epochs: int = field(default=10, kw_only=True)
     batch_size: int = field(default=8, kw_only=True)
@@ -55,7 +59,8 @@ class DetTrainConfig(OptimOptions):
         from .model import DetectorConfig
 
         return DetectorConfig(backbone=self.backbone, fpn_channels=self.fpn_channels, head_convs=self.head_convs,
-                              freeze_blocks=self.freeze_blocks, min_size=self.min_size, max_size=self.max_size)
+                              freeze_blocks=self.freeze_blocks, min_size=self.min_size, max_size=self.max_size,
+                              native_cap=self.native_cap)
 
 
 # The two recipes: "cpu" fits a shared 2-core machine (one thread: ~20 min of training on a quiet machine);
@@ -75,6 +80,8 @@ def _known(kw: dict) -> dict:
         raise ValueError(f"unknown detector training options: {sorted(bad)}")
     if "train_sizes" in kw:
         kw["train_sizes"] = tuple(int(s) for s in kw["train_sizes"])
+    if "extra_train" in kw:
+        kw["extra_train"] = tuple(str(p) for p in kw["extra_train"])
     return kw
 
 

@@ -41,6 +41,9 @@ class DetectorConfig:
     extra_levels: int = 2  # 0, 1 (max-pool P6) or 2 (P6, P7 convs)
     min_size: int = 320  # inference: short side in pixels
     max_size: int = 640  # inference: cap on the long side
+    # inference on larger photos: the short side is the image's own, up to this cap (never below min_size),
+    # so a 1080p dashcam frame is seen at 640 px instead of being shrunk to min_size (None: always min_size)
+    native_cap: int | None = None
     freeze_blocks: int = 2  # backbone stem + this many stages are frozen
     score_thresh: float = 0.05  # keep detections above this score (low: mAP needs the tail)
     nms_thresh: float = 0.6
@@ -68,6 +71,13 @@ class DetectorConfig:
 
     def replace(self, **kw) -> "DetectorConfig":
         return DetectorConfig.from_dict({**self.to_dict(), **kw})
+
+    def sizes_for(self, height: int, width: int) -> tuple[int, int]:
+        """(short side, long-side cap) the detector resizes an image of this size to at inference."""
+        if not self.native_cap:
+            return self.min_size, self.max_size
+        short = max(self.min_size, min(int(min(height, width)), int(self.native_cap)))
+        return short, max(self.max_size, round(self.max_size * short / self.min_size))
 
 
 @dataclass
@@ -215,8 +225,13 @@ class ConeDetector(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault((int(im.shape[0]), int(im.shape[1])), []).append(i)
+        t = self.fcos.transform
+        kept = (t.min_size, t.max_size)
         try:
-            for idx in groups.values():
+            for (h, w), idx in groups.items():
+                if self.cfg.native_cap:  # this shape's own size (the transform's sizes are put back below)
+                    short, cap = self.cfg.sizes_for(h, w)
+                    t.min_size, t.max_size = (short,), cap
                 for j in range(0, len(idx), batch_size):
                     chunk = idx[j : j + batch_size]
                     xs = [self.to_tensor(images[i], dev) for i in chunk]
@@ -230,6 +245,7 @@ class ConeDetector(nn.Module):
                             image_size=(int(images[i].shape[0]), int(images[i].shape[1])),
                         )
         finally:
+            t.min_size, t.max_size = kept
             self.train(was_training)
         return out  # type: ignore[return-value]
 

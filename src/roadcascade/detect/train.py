@@ -245,6 +245,12 @@ def _detector_data(cfg: DetTrainConfig, full: Dataset, device: torch.device, log
     if cfg.max_train:
         pos = pos[: cfg.max_train]
     neg = [s for s in train_ds.samples if s.label == 0 and not s.boxes]
+    if cfg.extra_train:  # training-only sets (synthetic dashcam frames): boxed cones and frames without roadwork
+        from ..fit.train import open_extra_train
+
+        extra = open_extra_train(cfg.extra_train).samples
+        pos += [s for s in extra if s.boxes and s.label == 1][: cfg.max_train]
+        neg += [s for s in extra if s.label == 0 and not s.boxes]
     if not pos:
         raise ValueError(f"{full.name}: the train split has no boxed images to train a detector on")
     log(f"data: {full.name}  train: {len(pos)} boxed images ({sum(len(s.boxes) for s in pos)} boxes), "
