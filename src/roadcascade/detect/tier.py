@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cascade.calibration import TemperatureCalibrator
 from ..cascade.runtime import Rule, Tier, TierOutput, register_rule, register_tier
 from ..cascade.rules import per_image
 from ..models.preprocess import pick_device
@@ -34,6 +35,7 @@ __all__ = [
     "LogisticScorer",
     "DetectorTier",
     "ConeVerifyRule",
+    "detector_tier_from_bundle",
 ]
 
 # The layout of DetectorTier's TierOutput.features (one row per image), also written into its config.
@@ -151,6 +153,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
 
 
+def _fitted(calibrator) -> bool:
+    return calibrator is not None and hasattr(calibrator, "temperature_")
+
+
 @register_tier
 class DetectorTier(Tier):
     """Cone detector as a cascade tier: evidence features + a calibrated roadwork score from them."""
@@ -167,8 +173,12 @@ class DetectorTier(Tier):
         device: torch.device | None = None,
         batch_size: int = 16,
         amp: bool = False,
+        calibrator: TemperatureCalibrator | None = None,
     ):
         self.name, self.evidence, self.scorer = name, evidence, scorer or LogisticScorer()
+        # a temperature on the scorer's logit, fitted where the tier joins a built cascade (on that build's val
+        # views); a stand-alone detector bundle has none (its scorer is calibrated by construction)
+        self.calibrator = calibrator
         self.batch_size, self.amp = int(batch_size), bool(amp)
         self.device = device or pick_device()
         self.detector = detector.to(self.device).eval()
@@ -188,7 +198,8 @@ class DetectorTier(Tier):
         feats = evidence_features(dets, self.evidence)
         z = self.scorer.logit(feats) if len(feats) else np.zeros(0)
         self.last_detections = dets
-        return TierOutput(logits=z, prob=_sigmoid(z), features=feats, ms=(time.perf_counter() - t0) * 1e3)
+        prob = self.calibrator.calibrated(z) if _fitted(self.calibrator) else _sigmoid(z)
+        return TierOutput(logits=z, prob=prob, features=feats, ms=(time.perf_counter() - t0) * 1e3)
 
     def to_config(self, bundle_dir: Path) -> dict:
         weights = f"{self.name}.safetensors"
@@ -214,6 +225,7 @@ class DetectorTier(Tier):
             "scorer": self.scorer.to_dict(),
             "batch_size": self.batch_size,
             "amp": self.amp,
+            **({"calibration": self.calibrator.to_dict()} if _fitted(self.calibrator) else {}),
         }
 
     @classmethod
@@ -229,6 +241,7 @@ class DetectorTier(Tier):
             name=cfg["name"], detector=det, evidence=EvidenceConfig.from_dict(cfg.get("evidence", {})),
             scorer=LogisticScorer.from_dict(cfg.get("scorer", {})), gflops=cfg.get("gflops"), device=device,
             batch_size=cfg.get("batch_size", 16), amp=cfg.get("amp", False),
+            calibrator=TemperatureCalibrator.from_dict(cfg["calibration"]) if "calibration" in cfg else None,
         )
 
 
@@ -280,3 +293,21 @@ class ConeVerifyRule(Rule):
     @classmethod
     def from_config(cls, cfg: dict) -> "ConeVerifyRule":
         return cls(**{k: cfg[k] for k in ("low", "high", "classifier", "detector", "classifier_threshold", "tau", "feature") if k in cfg})
+
+
+def detector_tier_from_bundle(path: str | Path, device: torch.device, name: str | None = None, native_cap: int | None = None,
+                              batch_size: int | None = None) -> DetectorTier:
+    """The detector tier of a detector bundle (``train-detector`` output) to join a built cascade: ``native_cap`` set
+    on its detector (None keeps the bundle's), a fresh temperature calibrator for the build to fit."""
+    from ..cascade.bundle import Bundle
+
+    b = Bundle.load(path, device=device)
+    tier = next((t for t in b.cascade.tiers if isinstance(t, DetectorTier)), None)
+    if tier is None:
+        raise ValueError(f"{path} holds no detector tier (it has {', '.join(b.cascade.tier_names)})")
+    if native_cap is not None:
+        tier.detector.cfg = tier.detector.cfg.replace(native_cap=int(native_cap) or None)
+    tier.name = name or tier.name
+    tier.batch_size = int(batch_size or tier.batch_size)
+    tier.calibrator = TemperatureCalibrator()
+    return tier

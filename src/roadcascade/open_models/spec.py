@@ -3,6 +3,7 @@
     zeroshot(path=/models/siglip-base[,name=siglip][,prompts=prompts.json][,batch=32])
     vlm(path=/models/llava-1.5-7b-hf[,name=llava][,question=Is there roadwork here? Answer yes or no.]
         [,prompt=USER: ... <image> ASSISTANT:][,batch=8][,budget_ms=400][,prefix_cache=0])
+    detector(path=runs/detector[,name=cones][,native_cap=448][,batch=16])   (a ``train-detector`` bundle)
 
 ``prompts.json`` is ``{"positive": [...], "negative": [...]}``. Option values cannot contain commas or
 parentheses (give a longer question through ``prompt``-free defaults or a prompts file). Local timm backbones
@@ -22,10 +23,11 @@ from .local import hash_path
 
 __all__ = ["OPEN_KINDS", "OpenTierSpec", "make_tier", "parse_open_item"]
 
-OPEN_KINDS = ("zeroshot", "vlm")
+OPEN_KINDS = ("zeroshot", "vlm", "detector")
 _OPTIONS = {"zeroshot": {"path", "name", "prompts", "batch"},
-            "vlm": {"path", "name", "question", "prompt", "batch", "budget_ms", "prefix_cache"}}
-_ITEM = re.compile(r"^(zeroshot|vlm)\((.*)\)$", re.S)
+            "vlm": {"path", "name", "question", "prompt", "batch", "budget_ms", "prefix_cache"},
+            "detector": {"path", "name", "native_cap", "batch"}}
+_ITEM = re.compile(r"^(zeroshot|vlm|detector)\((.*)\)$", re.S)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -95,6 +97,12 @@ def make_tier(spec: OpenTierSpec, device: torch.device, batch_size: int = 32):
     """The (uncalibrated) tier of a spec, its model loaded from the local path and hashed."""
     from .local import LocalSource
 
+    if spec.kind == "detector":  # a cone detector bundle (``train-detector``): its tier, to be calibrated here
+        from ..detect.tier import detector_tier_from_bundle
+
+        cap = spec.option("native_cap")
+        return detector_tier_from_bundle(spec.path, device, name=spec.name, native_cap=int(cap) if cap else None,
+                                         batch_size=int(spec.option("batch", 16)))
     src = LocalSource.of(spec.path)
     batch = int(spec.option("batch", batch_size))
     if spec.kind == "zeroshot":
