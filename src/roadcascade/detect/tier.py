@@ -35,7 +35,6 @@ __all__ = [
     "LogisticScorer",
     "DetectorTier",
     "ConeVerifyRule",
-    "detector_tier_from_bundle",
 ]
 
 # The layout of DetectorTier's TierOutput.features (one row per image), also written into its config.
@@ -294,20 +293,3 @@ class ConeVerifyRule(Rule):
     def from_config(cls, cfg: dict) -> "ConeVerifyRule":
         return cls(**{k: cfg[k] for k in ("low", "high", "classifier", "detector", "classifier_threshold", "tau", "feature") if k in cfg})
 
-
-def detector_tier_from_bundle(path: str | Path, device: torch.device, name: str | None = None, native_cap: int | None = None,
-                              batch_size: int | None = None) -> DetectorTier:
-    """The detector tier of a detector bundle (``train-detector`` output) to join a built cascade: ``native_cap`` set
-    on its detector (None keeps the bundle's), a fresh temperature calibrator for the build to fit."""
-    from ..cascade.bundle import Bundle
-
-    b = Bundle.load(path, device=device)
-    tier = next((t for t in b.cascade.tiers if isinstance(t, DetectorTier)), None)
-    if tier is None:
-        raise ValueError(f"{path} holds no detector tier (it has {', '.join(b.cascade.tier_names)})")
-    if native_cap is not None:
-        tier.detector.cfg = tier.detector.cfg.replace(native_cap=int(native_cap) or None)
-    tier.name = name or tier.name
-    tier.batch_size = int(batch_size or tier.batch_size)
-    tier.calibrator = TemperatureCalibrator()
-    return tier

@@ -98,7 +98,7 @@ def make_tier(spec: OpenTierSpec, device: torch.device, batch_size: int = 32):
     from .local import LocalSource
 
     if spec.kind == "detector":  # a cone detector bundle (``train-detector``): its tier, to be calibrated here
-        from ..detect.tier import detector_tier_from_bundle
+        from ..detect.join import detector_tier_from_bundle
 
         cap = spec.option("native_cap")
         return detector_tier_from_bundle(spec.path, device, name=spec.name, native_cap=int(cap) if cap else None,
