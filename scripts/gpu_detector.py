@@ -8,6 +8,10 @@ Both detectors train at once (spawned processes sharing the GPU); each is scored
 tier (test clean MCC, night-dev recall, dashcam false-positive rate on test) with ``native_cap`` off and at
 each cap given. ``--ship DIR`` writes the synthetic-set detector's bundle there (weights as fp16, to travel;
 ``scripts/gpu_detector.py restore`` turns them back into a loadable fp32 bundle).
+
+    python scripts/gpu_detector.py score --src runs/detector_synth --caps none,448 --json runs/detector_synth/realcam-caps.json
+
+scores a detector bundle trained elsewhere (``roadcascade train-detector``, e.g. on the CPU) the same way.
 """
 
 from __future__ import annotations
@@ -103,11 +107,11 @@ def restore(src: str, dest: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", nargs="?", default="run", choices=("run", "restore"))
+    ap.add_argument("cmd", nargs="?", default="run", choices=("run", "restore", "score"))
     ap.add_argument("--out", default="runs/det")
     ap.add_argument("--json", default=None)
     ap.add_argument("--ship", default=None)
-    ap.add_argument("--src", default=None, help="restore: the folder a run shipped to")
+    ap.add_argument("--src", default=None, help="restore: the folder a run shipped to; score: a detector bundle")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--n-synth", type=int, default=800)
     ap.add_argument("--caps", default="none,448,640")
@@ -118,6 +122,12 @@ def main() -> None:
         restore(a.src, a.out)
         return
     caps = [None if c == "none" else int(c) for c in a.caps.split(",")]
+    if a.cmd == "score":  # a bundle trained elsewhere (e.g. `roadcascade train-detector` on the CPU), scored the same way
+        rows = score(a.src, caps, a.quick)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+        return
     t0 = time.perf_counter()
     synth = make_synth(a.out, 40 if a.quick else a.n_synth, not a.no_signs)
     print(f"synthetic set in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -368,3 +368,37 @@ def test_bench_decode_command(tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert doc["n_photos"] == 2 and doc["photos"].startswith("split all") and doc["sets"][0]["n"] == 2
+
+
+def test_bench_decode_reference_bundle(tmp_path):
+    """``--reference``: another bundle timed on full-size decodes in the same rounds. With the bundle itself as the
+    reference, its answers are the full-decode answers, so the two agreements are the same numbers; the speed-up is
+    the reference's rate over this bundle's reduced rate."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from roadcascade.cli import app
+    from roadcascade.serve.testing import tiny_bundle
+
+    bdir = tiny_bundle(tmp_path / "tiny")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(_jpeg(_scene(224, 300, i)))
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--n", "3",
+                                 "--sizes", "1024x768", "--repeats", "1", "--reference", str(bdir), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    (s,) = json.loads(out.read_text())["sets"]
+    assert s["e2e_reference_full_img_s"] > 0
+    assert s["e2e_speedup_vs_reference"] == pytest.approx(s["e2e_reduced_img_s"] / s["e2e_reference_full_img_s"])
+    assert s["reference_agreement"] == s["agreement"]
+    plain = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--n", "1",
+                                     "--sizes", "640x360", "--repeats", "1", "--json", str(out)])
+    assert plain.exit_code == 0, plain.output
+    (s,) = json.loads(out.read_text())["sets"]
+    assert s["reference_agreement"] is None and s["e2e_speedup_vs_reference"] is None
+    missing = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir),
+                                       "--reference", str(tmp_path / "nope")])
+    assert missing.exit_code == 2

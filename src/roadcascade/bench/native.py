@@ -127,6 +127,10 @@ class DecodeBench:
     e2e_full_img_s: float
     e2e_reduced_img_s: float
     agreement: Agreement
+    # another bundle (e.g. the fp32 PyTorch form before an ONNX export, or yesterday's release) on full-size decodes in
+    # the same rounds: "the CPU path as it was" against this bundle with reduced decodes; None when not asked for
+    e2e_reference_full_img_s: float | None = None
+    reference_agreement: Agreement | None = None
 
     @property
     def decode_speedup(self) -> float:
@@ -136,10 +140,15 @@ class DecodeBench:
     def e2e_speedup(self) -> float:
         return self.e2e_reduced_img_s / self.e2e_full_img_s
 
+    @property
+    def e2e_speedup_vs_reference(self) -> float | None:
+        """End to end, this bundle with reduced decodes over the reference bundle with full ones."""
+        return None if self.e2e_reference_full_img_s is None else self.e2e_reduced_img_s / self.e2e_reference_full_img_s
+
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["agreement"] = self.agreement.as_dict()
         d["decode_speedup"], d["e2e_speedup"] = self.decode_speedup, self.e2e_speedup
+        d["e2e_speedup_vs_reference"] = self.e2e_speedup_vs_reference
         return d
 
 
@@ -156,10 +165,11 @@ def _rates(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
 
 
 def bench_decode(cascade, name: str, payloads: Sequence[bytes], repeats: int = 2, batch: int = 16,
-                 log: Callable[[str], None] | None = None) -> DecodeBench:
+                 log: Callable[[str], None] | None = None, reference=None) -> DecodeBench:
     """Time full vs reduced decode (``cascade.decode_size()``) on ``payloads``, alone and with the cascade
     (batches of ``batch``, decode then predict, one thread of control), interleaved in one run; then the
-    agreement of the answers."""
+    agreement of the answers. With ``reference`` (another cascade), also that cascade end to end on full-size
+    decodes in the same rounds, and the agreement of its answers with this cascade's on reduced decodes."""
     m = cascade.decode_size()
     if m is None:
         raise ValueError("the cascade needs full-size images (a tier has no decode size): nothing to reduce")
@@ -169,19 +179,26 @@ def bench_decode(cascade, name: str, payloads: Sequence[bytes], repeats: int = 2
             decode_bytes(b, min_size=min_size)
         return len(payloads)
 
-    def e2e(min_size: int | None) -> int:
+    def e2e(min_size: int | None, model=cascade) -> int:
         for i in range(0, len(payloads), batch):
-            cascade.predict([decode_bytes(b, min_size=min_size) for b in payloads[i:i + batch]])
+            model.predict([decode_bytes(b, min_size=min_size) for b in payloads[i:i + batch]])
         return len(payloads)
 
+    fns = {"decode full": lambda: decode(None), "decode reduced": lambda: decode(m),
+           "e2e full": lambda: e2e(None), "e2e reduced": lambda: e2e(m)}
+    if reference is not None:
+        fns["e2e reference full"] = lambda: e2e(None, reference)
+        e2e(m, reference)  # warm it
     e2e(m)  # warm the model
-    rates = _rates({"decode full": lambda: decode(None), "decode reduced": lambda: decode(m),
-                    "e2e full": lambda: e2e(None), "e2e reduced": lambda: e2e(m)}, repeats)
+    rates = _rates(fns, repeats)
     if log:
         log(f"{name}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()))
     agree = compare_decodes(cascade, payloads, m)
+    ref_agree = (agreement_of(_probs(reference, payloads, None), _probs(cascade, payloads, m), m)
+                 if reference is not None else None)
     shape = decode_bytes(payloads[0], min_size=m).shape[:2]
     return DecodeBench(name=name, n=len(payloads), mean_bytes=float(np.mean([len(b) for b in payloads])), min_size=m,
                        decoded_shape_reduced=(int(shape[0]), int(shape[1])),
                        decode_full_img_s=rates["decode full"], decode_reduced_img_s=rates["decode reduced"],
-                       e2e_full_img_s=rates["e2e full"], e2e_reduced_img_s=rates["e2e reduced"], agreement=agree)
+                       e2e_full_img_s=rates["e2e full"], e2e_reduced_img_s=rates["e2e reduced"], agreement=agree,
+                       e2e_reference_full_img_s=rates.get("e2e reference full"), reference_agreement=ref_agree)

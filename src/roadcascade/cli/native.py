@@ -52,6 +52,11 @@ def bench_decode_command(
     repeats: int = typer.Option(2, min=1, help="timed rounds (best of; the four variants interleaved per round)"),
     batch_size: int = typer.Option(16, min=1, help="images per cascade batch end to end"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's)"),
+    backend: str = typer.Option("auto", help="how --bundle's classifier tiers run: auto | torch | onnxruntime"),
+    reference: Optional[Path] = typer.Option(None, help="also time this bundle end to end on full-size decodes in the same "
+                                             "rounds (the CPU path before: e.g. the fp32 PyTorch form of an exported "
+                                             "bundle) and compare its answers with --bundle's on reduced decodes"),
+    reference_backend: str = typer.Option("torch", help="how --reference's classifier tiers run"),
 ) -> None:
     """Full vs reduced-size JPEG decode on the CPU: img/s decode only and decode + bundle, and answer agreement."""
     import torch
@@ -69,7 +74,8 @@ def bench_decode_command(
     if threads:
         torch.set_num_threads(threads)
     try:
-        b = Bundle.load(bundle, device="cpu")
+        b = Bundle.load(bundle, device="cpu", backend=backend)
+        ref = Bundle.load(reference, device="cpu", backend=reference_backend).cascade if reference else None
         if images is not None:
             photos: list = photo_paths(images, n)
             where = str(images)
@@ -83,15 +89,22 @@ def bench_decode_command(
     sets = native_payloads(photos, wh, quality)
     rows = []
     for name, payloads in sets.items():
-        r = bench_decode(b.cascade, name, payloads, repeats=repeats, batch=batch_size, log=_log)
+        r = bench_decode(b.cascade, name, payloads, repeats=repeats, batch=batch_size, log=_log, reference=ref)
         rows.append(r)
         a = r.agreement
         print(f"{name}: decode {r.decode_full_img_s:.1f} -> {r.decode_reduced_img_s:.1f} img/s (x{r.decode_speedup:.2f}, "
               f"decoded {r.decoded_shape_reduced[1]}x{r.decoded_shape_reduced[0]}); end to end {r.e2e_full_img_s:.1f} -> "
               f"{r.e2e_reduced_img_s:.1f} img/s (x{r.e2e_speedup:.2f}); agreement {a.agreement:.4f} ({a.flips} flips), "
               f"mean |dp| {a.mean_abs_dp:.5f}, max |dp| {a.max_abs_dp:.4f}", flush=True)
+        if r.reference_agreement is not None:
+            ra = r.reference_agreement
+            print(f"{name}: reference {reference} on full decodes {r.e2e_reference_full_img_s:.1f} img/s -> this bundle on "
+                  f"reduced decodes {r.e2e_reduced_img_s:.1f} (x{r.e2e_speedup_vs_reference:.2f}); agreement "
+                  f"{ra.agreement:.4f} ({ra.flips} flips), mean |dp| {ra.mean_abs_dp:.5f}, max |dp| {ra.max_abs_dp:.4f}",
+                  flush=True)
     if json_out:
-        doc = {"command": "roadcascade " + " ".join(sys.argv[1:]), "bundle": str(bundle), "photos": where,
+        doc = {"command": "roadcascade " + " ".join(sys.argv[1:]), "bundle": str(bundle), "backend": backend,
+               "reference": str(reference) if reference else None, "reference_backend": reference_backend, "photos": where,
                "n_photos": len(photos), "quality": quality, "repeats": repeats, "batch_size": batch_size,
                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
                "sets": [r.as_dict() for r in rows]}
