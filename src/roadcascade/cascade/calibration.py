@@ -115,8 +115,12 @@ class TemperatureCalibrator:
         self.threshold_ = best_threshold(p, y) if self.fold_threshold else 0.5
         return self
 
+    @property
+    def fitted(self) -> bool:
+        return hasattr(self, "temperature_")
+
     def _check(self) -> None:
-        if not hasattr(self, "temperature_"):
+        if not self.fitted:
             raise RuntimeError("TemperatureCalibrator is not fitted: call fit(logits, y) first")
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
@@ -138,3 +142,11 @@ class TemperatureCalibrator:
         c.temperature_ = float(d["temperature"])
         c.threshold_ = float(d["threshold"])
         return c
+
+
+def calibrated_or_sigmoid(calibrator: TemperatureCalibrator | None, z: np.ndarray) -> np.ndarray:
+    """The calibrator's probability (before the fold), or sigmoid(z) where there is none or it is not fitted yet
+    (a tier's outputs while ``build`` is fitting its temperature)."""
+    if calibrator is not None and calibrator.fitted:
+        return calibrator.calibrated(z)
+    return sigmoid(z)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade.calibration import TemperatureCalibrator
+from ..cascade.calibration import TemperatureCalibrator, calibrated_or_sigmoid
 from ..cascade.runtime import Rule, Tier, TierOutput, register_rule, register_tier
 from ..cascade.rules import per_image
 from ..models.preprocess import pick_device
@@ -147,15 +147,6 @@ class LogisticScorer:
                    tuple(d.get("scale", ())), float(d.get("C", 1.0)), tuple(int(c) for c in d.get("log_columns", (2, 3))))
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
-
-
-def _fitted(calibrator) -> bool:
-    return calibrator is not None and hasattr(calibrator, "temperature_")
-
-
 @register_tier
 class DetectorTier(Tier):
     """Cone detector as a cascade tier: evidence features + a calibrated roadwork score from them."""
@@ -197,8 +188,12 @@ class DetectorTier(Tier):
         feats = evidence_features(dets, self.evidence)
         z = self.scorer.logit(feats) if len(feats) else np.zeros(0)
         self.last_detections = dets
-        prob = self.calibrator.calibrated(z) if _fitted(self.calibrator) else _sigmoid(z)
-        return TierOutput(logits=z, prob=prob, features=feats, ms=(time.perf_counter() - t0) * 1e3)
+        return TierOutput(logits=z, prob=calibrated_or_sigmoid(self.calibrator, z), features=feats,
+                          ms=(time.perf_counter() - t0) * 1e3)
+
+    def full_logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """What ``build`` fits this tier's temperature on (as for the open-model tiers): its logit on every image."""
+        return self.run(images).logits
 
     def to_config(self, bundle_dir: Path) -> dict:
         weights = f"{self.name}.safetensors"
@@ -224,7 +219,7 @@ class DetectorTier(Tier):
             "scorer": self.scorer.to_dict(),
             "batch_size": self.batch_size,
             "amp": self.amp,
-            **({"calibration": self.calibrator.to_dict()} if _fitted(self.calibrator) else {}),
+            **({"calibration": self.calibrator.to_dict()} if self.calibrator is not None and self.calibrator.fitted else {}),
         }
 
     @classmethod
@@ -292,4 +287,3 @@ class ConeVerifyRule(Rule):
     @classmethod
     def from_config(cls, cfg: dict) -> "ConeVerifyRule":
         return cls(**{k: cfg[k] for k in ("low", "high", "classifier", "detector", "classifier_threshold", "tau", "feature") if k in cfg})
-

@@ -250,9 +250,7 @@ def _timed(fn, *a, **kw):
 
 def _chunked_logits(tier: ClassifierTier, images, progress: Progress | None, desc: str, chunk: int = 256) -> np.ndarray:
     out = []
-    full = getattr(tier, "full_logits", None)  # open-model tiers: every image, whatever their time budget
-    if full is None and not isinstance(tier, ClassifierTier):  # other tiers (the detector): their own run
-        full = lambda ims: tier.run(ims).logits  # noqa: E731
+    full = getattr(tier, "full_logits", None)  # open-model and detector tiers: every image, whatever their time budget
     for i in range(0, len(images), chunk):
         out.append(full(images[i : i + chunk]) if full else model_logits(tier, images[i : i + chunk]))
         if progress:

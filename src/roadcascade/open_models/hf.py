@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..cascade.calibration import TemperatureCalibrator, sigmoid
 from .local import LocalSource, offline, verify
 
 
@@ -68,13 +67,6 @@ def _sdpa_repeated_kv(q, k, v, *args, enable_gqa: bool = False, **kwargs):
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     return _SDPA(q, k, v, *args, **kwargs)
-
-
-def calibrated(calibrator: TemperatureCalibrator, z: np.ndarray) -> np.ndarray:
-    """The calibrator's probability, or sigmoid(z) while it is not fitted yet (during ``build``)."""
-    if hasattr(calibrator, "temperature_"):
-        return calibrator.calibrated(z)
-    return sigmoid(np.asarray(z, dtype=np.float64))
 
 
 def as_rgb_list(images) -> list[np.ndarray]:

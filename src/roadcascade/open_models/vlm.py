@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade.calibration import TemperatureCalibrator
+from ..cascade.calibration import TemperatureCalibrator, calibrated_or_sigmoid
 from ..cascade.runtime import Tier, TierOutput, register_tier
 from ..models.preprocess import pick_device
-from .hf import as_rgb_list, calibrated, count_gflops, load_pretrained
+from .hf import as_rgb_list, count_gflops, load_pretrained
 from .local import LocalSource
 
 __all__ = ["DEFAULT_QUESTION", "VLMTier", "answer_ids"]
@@ -161,7 +161,7 @@ class VLMTier(Tier):
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
         z, answered = self.logits(images)
-        prob = np.where(answered, calibrated(self.calibrator, z), 0.5)
+        prob = np.where(answered, calibrated_or_sigmoid(self.calibrator, z), 0.5)
         # no features: the rules and fusions were fitted on val outputs without any, and must see the same shape
         return TierOutput(logits=z, prob=prob, ms=(time.perf_counter() - t0) * 1e3,
                           gflops=np.where(answered, self.gflops, 0.0))

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade.calibration import TemperatureCalibrator
+from ..cascade.calibration import TemperatureCalibrator, calibrated_or_sigmoid
 from ..cascade.runtime import Tier, TierOutput, register_tier
 from ..models.preprocess import pick_device
-from .hf import as_rgb_list, calibrated, count_gflops, load_pretrained
+from .hf import as_rgb_list, count_gflops, load_pretrained
 from .local import LocalSource
 
 __all__ = ["DEFAULT_NEGATIVE", "DEFAULT_POSITIVE", "ZeroShotTier"]
@@ -110,7 +110,7 @@ class ZeroShotTier(Tier):
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
         z = self.logits(images)
-        return TierOutput(logits=z, prob=calibrated(self.calibrator, z), ms=(time.perf_counter() - t0) * 1e3)
+        return TierOutput(logits=z, prob=calibrated_or_sigmoid(self.calibrator, z), ms=(time.perf_counter() - t0) * 1e3)
 
     def to_config(self, bundle_dir: Path) -> dict:
         return {"kind": self.kind, "name": self.name, "source": self.source.to_dict(), "positive": list(self.positive),
