@@ -225,8 +225,8 @@ def test_cone_verify_rule_arrays_match_states():
     np.testing.assert_array_equal(rule.stop(folded, None, probs, [None, None]), np.abs(folded - 0.5) >= 0.1)
 
 
-def test_detections_do_not_depend_on_batch_company():
-    """Images are batched only with same-size images: padding never changes an image's detections."""
+def _tiny_detector():
+    """A randomly initialised tiny detector (seeded) that keeps every detection, in eval mode."""
     import torch
 
     from roadcascade.detect.model import ConeDetector, DetectorConfig
@@ -234,7 +234,12 @@ def test_detections_do_not_depend_on_batch_company():
     torch.manual_seed(0)
     cfg = DetectorConfig(backbone="test_tiny", fpn_channels=64, head_convs=1, min_size=64, max_size=128, score_thresh=0.0,
                          detections_per_img=20)
-    m = ConeDetector(cfg, pretrained=False).eval()
+    return ConeDetector(cfg, pretrained=False).eval()
+
+
+def test_detections_do_not_depend_on_batch_company():
+    """Images are batched only with same-size images: padding never changes an image's detections."""
+    m = _tiny_detector()
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)
@@ -268,14 +273,10 @@ def test_native_cap_sizes_are_bounded_and_grow_with_the_photo(cap):
 def test_native_cap_sees_large_photos_larger_and_leaves_the_transform_as_it_was():
     """With a cap, a large image is detected at its own short side (boxes still in its pixel coordinates), a small
     one as before; the transform's sizes are put back after every call."""
-    import torch
+    from roadcascade.detect.model import DetectorConfig
 
-    from roadcascade.detect.model import ConeDetector, DetectorConfig
-
-    torch.manual_seed(0)
-    base = DetectorConfig(backbone="test_tiny", fpn_channels=64, head_convs=1, min_size=64, max_size=128, score_thresh=0.0,
-                          detections_per_img=20)
-    m = ConeDetector(base, pretrained=False).eval()
+    m = _tiny_detector()
+    base = m.cfg
     rng = np.random.default_rng(1)
     small = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
     large = rng.integers(0, 256, (160, 272, 3), dtype=np.uint8)

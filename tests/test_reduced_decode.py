@@ -324,6 +324,18 @@ def test_parse_sizes():
             parse_sizes(bad)
 
 
+def _tiny_bundle_and_photos(tmp_path, n: int = 3):
+    """A tiny stage-1 bundle and a folder of ``n`` small scene JPEGs, for the bench command's tests."""
+    from roadcascade.serve.testing import tiny_bundle
+
+    bdir = tiny_bundle(tmp_path / "tiny")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(n):
+        (photos / f"{i}.jpg").write_bytes(_jpeg(_scene(224, 300, i)))
+    return bdir, photos
+
+
 def test_bench_decode_command(tmp_path):
     """``roadcascade bench decode`` end to end on a tiny bundle and small payloads: every number is there and sane."""
     import json
@@ -331,13 +343,8 @@ def test_bench_decode_command(tmp_path):
     from typer.testing import CliRunner
 
     from roadcascade.cli import app
-    from roadcascade.serve.testing import tiny_bundle
 
-    bdir = tiny_bundle(tmp_path / "tiny")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        (photos / f"{i}.jpg").write_bytes(_jpeg(_scene(224, 300, i)))
+    bdir, photos = _tiny_bundle_and_photos(tmp_path)
     out = tmp_path / "b.json"
     r = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--n", "3",
                                  "--sizes", "640x360,1024x768", "--repeats", "1", "--json", str(out)])
@@ -379,13 +386,8 @@ def test_bench_decode_reference_bundle(tmp_path):
     from typer.testing import CliRunner
 
     from roadcascade.cli import app
-    from roadcascade.serve.testing import tiny_bundle
 
-    bdir = tiny_bundle(tmp_path / "tiny")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        (photos / f"{i}.jpg").write_bytes(_jpeg(_scene(224, 300, i)))
+    bdir, photos = _tiny_bundle_and_photos(tmp_path)
     out = tmp_path / "b.json"
     r = CliRunner().invoke(app, ["bench", "decode", "--images", str(photos), "--bundle", str(bdir), "--n", "3",
                                  "--sizes", "1024x768", "--repeats", "1", "--reference", str(bdir), "--json", str(out)])

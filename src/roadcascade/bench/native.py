@@ -193,9 +193,9 @@ def bench_decode(cascade, name: str, payloads: Sequence[bytes], repeats: int = 2
     rates = _rates(fns, repeats)
     if log:
         log(f"{name}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()))
-    agree = compare_decodes(cascade, payloads, m)
-    ref_agree = (agreement_of(_probs(reference, payloads, None), _probs(cascade, payloads, m), m)
-                 if reference is not None else None)
+    reduced = _probs(cascade, payloads, m)  # once: both agreements compare against it
+    agree = agreement_of(_probs(cascade, payloads, None), reduced, m)
+    ref_agree = agreement_of(_probs(reference, payloads, None), reduced, m) if reference is not None else None
     shape = decode_bytes(payloads[0], min_size=m).shape[:2]
     return DecodeBench(name=name, n=len(payloads), mean_bytes=float(np.mean([len(b) for b in payloads])), min_size=m,
                        decoded_shape_reduced=(int(shape[0]), int(shape[1])),
