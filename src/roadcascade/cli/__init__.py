@@ -323,12 +323,15 @@ def quickstart(
     view_scale: float = typer.Option(QUICKSTART_VIEW_SCALE, min=0.25, max=4.0, help="run those squares at this x the input size"),
     guard_fpr: Optional[float] = typer.Option(QUICKSTART_GUARD_FPR, min=0.0, max=0.5, help="open-set guard: lower thresholds to where this share of val's real dashcam negatives pass (see `roadcascade guard`)"),
     guard: bool = typer.Option(True, "--guard/--no-guard", help="apply the open-set guard to both bundles"),
+    select: bool = typer.Option(True, "--select/--no-select", help="ship the cascade or its stage-1 model, whichever has the better "
+                                "real-dashcam MCC (night-dev + val's dashcam negatives) within 0.005 val challenge MCC of the other "
+                                "(fit/select.py); --no-select ships the cascade"),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="also export the bundle to ONNX (fp32 and INT8) and ship whichever form "
                               "has the best val MCC per CPU-ms (within 0.005 MCC of fp32 PyTorch); see `roadcascade export`"),
 ) -> None:
-    """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, export it
-    to ONNX (fp32, INT8) and ship the best form for the CPU, evaluate test clean + challenge and real dashcam frames (night-dev
-    recall, dashcam false positives), report."""
+    """The main job: synthesise dashcam roadwork, train (or reuse) the stage-1 model, build a cascade from it, choose the
+    cascade or stage 1 on val and night-dev, export the choice to ONNX (fp32, INT8) and ship the best form for the CPU,
+    evaluate test clean + challenge and real dashcam frames (night-dev recall, dashcam false positives), report."""
     from ..fit.guard import guard_bundle
     from ..bench.realcam import format_realcam, realcam_html
     from ..bench.report import write_html
@@ -353,25 +356,42 @@ def quickstart(
         gcfg = GuardConfig(fpr=guard_fpr, data=data) if guard and guard_fpr is not None else None
         if gcfg:  # before the cascade is built from it: guarding later would make the cached cascade stale
             guard_bundle(sdir, gcfg, device=device, log=console.print)
+        chosen, other = bdir, None  # the bundle to ship and the same-run baseline beside it
         if cascade:
             quickstart_cascade(sdir, bdir, data=data, device=device, budget=budget, progress=cb, log=console.print)
             if gcfg:
                 guard_bundle(bdir, gcfg, device=device, log=console.print)
-        shipped = _ship(bdir, out, data, gcfg, cb) if int8 else bdir
-        # the deployed bundle (the cascade, or stage 1 with --stage1-only; the ONNX form that ships), the PyTorch
-        # form when the INT8 one ships (an fp32 ONNX form answers as PyTorch does), then the stage-1 model on its own
-        runs = ([(shipped, "", "")] + ([(bdir, "-torch", "PyTorch fp32 ")] if shipped.name == "bundle-int8" else [])
-                + ([(sdir, "-stage1", "stage-1 ")] if cascade else []))
+            other = (sdir, "-stage1", "stage-1 ")
+            if select:
+                chosen = _select(bdir, sdir, out, data, cb)
+                if chosen == sdir:
+                    other = (bdir, "-cascade", "cascade ")
+            else:
+                (out / "selected.json").unlink(missing_ok=True)  # a choice of an earlier run does not describe this one
+        shipped = _ship(chosen, out, data, gcfg, cb) if int8 else chosen
+        # the deployed bundle (the ONNX form that ships of the cascade or of stage 1), the PyTorch form when the INT8
+        # one ships (an fp32 ONNX form answers as PyTorch does), then the candidate not shipped
+        runs = ([(shipped, "", "")] + ([(chosen, "-torch", "PyTorch fp32 ")] if shipped.name == "bundle-int8" else [])
+                + ([other] if other else []))
         reps, realcam = _evaluate_runs(runs, out, data, device, cb)
     html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
-                      title=f"roadcascade quickstart: {'cascade' if cascade else 'stage-1'} on StreetWork test")
+                      title=f"roadcascade quickstart: {'cascade' if chosen == bdir and cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
     for name, r in realcam.items():
         out_console.print(format_realcam(name, r))
-    console.print(f"bundle {shipped}" + (f" (shipped: {out}/shipped.json; fp32 PyTorch form {bdir})" if shipped != bdir else "")
+    console.print(f"bundle {shipped}" + (f" (shipped: {out}/shipped.json; fp32 PyTorch form {chosen})" if shipped != chosen else "")
                   + f"\nmetrics {out}/eval-test-clean.json, {out}/eval-test-challenge.json"
-                  + (f" (stage 1 alone: {out}/eval-test-*-stage1.json)" if cascade else "") + f"\nreport {html}")
+                  + (f" ({other[2].strip()}: {out}/eval-test-*{other[1]}.json)" if other else "") + f"\nreport {html}")
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+
+
+def _select(bdir: Path, sdir: Path, out: Path, data: Optional[str], cb) -> Path:
+    """The cascade or its stage 1, chosen on val and night-dev (``fit.select``; ``out/selected.json``)."""
+    from ..fit.select import SelectConfig, select_bundle
+
+    choice = select_bundle([("cascade", bdir), ("stage 1", sdir)], SelectConfig(data=data), out / "selected.json",
+                           log=console.print, progress=cb)
+    return Path(choice.selected)
 
 
 def _ship(bdir: Path, out: Path, data: Optional[str], gcfg, cb) -> Path:
@@ -402,27 +422,56 @@ def _stage1(cfg: TrainConfig, sdir: Path, retrain: bool, cb) -> None:
 
 def _evaluate_runs(runs: list[tuple[Path, str, str]], out: Path, data: Optional[str], device: str, cb) -> tuple[list, dict]:
     """Each (bundle, file suffix, label) on test clean and challenge (JSON written to ``out``) and, on the default data,
-    on real dashcam frames (night-dev recall, dashcam false positives)."""
-    from ..bench.evaluate import evaluate, public
-    from ..bench.realcam import default_night_dev, realcam_report
-    from ..cascade.bundle import Bundle
-    from ..io.data import open_dataset
+    on real dashcam frames (night-dev recall, dashcam false positives). On the CPU the bundles are evaluated side by
+    side in two spawned processes of one thread each (the bundles are independent, and a 1-thread forward pass uses
+    a core better than a 2-thread one); the reports are the same, their timings are of one thread."""
+    from ..bench.evaluate import public
+    from ..bench.realcam import default_night_dev
     from ..models.preprocess import pick_device
 
-    ds = open_dataset(data, "test")
-    reps, realcam = [], {}
     with_realcam = data is None and default_night_dev().exists()
-    for path, suffix, label in runs:
-        b = Bundle.load(path, device=pick_device(device))
-        for views in ("clean", "challenge"):
-            rep = evaluate(b, ds, views, "test", progress=cb)
+    dev = str(pick_device(device))
+    jobs = [(str(path), label, data, dev, with_realcam) for path, _, label in runs]
+    if dev == "cpu" and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_evaluate_one, *job, 1) for job in jobs]
+            results = []
+            for i, f in enumerate(futures):
+                results.append(f.result())
+                cb("evaluate bundles (2 processes)", i + 1, len(futures))
+    else:
+        results = [_evaluate_one(*job, None, cb) for job in jobs]
+    reps, realcam = [], {}
+    for (path, suffix, label), (views_reps, cam) in zip(runs, results):
+        for views, rep in views_reps:
             (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
             reps.append((f"{label}test / {views}", rep))
-        if with_realcam:
-            realcam[label.strip() or "deployed"] = realcam_report(b, progress=cb)
+        if cam is not None:
+            realcam[label.strip() or "deployed"] = cam
     if realcam:
         (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
     return reps, realcam
+
+
+def _evaluate_one(path: str, label: str, data: Optional[str], device: str, with_realcam: bool, threads: Optional[int],
+                  cb=None) -> tuple[list[tuple[str, dict]], Optional[dict]]:
+    """One bundle's test clean and challenge reports and (``with_realcam``) its real-dashcam report."""
+    import torch
+
+    from ..bench.evaluate import evaluate
+    from ..bench.realcam import realcam_report
+    from ..cascade.bundle import Bundle
+    from ..io.data import open_dataset
+
+    if threads:
+        torch.set_num_threads(threads)
+    b = Bundle.load(path, device=device)
+    ds = open_dataset(data, "test")
+    reps = [(views, evaluate(b, ds, views, "test", progress=cb)) for views in ("clean", "challenge")]
+    return reps, (realcam_report(b, progress=cb) if with_realcam else None)
 
 
 _RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data", "squares",
