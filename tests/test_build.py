@@ -80,6 +80,8 @@ def test_build_end_to_end_then_eval(streetwork, tmp_path: Path):
     assert set(base["singles"]) == {"test_tiny@48", "test_tiny@64", "tta(test_tiny@64,n=2..3)"}
     assert 0.0 <= base["guaranteed"]["risk"] <= 1.0 and base["guaranteed"]["n_images"] == 6
     json.dumps(public(rep))  # serialisable
+    bare = evaluate(b, ds, "challenge", "test", n_views=2, baselines=False)  # a cascade that is itself a baseline
+    assert "baselines" not in bare and bare["_p"] == rep["_p"]
     html = write_html([("test / challenge", rep)], tmp_path / "r.html").read_text()
     assert "Pareto plot" in html and "full ensemble" in html
 

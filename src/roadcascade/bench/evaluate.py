@@ -118,8 +118,9 @@ def evaluate_items(bundle: Bundle, items: Sequence[EvalItem], batch_size: int = 
 
 
 def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: int | None = None, n_views: int = 4,
-             batch_size: int = 32, progress: Progress | None = None, strict: bool = True, protocol: str = "v2.0.4") -> dict:
-    """``strict=False``: bad rows (the data set's own, missing or undecodable images) are listed in the report's
+             batch_size: int = 32, progress: Progress | None = None, strict: bool = True, protocol: str = "v2.0.4",
+             baselines: bool = True) -> dict:
+    """``baselines``: a cascade bundle's best-single and full-ensemble rows (``evaluate_items``). ``strict=False``: bad rows (the data set's own, missing or undecodable images) are listed in the report's
     ``bad_rows`` and left out of the metrics; ``strict`` stops at the first. ``protocol``: how challenge views are
     made (``challenge.PROTOCOLS``), recorded in the report (None for clean views)."""
     ChallengeConfig(protocol=protocol)  # ValueError for an unknown protocol, before any work
@@ -130,7 +131,7 @@ def evaluate(bundle: Bundle, ds: Dataset, views: str, split: str | None, seed: i
     bad: list[dict] | None = None if strict else list(ds.bad)
     items = make_items(ds, views, seed_ if seed_ is not None else 0, n_views=n_views, progress=progress, bad=bad,
                        protocol=protocol)
-    res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress, bad=bad)
+    res = evaluate_items(bundle, items, batch_size=batch_size, progress=progress, bad=bad, baselines=baselines)
     meta = {"bundle": str(bundle.path), "data": ds.name, "split": split, "views": views,
             "protocol": protocol if challenge else None, "view_seed": seed_,
             "n_images": len(ds), "n_views_per_image": n_views if challenge else 1,

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Optional
 
 import typer
@@ -373,7 +374,8 @@ def quickstart(
         # one ships (an fp32 ONNX form answers as PyTorch does), then the candidate not shipped
         runs = ([(shipped, "", "")] + ([(chosen, "-torch", "PyTorch fp32 ")] if shipped.name == "bundle-int8" else [])
                 + ([other] if other else []))
-        reps, realcam = _evaluate_runs(runs, out, data, device, cb)
+        # the candidate not shipped is a baseline itself: its own best-single / full-ensemble rows are left out
+        reps, realcam = _evaluate_runs(runs, out, data, device, cb, baselines=[r is not other for r in runs])
     html = write_html(reps, out / "report.html", preface=realcam_html(realcam) if realcam else "",
                       title=f"roadcascade quickstart: {'cascade' if chosen == bdir and cascade else 'stage-1'} on StreetWork test")
     _print_summary(reps)
@@ -420,58 +422,31 @@ def _stage1(cfg: TrainConfig, sdir: Path, retrain: bool, cb) -> None:
         console.print(f"using cached bundle {sdir} (pass --retrain to train again)")
 
 
-def _evaluate_runs(runs: list[tuple[Path, str, str]], out: Path, data: Optional[str], device: str, cb) -> tuple[list, dict]:
+def _evaluate_runs(runs: list[tuple[Path, str, str]], out: Path, data: Optional[str], device: str, cb,
+                   baselines: Sequence[bool] = ()) -> tuple[list, dict]:
     """Each (bundle, file suffix, label) on test clean and challenge (JSON written to ``out``) and, on the default data,
-    on real dashcam frames (night-dev recall, dashcam false positives). On the CPU the bundles are evaluated side by
-    side in two spawned processes of one thread each (the bundles are independent, and a 1-thread forward pass uses
-    a core better than a 2-thread one); the reports are the same, their timings are of one thread."""
-    from ..bench.evaluate import public
-    from ..bench.realcam import default_night_dev
+    on real dashcam frames (night-dev recall, dashcam false positives). ``baselines[i]`` False: run i is itself a
+    baseline, evaluated without the best-single and full-ensemble rows of its own (default: with them)."""
+    from ..bench.evaluate import evaluate, public
+    from ..bench.realcam import default_night_dev, realcam_report
+    from ..cascade.bundle import Bundle
+    from ..io.data import open_dataset
     from ..models.preprocess import pick_device
 
-    with_realcam = data is None and default_night_dev().exists()
-    dev = str(pick_device(device))
-    jobs = [(str(path), label, data, dev, with_realcam) for path, _, label in runs]
-    if dev == "cpu" and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_evaluate_one, *job, 1) for job in jobs]
-            results = []
-            for i, f in enumerate(futures):
-                results.append(f.result())
-                cb("evaluate bundles (2 processes)", i + 1, len(futures))
-    else:
-        results = [_evaluate_one(*job, None, cb) for job in jobs]
+    ds = open_dataset(data, "test")
     reps, realcam = [], {}
-    for (path, suffix, label), (views_reps, cam) in zip(runs, results):
-        for views, rep in views_reps:
+    with_realcam = data is None and default_night_dev().exists()
+    for i, (path, suffix, label) in enumerate(runs):
+        b = Bundle.load(path, device=pick_device(device))
+        for views in ("clean", "challenge"):
+            rep = evaluate(b, ds, views, "test", progress=cb, baselines=baselines[i] if i < len(baselines) else True)
             (out / f"eval-test-{views}{suffix}.json").write_text(json.dumps(public(rep), indent=2))
             reps.append((f"{label}test / {views}", rep))
-        if cam is not None:
-            realcam[label.strip() or "deployed"] = cam
+        if with_realcam:
+            realcam[label.strip() or "deployed"] = realcam_report(b, progress=cb)
     if realcam:
         (out / "eval-dashcam.json").write_text(json.dumps(realcam, indent=2))
     return reps, realcam
-
-
-def _evaluate_one(path: str, label: str, data: Optional[str], device: str, with_realcam: bool, threads: Optional[int],
-                  cb=None) -> tuple[list[tuple[str, dict]], Optional[dict]]:
-    """One bundle's test clean and challenge reports and (``with_realcam``) its real-dashcam report."""
-    import torch
-
-    from ..bench.evaluate import evaluate
-    from ..bench.realcam import realcam_report
-    from ..cascade.bundle import Bundle
-    from ..io.data import open_dataset
-
-    if threads:
-        torch.set_num_threads(threads)
-    b = Bundle.load(path, device=device)
-    ds = open_dataset(data, "test")
-    reps = [(views, evaluate(b, ds, views, "test", progress=cb)) for views in ("clean", "challenge")]
-    return reps, (realcam_report(b, progress=cb) if with_realcam else None)
 
 
 _RECIPE_FIELDS = ("model", "input_size", "eval_size", "epochs", "extra_train", "style_p", "balance_sources", "data", "squares",

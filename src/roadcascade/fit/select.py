@@ -72,12 +72,20 @@ def choose_bundle(val_mccs: Sequence[float], dashcam_mccs: Sequence[float], max_
     return max(ok, key=lambda i: (dashcam_mccs[i], -i))
 
 
-def _measure(label: str, path: str, cfg: SelectConfig, threads: int | None, progress: Progress | None = None) -> Measured:
-    """One candidate on the split's challenge views and (when night-dev is there) on real dashcam frames."""
+def _night_dev(cfg: SelectConfig) -> Path | None:
+    from ..bench.realcam import default_night_dev
+
+    nd = Path(cfg.night_dev) if cfg.night_dev else (default_night_dev() if cfg.data is None else None)
+    return nd if nd is not None and nd.exists() else None
+
+
+def _measure_part(path: str, part: str, cfg: SelectConfig, threads: int | None, progress: Progress | None = None) -> dict:
+    """One candidate on one part of the selection data: ``challenge`` (the split's challenge views) or ``dashcam``
+    (night-dev frames and the split's dashcam negatives, clean)."""
     import torch
 
     from ..bench.evaluate import evaluate_items
-    from ..bench.realcam import default_night_dev, realcam_report
+    from ..bench.realcam import realcam_report
     from ..cascade.bundle import Bundle
     from ..io.data import open_dataset
     from ..io.items import make_items, view_seed
@@ -85,33 +93,41 @@ def _measure(label: str, path: str, cfg: SelectConfig, threads: int | None, prog
     if threads:
         torch.set_num_threads(threads)
     b = Bundle.load(path, device="cpu")
-    ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
-    rep = evaluate_items(b, make_items(ds, "challenge", view_seed(cfg.split, None)), progress=progress, baselines=False)
-    m = Measured(label, str(path), float(rep["mcc"]), mean_gflops=float(rep["mean_gflops"]))
-    nd = Path(cfg.night_dev) if cfg.night_dev else (default_night_dev() if cfg.data is None else None)
-    if nd is not None and nd.exists():
-        r = realcam_report(b, split=cfg.split, data=cfg.data, night_dev=nd, progress=progress)
-        m.dashcam_mcc, m.night_dev_recall = r["joint"]["mcc"], r["night_dev"]["recall"]
-        m.dashcam_fpr = r["dashcam_negatives"]["fpr"]
-    return m
+    if part == "challenge":
+        ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
+        rep = evaluate_items(b, make_items(ds, "challenge", view_seed(cfg.split, None)), progress=progress, baselines=False)
+        return {"val_challenge_mcc": float(rep["mcc"]), "mean_gflops": float(rep["mean_gflops"])}
+    r = realcam_report(b, split=cfg.split, data=cfg.data, night_dev=_night_dev(cfg), progress=progress)
+    return {"dashcam_mcc": r["joint"]["mcc"], "night_dev_recall": r["night_dev"]["recall"],
+            "dashcam_fpr": r["dashcam_negatives"]["fpr"]}
 
 
 def measure_all(candidates: Sequence[tuple[str, str | Path]], cfg: SelectConfig, progress: Progress | None = None) -> list[Measured]:
-    """Every candidate measured; with ``cfg.processes`` > 1 in that many spawned processes of one thread each (a
-    1-thread forward pass uses a core better than a 2-thread one, and the candidates are independent)."""
-    if cfg.processes == 1 or len(candidates) == 1:
-        return [_measure(label, str(p), cfg, None, progress) for label, p in candidates]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    """Every candidate measured on val challenge views and (with night-dev frames) real dashcam frames. With
+    ``cfg.processes`` > 1 the (candidate, part) jobs run in that many spawned processes of one thread each, the
+    longest first (a 1-thread forward pass uses a core better than a 2-thread one, and the jobs are independent)."""
+    parts = ("challenge", "dashcam") if _night_dev(cfg) is not None else ("challenge",)
+    jobs = [(i, str(p), part) for i, (_, p) in enumerate(candidates) for part in parts]
+    out = [Measured(label, str(p), float("nan")) for label, p in candidates]
+    if cfg.processes == 1 or len(jobs) == 1:
+        results = [_measure_part(p, part, cfg, None, progress) for _, p, part in jobs]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=min(cfg.processes, len(candidates)), mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_measure, label, str(p), cfg, 1) for label, p in candidates]
-        out = []
-        for i, f in enumerate(futures):
-            out.append(f.result())
-            if progress:
-                progress("select: measure candidates", i + 1, len(futures))
-        return out
+        # the costliest candidate (more GFLOPs a view: listed later in the quickstart) and its challenge views first
+        order = sorted(range(len(jobs)), key=lambda j: (-jobs[j][0], jobs[j][2] != "challenge"))
+        with ProcessPoolExecutor(max_workers=min(cfg.processes, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {j: pool.submit(_measure_part, jobs[j][1], jobs[j][2], cfg, 1) for j in order}
+            results = []
+            for n, j in enumerate(range(len(jobs))):
+                results.append(futures[j].result())
+                if progress:
+                    progress("select: measure candidates", n + 1, len(jobs))
+    for (i, _, _), res in zip(jobs, results):
+        for k, v in res.items():
+            setattr(out[i], k, v)
+    return out
 
 
 def select_bundle(candidates: Sequence[tuple[str, str | Path]], cfg: SelectConfig = SelectConfig(), out_json: Path | None = None,
