@@ -1,5 +1,5 @@
-"""Which bundle the quickstart ships (fit.select): the choice rule as properties, and real runs of the whole step on
-two tiny bundles (val challenge views, night-dev frames, val's dashcam negatives; in this process and in two)."""
+"""Which bundle the quickstart ships (fit.select): the choice rule as properties, and a real run of the whole step on
+two tiny bundles (val challenge views, night-dev frames, val's dashcam negatives)."""
 
 import json
 import math
@@ -42,13 +42,10 @@ def test_examples_and_bad_input():
         choose_bundle([0.9], [0.9, 0.8], 0.005)
     with pytest.raises(ValueError):
         SelectConfig(max_dmcc=2)
-    with pytest.raises(ValueError):
-        SelectConfig(processes=0)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("processes", [1, 2])
-def test_select_bundle_measures_both_and_records_the_rule(tmp_path, streetwork, processes):
+def test_select_bundle_measures_both_and_records_the_rule(tmp_path, streetwork):
     from roadcascade.fit.select import select_bundle
     from roadcascade.serve.testing import tiny_bundle
 
@@ -56,7 +53,7 @@ def test_select_bundle_measures_both_and_records_the_rule(tmp_path, streetwork, 
         pytest.skip(f"night-dev frames not found at {NIGHT_DEV}")
     a = tiny_bundle(tmp_path / "a", seed=0)
     b = tiny_bundle(tmp_path / "b", seed=5, temperature=0.002)
-    cfg = SelectConfig(data=str(streetwork), night_dev=str(NIGHT_DEV), max_images=16, processes=processes)
+    cfg = SelectConfig(data=str(streetwork), night_dev=str(NIGHT_DEV), max_images=16)
     choice = select_bundle([("a", a), ("b", b)], cfg, tmp_path / "selected.json", log=lambda *_: None)
     doc = json.loads((tmp_path / "selected.json").read_text())
     assert doc["selected"] == choice.selected and choice.selected in (str(a), str(b))

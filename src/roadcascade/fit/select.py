@@ -29,13 +29,10 @@ class SelectConfig:
     data: str | None = None
     night_dev: str | None = None  # default: ../shared/data/night-dev next to the data; None there: val MCC decides
     max_images: int | None = None  # a stratified subset of the split's challenge views (smoke runs)
-    processes: int = 2  # candidates measured side by side, one thread each (1: in this process)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_dmcc <= 1.0:
             raise ValueError(f"max_dmcc must be in [0, 1], got {self.max_dmcc}")
-        if self.processes < 1:
-            raise ValueError("processes must be >= 1")
 
 
 @dataclass
@@ -79,19 +76,15 @@ def _night_dev(cfg: SelectConfig) -> Path | None:
     return nd if nd is not None and nd.exists() else None
 
 
-def _measure_part(path: str, part: str, cfg: SelectConfig, threads: int | None, progress: Progress | None = None) -> dict:
+def _measure_part(path: str, part: str, cfg: SelectConfig, progress: Progress | None = None) -> dict:
     """One candidate on one part of the selection data: ``challenge`` (the split's challenge views) or ``dashcam``
     (night-dev frames and the split's dashcam negatives, clean)."""
-    import torch
-
     from ..bench.evaluate import evaluate_items
     from ..bench.realcam import realcam_report
     from ..cascade.bundle import Bundle
     from ..io.data import open_dataset
     from ..io.items import make_items, view_seed
 
-    if threads:
-        torch.set_num_threads(threads)
     b = Bundle.load(path, device="cpu")
     if part == "challenge":
         ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
@@ -103,30 +96,16 @@ def _measure_part(path: str, part: str, cfg: SelectConfig, threads: int | None, 
 
 
 def measure_all(candidates: Sequence[tuple[str, str | Path]], cfg: SelectConfig, progress: Progress | None = None) -> list[Measured]:
-    """Every candidate measured on val challenge views and (with night-dev frames) real dashcam frames. With
-    ``cfg.processes`` > 1 the (candidate, part) jobs run in that many spawned processes of one thread each, the
-    longest first (a 1-thread forward pass uses a core better than a 2-thread one, and the jobs are independent)."""
+    """Every candidate measured on val challenge views and (with night-dev frames) on real dashcam frames. In this
+    process: two spawned 1-thread processes took as long (92 s against 93 s for the quickstart's two candidates)."""
     parts = ("challenge", "dashcam") if _night_dev(cfg) is not None else ("challenge",)
-    jobs = [(i, str(p), part) for i, (_, p) in enumerate(candidates) for part in parts]
-    out = [Measured(label, str(p), float("nan")) for label, p in candidates]
-    if cfg.processes == 1 or len(jobs) == 1:
-        results = [_measure_part(p, part, cfg, None, progress) for _, p, part in jobs]
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # the costliest candidate (more GFLOPs a view: listed later in the quickstart) and its challenge views first
-        order = sorted(range(len(jobs)), key=lambda j: (-jobs[j][0], jobs[j][2] != "challenge"))
-        with ProcessPoolExecutor(max_workers=min(cfg.processes, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {j: pool.submit(_measure_part, jobs[j][1], jobs[j][2], cfg, 1) for j in order}
-            results = []
-            for n, j in enumerate(range(len(jobs))):
-                results.append(futures[j].result())
-                if progress:
-                    progress("select: measure candidates", n + 1, len(jobs))
-    for (i, _, _), res in zip(jobs, results):
-        for k, v in res.items():
-            setattr(out[i], k, v)
+    out = []
+    for label, p in candidates:
+        m = Measured(label, str(p), float("nan"))
+        for part in parts:
+            for k, v in _measure_part(str(p), part, cfg, progress).items():
+                setattr(m, k, v)
+        out.append(m)
     return out
 
 
