@@ -364,7 +364,7 @@ def quickstart(
                 guard_bundle(bdir, gcfg, device=device, log=console.print)
             other = (sdir, "-stage1", "stage-1 ")
             if select:
-                chosen = _select(bdir, sdir, out, data, cb)
+                chosen = _select(bdir, sdir, out, data, device, cb)
                 if chosen == sdir:
                     other = (bdir, "-cascade", "cascade ")
             else:
@@ -387,11 +387,13 @@ def quickstart(
     console.print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
 
 
-def _select(bdir: Path, sdir: Path, out: Path, data: Optional[str], cb) -> Path:
+def _select(bdir: Path, sdir: Path, out: Path, data: Optional[str], device: str, cb) -> Path:
     """The cascade or its stage 1, chosen on val and night-dev (``fit.select``; ``out/selected.json``)."""
     from ..fit.select import SelectConfig, select_bundle
+    from ..models.preprocess import pick_device
 
-    choice = select_bundle([("cascade", bdir), ("stage 1", sdir)], SelectConfig(data=data), out / "selected.json",
+    cfg = SelectConfig(data=data, device=str(pick_device(device)))
+    choice = select_bundle([("cascade", bdir), ("stage 1", sdir)], cfg, out / "selected.json",
                            log=console.print, progress=cb)
     return Path(choice.selected)
 

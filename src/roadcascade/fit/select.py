@@ -29,6 +29,7 @@ class SelectConfig:
     data: str | None = None
     night_dev: str | None = None  # default: ../shared/data/night-dev next to the data; None there: val MCC decides
     max_images: int | None = None  # a stratified subset of the split's challenge views (smoke runs)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_dmcc <= 1.0:
@@ -85,7 +86,7 @@ def _measure_part(path: str, part: str, cfg: SelectConfig, progress: Progress | 
     from ..io.data import open_dataset
     from ..io.items import make_items, view_seed
 
-    b = Bundle.load(path, device="cpu")
+    b = Bundle.load(path, device=cfg.device)
     if part == "challenge":
         ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
         rep = evaluate_items(b, make_items(ds, "challenge", view_seed(cfg.split, None)), progress=progress, baselines=False)
