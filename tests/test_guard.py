@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from roadcascade.cascade.bundle import Bundle, BundleError
 from roadcascade.cascade.calibration import TemperatureCalibrator
 from roadcascade.cascade.runtime import Cascade, ClassifierTier, ExitPoint, FinalRule, LastTierFusion, square_views
-from roadcascade.fit.guard import GuardConfig, exit_probabilities, guard_bundle, guard_exits, np_threshold
+from roadcascade.fit.guard import GUARD_MARGIN, GuardConfig, exit_probabilities, guard_bundle, guard_exits, np_threshold
 from roadcascade.cascade.rules import MarginRule
 from roadcascade.models.zoo import create_model
 
@@ -32,14 +32,28 @@ def _tier(size: int = 48, squares: int = 3, view_scale: float = 1.0, name: str =
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=300), st.floats(0, 0.3))
-def test_np_threshold_is_the_lowest_score_that_keeps_the_rate(scores, fpr):
+def test_np_threshold_keeps_the_rate_flags_what_the_lowest_does_and_keeps_off_the_scores(scores, fpr):
     s = np.array(scores)
     t = np_threshold(s, fpr)
-    assert t in s
+    t0 = np_threshold(s, fpr, margin=0.0)
+    assert t0 in s  # without a margin: the (m+1)-th largest score itself
     assert np.mean(s > t) <= fpr + 1e-12  # at most that share of the negatives above it
-    lower = s[s < t]
+    lower = s[s < t0]
     if lower.size:  # and no lower score would do
         assert np.mean(s > lower.max()) > fpr
+    assert np.array_equal(s > t, s > t0)  # the margin flags the same reference scores
+    desc, m = np.sort(s)[::-1], min(int(np.floor(fpr * s.size + 1e-9)), s.size - 1)
+    room = (desc[m - 1] - t0) / 2 if m > 0 else GUARD_MARGIN  # half-way to the m-th largest (0 for a tie)
+    if room > 1e-9:  # unless the next score up is (about) a tie, no reference score sits on the threshold
+        assert t > t0 and t not in s and t - t0 <= min(GUARD_MARGIN, room) + 1e-15
+
+
+def test_a_reference_frame_at_the_threshold_is_not_decided_by_rounding():
+    s = np.array([0.9, 0.62, 0.61, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02])
+    t = np_threshold(s, 0.1)  # m = 1: 0.9 above; 0.62 is the (m+1)-th largest
+    assert t == pytest.approx(0.62 + GUARD_MARGIN) and np.mean(s > t) == 0.1
+    assert not (0.62 + 1e-6 > t)  # the same frame scored 1e-6 higher by another runtime stays below
+    assert np_threshold(np.array([0.5, 0.50002, 0.1]), 0.34) == pytest.approx(0.50001)  # half-way when closer than the margin
 
 
 def test_np_threshold_refuses_empty_and_bad_rate():

@@ -61,14 +61,22 @@ class GuardReport:
         return asdict(self)
 
 
-def np_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The smallest threshold ``t`` among the scores with ``mean(scores > t) <= fpr``: the (m+1)-th largest
-    score, m = floor(fpr * n). Ties are kept on the safe side (no more than m above)."""
+#: how far above the (m+1)-th largest reference score the threshold is put (at most half-way to the m-th): on the
+#: score itself that frame sits at p = 0.5 exactly, and a runtime that differs by 1e-6 (the fp32 ONNX export) flips it
+GUARD_MARGIN = 1e-4
+
+
+def np_threshold(scores: np.ndarray, fpr: float, margin: float = GUARD_MARGIN) -> float:
+    """A threshold ``t`` with ``mean(scores > t) <= fpr`` that flags the same reference scores as the smallest such
+    threshold, the (m+1)-th largest score s[m] (m = floor(fpr * n)), but lies ``margin`` above it (at most half-way
+    to the m-th largest), so no reference frame is decided by rounding. Ties are kept on the safe side (no more than
+    m above)."""
     s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     if s.size == 0:
         raise ValueError("no reference negatives")
     m = min(int(math.floor(fpr * s.size + 1e-9)), s.size - 1)
-    return float(s[m])
+    room = (s[m - 1] - s[m]) / 2 if m > 0 else margin
+    return float(s[m] + min(margin, room))
 
 
 def exit_probabilities(cascade: Cascade, images: Sequence[np.ndarray], batch: int = 64) -> np.ndarray:
