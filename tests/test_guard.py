@@ -54,6 +54,8 @@ def test_a_reference_frame_at_the_threshold_is_not_decided_by_rounding():
     assert t == pytest.approx(0.62 + GUARD_MARGIN) and np.mean(s > t) == 0.1
     assert not (0.62 + 1e-6 > t)  # the same frame scored 1e-6 higher by another runtime stays below
     assert np_threshold(np.array([0.5, 0.50002, 0.1]), 0.34) == pytest.approx(0.50001)  # half-way when closer than the margin
+    two = np.array([0.0] * 14 + [1.0, np.nextafter(1.0, 0.0)])  # one float apart: half-way rounds up onto the higher one
+    assert np.mean(two > np_threshold(two, 0.0625)) == 0.0625  # so the threshold stays on the lower one
 
 
 def test_np_threshold_refuses_empty_and_bad_rate():

@@ -76,7 +76,8 @@ def np_threshold(scores: np.ndarray, fpr: float, margin: float = GUARD_MARGIN) -
         raise ValueError("no reference negatives")
     m = min(int(math.floor(fpr * s.size + 1e-9)), s.size - 1)
     room = (s[m - 1] - s[m]) / 2 if m > 0 else margin
-    return float(s[m] + min(margin, room))
+    t = s[m] + min(margin, room)
+    return float(t if m == 0 or t < s[m - 1] else s[m])  # two scores one float apart: no room between them
 
 
 def exit_probabilities(cascade: Cascade, images: Sequence[np.ndarray], batch: int = 64) -> np.ndarray:
