@@ -77,16 +77,14 @@ def _night_dev(cfg: SelectConfig) -> Path | None:
     return nd if nd is not None and nd.exists() else None
 
 
-def _measure_part(path: str, part: str, cfg: SelectConfig, progress: Progress | None = None) -> dict:
-    """One candidate on one part of the selection data: ``challenge`` (the split's challenge views) or ``dashcam``
+def _measure_part(b, part: str, cfg: SelectConfig, progress: Progress | None = None) -> dict:
+    """One candidate (a loaded Bundle) on one part of the selection data: ``challenge`` (the split's challenge views) or ``dashcam``
     (night-dev frames and the split's dashcam negatives, clean)."""
     from ..bench.evaluate import evaluate_items
     from ..bench.realcam import realcam_report
-    from ..cascade.bundle import Bundle
     from ..io.data import open_dataset
     from ..io.items import make_items, view_seed
 
-    b = Bundle.load(path, device=cfg.device)
     if part == "challenge":
         ds = open_dataset(cfg.data, cfg.split).subset(cfg.max_images)
         rep = evaluate_items(b, make_items(ds, "challenge", view_seed(cfg.split, None)), progress=progress, baselines=False)
@@ -99,12 +97,15 @@ def _measure_part(path: str, part: str, cfg: SelectConfig, progress: Progress | 
 def measure_all(candidates: Sequence[tuple[str, str | Path]], cfg: SelectConfig, progress: Progress | None = None) -> list[Measured]:
     """Every candidate measured on val challenge views and (with night-dev frames) on real dashcam frames. In this
     process: two spawned 1-thread processes took as long (92 s against 93 s for the quickstart's two candidates)."""
+    from ..cascade.bundle import Bundle
+
     parts = ("challenge", "dashcam") if _night_dev(cfg) is not None else ("challenge",)
     out = []
     for label, p in candidates:
         m = Measured(label, str(p), float("nan"))
+        b = Bundle.load(p, device=cfg.device)  # once for all parts
         for part in parts:
-            for k, v in _measure_part(str(p), part, cfg, progress).items():
+            for k, v in _measure_part(b, part, cfg, progress).items():
                 setattr(m, k, v)
         out.append(m)
     return out
