@@ -30,6 +30,8 @@ def label_cmd(
     actors: Optional[int] = typer.Option(None, min=1, help="ray: cascade actors (default: one per GPU, else the CPUs left by decode)"),
     actor_cpus: float = typer.Option(1.0, min=0.01, help="ray: CPUs each CPU cascade actor reserves"),
     decode_cpus: float = typer.Option(1.0, min=0.01, help="ray: CPUs each decode task reserves"),
+    decode_tasks: Optional[int] = typer.Option(None, min=1, help="ray: at most this many decode tasks at once (default: "
+                                               "as many as the free CPUs allow)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per cascade actor (local: of this process)"),
     gpu: str = typer.Option("auto", help="ray: auto | on | off: GPU actors with the GPU fast path when the cluster has GPUs"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the run report here"),
@@ -44,7 +46,7 @@ def label_cmd(
 
     try:
         cfg = LabelConfig(bundle=bundle, out=out, engine=engine, batch=batch, shard_rows=shard_rows, address=address, actors=actors,
-                          actor_cpus=actor_cpus, decode_cpus=decode_cpus, threads=threads, gpu=gpu)
+                          actor_cpus=actor_cpus, decode_cpus=decode_cpus, decode_tasks=decode_tasks, threads=threads, gpu=gpu)
         if not (bundle / "bundle.json").exists():
             raise BundleError(f"no bundle at {bundle} (expected {bundle / 'bundle.json'})")
         inputs = list_inputs(data, split)

@@ -40,6 +40,7 @@ class LabelConfig:
     actors: int | None = None  # cascade actors (default: one per GPU, else CPUs // actor_cpus - 1, at least 1)
     actor_cpus: float = 1.0  # CPUs each CPU actor reserves
     decode_cpus: float = 1.0  # CPUs each decode task reserves
+    decode_tasks: int | None = None  # ray: at most this many decode tasks at once (default: as many as the free CPUs allow)
     threads: int | None = None  # torch threads in each actor (default: its CPUs)
     gpu: str = "auto"  # auto | on | off: the GPU fast path inside GPU actors
     limits: DecodeLimits = field(default_factory=DecodeLimits)
@@ -53,6 +54,8 @@ class LabelConfig:
             raise ValueError(f"actors must be >= 1 (got {self.actors})")
         if not (self.actor_cpus > 0 and self.decode_cpus > 0):
             raise ValueError("actor_cpus and decode_cpus must be > 0")
+        if self.decode_tasks is not None and self.decode_tasks < 1:
+            raise ValueError(f"decode_tasks must be >= 1 (got {self.decode_tasks})")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError(f"gpu must be auto, on or off (got {self.gpu!r})")
 

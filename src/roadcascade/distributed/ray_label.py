@@ -47,8 +47,11 @@ def build_dataset(cfg: LabelConfig, todo: list[InputRecord], p: dict[str, Any], 
     import ray
 
     ds = ray.data.from_items([r.as_row() for r in todo], override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch)))
+    # a cap on concurrent decode tasks (else Ray Data runs as many as the free CPUs allow); a capped decode step is
+    # fused into CPU actors only when the cap equals the pool size
+    decode_compute = ray.data.TaskPoolStrategy(size=cfg.decode_tasks) if cfg.decode_tasks else None
     ds = ds.map_batches(decode_batch, fn_kwargs={"limits": cfg.limits, "min_size": min_size, "encoded": p["gpu"] != "off"},
-                        batch_size=cfg.batch, batch_format="numpy", num_cpus=cfg.decode_cpus)
+                        batch_size=cfg.batch, batch_format="numpy", num_cpus=cfg.decode_cpus, compute=decode_compute)
     return ds.map_batches(CascadeRunner, fn_constructor_kwargs={"bundle": str(cfg.bundle), "device": p["device"],
                                                                 "threads": p["threads"], "gpu": p["gpu"]},
                           batch_size=cfg.batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=p["actors"]),
