@@ -17,6 +17,11 @@ What runs, as spawned processes sharing the GPU (each job starts as soon as what
   (``A``: train only; ``B``: train + the synthetic frames, unlabelled for the student), and the same Lite0@224
   trained on labels alone with the same epochs and seed; all on test challenge views. Between A and B val decides.
 
+The synthetic set needs the sign crops next to the data (``signs/`` beside ``streetwork/``); without them the
+synthesis fails, and E3 and student B are skipped (the rest runs). The StreetWork tar, night-dev and the Lite0 and
+Lite2 weights already take 60.5 of the 64 MiB a call may carry, so the signs (9.5 MB) need a call of their own on
+the same warm machine.
+
 ``--json`` is rewritten after every finished job, so a run cut off by its deadline keeps what it finished; at the
 deadline the workers are killed. ``--quick``: a CPU smoke run (tiny subsets, a few steps).
 """
