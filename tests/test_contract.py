@@ -229,8 +229,9 @@ def test_tier_contract(kind, tmp_path):
     caps = tier.caps()
     assert isinstance(caps, TierCaps) and caps.gflops == pytest.approx(tier.gflops)
     assert caps.decode_size == tier.decode_size()
-    if caps.tensor_input is not None:  # what the GPU engine uses of such a tier
+    if caps.tensor_input is not None or caps.square_input is not None:  # what the GPU engine uses of such a tier
         assert all(hasattr(tier, a) for a in ("model", "mean", "std", "calibrator"))
+    assert caps.tensor_input is None or caps.square_input is None  # one or the other: all rows, or single views
     if caps.reads_earlier:  # with no earlier tier that it can reuse, run_after is run
         np.testing.assert_allclose(tier.run_after(images, ["other"], np.zeros((3, 1))).logits, out.logits, rtol=1e-6)
     again = build(TIERS, "tier", tier.to_config(tmp_path), bundle_dir=tmp_path, device=CPU)

@@ -98,6 +98,40 @@ def test_gpu_runtime_on_cpu_agrees_with_square_pooling():
         assert g.trace.gflops == pytest.approx(r.trace.gflops)
 
 
+@pytest.mark.parametrize("view_scale", [1.0, 1.3])
+def test_gpu_runtime_runs_single_view_rows_on_the_engine_and_full_frames_on_the_tier(view_scale):
+    """A tier with square views gets an engine on the fast path: rows that are one view (not full frames, e.g. the
+    validators' 224x224 challenge views) run there; full frames run the tier's own pooled views. Answers as the CPU path."""
+    from roadcascade.accel.runtime import GpuCascade
+    from roadcascade.io.images import decode_bytes, encode_jpeg
+
+    tier = _tier(3)
+    tier.view_scale = view_scale
+    casc = Cascade([tier], [ExitPoint(LastTierFusion(), 0.5, FinalRule())])
+    shapes = ((64, 64), (48, 120), (70, 66), (130, 50), (96, 96), (200, 410))
+    payloads = [encode_jpeg(_img(h, w, i), 90) for i, (h, w) in enumerate(shapes)]
+    # the CPU path's decode: reduced in size down to the cascade's decode size, as the fast path's decoders do
+    ref = casc.predict([decode_bytes(p, min_size=casc.decode_size()) for p in payloads])
+    gc = GpuCascade(casc, device="cpu")
+    try:
+        assert gc.engines[0] is not None and gc.squares_only == [True]
+        seen: list[tuple[int, int]] = []
+        own_run = tier.run
+        tier.run = lambda images: (seen.extend(im.shape[:2] for im in images), own_run(images))[1]
+        got = gc.predict(payloads)
+    finally:
+        tier.run = own_run
+        gc.close()
+    # only the full frames ran the tier's own code (the large one decoded reduced to the tier's decode size)
+    big = decode_bytes(payloads[-1], min_size=casc.decode_size()).shape[:2]
+    assert sorted(seen) == sorted(((48, 120), (130, 50), big))
+    for g, r in zip(got, ref):
+        assert g.probability == pytest.approx(r.probability, abs=1e-6) and g.label == r.label
+        assert g.trace.gflops == pytest.approx(r.trace.gflops)
+    assert _tier(3).caps().square_input == 48 and _tier(3).caps().tensor_input is None
+    assert _tier(1).caps().square_input is None and _tier(1).caps().tensor_input == 48
+
+
 def test_cost_counts_every_square_view():
     t = _tier(3)
     out = t.run([_img(60, 150, 1), _img(64, 64, 2), _img(200, 90, 3)])

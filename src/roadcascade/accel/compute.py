@@ -1,6 +1,7 @@
 """The tier loop of the GPU fast path: a decoded batch -> calibrated, folded probabilities (:class:`BatchResult`).
 
-Engine tiers run their compiled model on device-resized pixels; any other tier (test-time scaling, detectors)
+Engine tiers run their compiled model on device-resized pixels (a tier with square views: only on the rows that
+are one view, i.e. not full frames); any other tier or row (test-time scaling, detectors, pooled square views)
 runs its own ``run``/``run_after`` on HxWx3 arrays, as :meth:`Cascade.run_stage` does. Calibration, fusion, fold
 and deferral rules are the CPU path's float64 functions (``cascade.decision.decide``); later tiers run once on
 the undecided rows only.
@@ -79,8 +80,10 @@ class TierRunner:
     """The cascade loop on a decoded batch, on one compute stream."""
 
     def __init__(self, cascade: Cascade, engines: list[ClassifierEngine | None], decoder: BatchDecoder,
-                 device: torch.device):
+                 device: torch.device, squares_only: list[bool] | None = None):
         self.cascade, self.engines, self.decoder, self.device = cascade, engines, decoder, device
+        # per tier: its engine runs only the rows that are not full frames (the rest: the tier's own code)
+        self.squares_only = list(squares_only) if squares_only is not None else [False] * len(engines)
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.rule_names = [exit_rule_name(e, k == cascade.n_stages - 1) for k, e in enumerate(cascade.exits)]
@@ -95,6 +98,7 @@ class TierRunner:
         active = dec.good
         # which rows are full frames: only asked when an exit has a threshold of its own for them
         full = full_frames(dec) if any(e.full_threshold is not None for e in self.cascade.exits) else None
+        frames = (full if full is not None else full_frames(dec)) if any(self.squares_only) else None
         ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext()
         with ctx, torch.inference_mode():
             if dec.event is not None:
@@ -105,8 +109,14 @@ class TierRunner:
                 t0 = time.perf_counter()
                 eng = self.engines[k]
                 if eng is not None:
-                    z = eng.logits(self.decoder.gather(dec, active, eng.size)).cpu().numpy().astype(np.float64)
-                    L[active, k], P[active, k], G[active, k] = z, tier.calibrator.calibrated(z), tier.gflops
+                    # a tier with square views: its engine for single-view rows, its own code for full frames
+                    own = frames[active] if self.squares_only[k] else np.zeros(len(active), dtype=bool)
+                    rows = active[~own]
+                    if len(rows):
+                        z = eng.logits(self.decoder.gather(dec, rows, eng.size)).cpu().numpy().astype(np.float64)
+                        L[rows, k], P[rows, k], G[rows, k] = z, tier.calibrator.calibrated(z), tier.gflops
+                    if own.any():
+                        self._run_other(k, tier, dec, active[own], L, P, G, feats)
                 else:
                     self._run_other(k, tier, dec, active, L, P, G, feats)
                 flist = stack_features([[feats[t].get(int(i)) for i in active] for t in range(k + 1)])

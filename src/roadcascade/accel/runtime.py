@@ -111,17 +111,22 @@ class GpuCascade:
         if self.cfg.procs == -1:
             self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda else 0)
         self.engines: list[ClassifierEngine | None] = []
+        # per tier: its engine takes only the rows that are not full frames (a tier with square views: such an image
+        # is one view; a full frame's pooled views run the tier's own code)
+        self.squares_only: list[bool] = []
         for k, tier in enumerate(cascade.tiers):
             # a tier that is one model on one resized tensor gets an engine; any other runs its own code
-            if tier.caps().tensor_input is not None:
+            caps = tier.caps()
+            if caps.tensor_input is not None or caps.square_input is not None:
                 comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
                 self.engines.append(ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
             else:
                 self.engines.append(None)
+            self.squares_only.append(caps.tensor_input is None and caps.square_input is not None)
         first = self.engines[0].size if self.engines and self.engines[0] is not None else None
-        self.decoder = BatchDecoder(self.device, self.cfg, first, cascade.decode_size(),
-                                    keep_images=first is None or cascade.n_stages > 1, log=self.log)
-        self.runner = TierRunner(cascade, self.engines, self.decoder, self.device)
+        keep = first is None or cascade.n_stages > 1 or any(self.squares_only)
+        self.decoder = BatchDecoder(self.device, self.cfg, first, cascade.decode_size(), keep_images=keep, log=self.log)
+        self.runner = TierRunner(cascade, self.engines, self.decoder, self.device, self.squares_only)
         self.rule_names = self.runner.rule_names
         self._workers = ThreadPoolExecutor(max(1, self.cfg.decode_workers), thread_name_prefix="rc-gpu-prep")
         if self.cuda and self.cfg.gil_switch_ms is not None:

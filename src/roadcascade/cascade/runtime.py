@@ -138,6 +138,9 @@ class TierCaps:
     #   its calibrator (``model``, ``mean``, ``std``, ``calibrator``), so the GPU path may run it as a compiled
     #   engine on device-resized pixels; None: it runs its own ``run`` on decoded HxWx3 uint8 arrays
     decode_size: int | None = None  # the short side a reduced-size decode must keep (None: the full image)
+    square_input: int | None = None  # S, for a tier with square views: an image that is not a full frame is one view,
+    #   the tier is then ``model(resized to S)`` as for ``tensor_input`` and may run as the engine for those rows;
+    #   full frames (several views pooled) run the tier's own ``run``
     reads_earlier: bool = False  # its output depends on earlier tiers' logits (``run_after``)
 
 
@@ -270,7 +273,7 @@ class ClassifierTier(Tier):
     def caps(self) -> TierCaps:
         # square views pool over several crops of one image: its own code, not one resized tensor
         return TierCaps(gflops=self.gflops, tensor_input=self.input_size if self.squares == 1 else None,
-                        decode_size=self.decode_size())
+                        decode_size=self.decode_size(), square_input=self.input_size if self.squares > 1 else None)
 
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
