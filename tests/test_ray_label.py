@@ -1,4 +1,5 @@
-"""`roadcascade label`: local and Ray engines give the same rows; bad files are rows; reruns resume."""
+"""`roadcascade label`: local and Ray engines give the same rows; bad files are rows; reruns resume; `--decode-tasks N`
+caps the concurrent Ray Data decode tasks (the decode step only), is checked and passed on by the CLI."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from roadcascade.cli import app
 from roadcascade.distributed.inputs import list_inputs
 from roadcascade.distributed.job import label
 from roadcascade.distributed.label import LabelConfig
-from roadcascade.distributed.ray_label import plan
+from roadcascade.distributed.ray_label import build_dataset, plan
 from roadcascade.distributed.shards import ShardWriter, read_output, shard_files
 from roadcascade.serve.testing import tiny_bundle
 
@@ -119,3 +122,66 @@ def test_gpu_fast_path_runner_on_cpu(bundle, streetwork, tmp_path):
     assert [e is None for e in a["error"]] == [e is None for e in b["error"]] and sum(e is not None for e in b["error"]) == 3
     diffs = [abs(x - y) for x, y in zip(a["probability"], b["probability"]) if x is not None]
     assert len(diffs) == 6 and max(diffs) < 0.05
+
+
+# ------------------------------------------------------------------------------------------ --decode-tasks
+
+
+def _listing(streetwork: Path, tmp: Path, n: int) -> Path:
+    listing = tmp / "list.txt"
+    listing.write_text("\n".join(r.file for r in list_inputs(streetwork, "test")[:n]) + "\n")
+    return listing
+
+
+def _compute(op):
+    """A logical map operator's compute strategy (``compute`` in Ray 2.60, ``_compute`` in older releases)."""
+    return getattr(op, "compute", getattr(op, "_compute", None))
+
+
+def test_decode_tasks_checked(bundle, tmp_path):
+    with pytest.raises(ValueError, match="decode_tasks"):
+        LabelConfig(bundle=bundle, out=tmp_path, engine="ray", decode_tasks=0)
+    assert LabelConfig(bundle=bundle, out=tmp_path).decode_tasks is None
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_cap_reaches_the_decode_step_only(ray_local, bundle, streetwork, tmp_path, cap):
+    cfg = LabelConfig(bundle=bundle, out=tmp_path, engine="ray", batch=4, decode_tasks=cap, gpu="on")
+    todo = list_inputs(_listing(streetwork, tmp_path, 8))
+    ds = build_dataset(cfg, todo, plan(cfg, {"CPU": 2}), None)
+    cascade_op = ds._logical_plan.dag  # map_batches(CascadeRunner) <- map_batches(decode_batch) <- from_items
+    decode_op = cascade_op.input_dependencies[0]
+    assert isinstance(_compute(cascade_op), ray.data.ActorPoolStrategy)
+    if cap is None:  # the default is unchanged: Ray Data's own task pool, no size
+        assert getattr(_compute(decode_op), "size", None) is None
+    else:
+        assert isinstance(_compute(decode_op), ray.data.TaskPoolStrategy) and _compute(decode_op).size == cap
+
+
+def test_capped_ray_job_equals_local(ray_local, bundle, streetwork, tmp_path):
+    inputs = list_inputs(_listing(streetwork, tmp_path, 10))
+    label(LabelConfig(bundle=bundle, out=tmp_path / "local", batch=4), inputs)
+    rep = label(LabelConfig(bundle=bundle, out=tmp_path / "ray", engine="ray", batch=4, decode_tasks=1), inputs)
+    a = {r["path"]: r for r in read_output(tmp_path / "local").to_pylist()}
+    b = {r["path"]: r for r in read_output(tmp_path / "ray").to_pylist()}
+    assert set(a) == set(b) and len(a) == 10 and rep.written == 10 and rep.errors == 0
+    for k, x in a.items():
+        assert abs(x["probability"] - b[k]["probability"]) <= 1e-6 and x["decision"] == b[k]["decision"], k
+
+
+def test_cli_passes_decode_tasks(bundle, streetwork, tmp_path, monkeypatch):
+    import roadcascade.distributed.job as job
+
+    seen: list[LabelConfig] = []
+
+    def fake_label(cfg, inputs, progress=None):
+        seen.append(cfg)
+        return job.LabelReport(cfg.engine, len(inputs), 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(job, "label", fake_label)
+    listing = _listing(streetwork, tmp_path, 2)
+    args = ["label", "--bundle", str(bundle), "--data", str(listing), "--out", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, args + ["--decode-tasks", "5"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1].decode_tasks == 5
+    assert CliRunner().invoke(app, args + ["--decode-tasks", "0"]).exit_code == 2  # below the minimum
