@@ -131,9 +131,8 @@ def score_test(bdir: str, quick: bool, realcam: bool = True) -> dict:
     """Test clean and challenge MCC (challenge with its best-single / full-ensemble baselines) and, for the issue-11
     candidates, night-dev recall and test dashcam FPR. Read only, never used to choose."""
     import torch
+    from dashcam_ablation import _score
 
-    from roadcascade.bench.evaluate import evaluate, public
-    from roadcascade.bench.realcam import realcam_report
     from roadcascade.cascade.bundle import Bundle
     from roadcascade.io.data import open_dataset
     from roadcascade.models.preprocess import pick_device
@@ -141,13 +140,8 @@ def score_test(bdir: str, quick: bool, realcam: bool = True) -> dict:
     torch.set_num_threads(2)
     b = Bundle.load(bdir, device=pick_device("auto"))
     test = open_dataset(None, "test").subset(40 if quick else None)
-    row: dict = {"tiers": b.cascade.tier_names}
-    for v in ("clean", "challenge"):
-        rep = public(evaluate(b, test, v, "test"))
-        row[f"test_{v}"] = {k: rep.get(k) for k in ("mcc", "accuracy", "auroc", "ece", "mean_gflops", "baselines")}
-    if realcam:
-        row["realcam"] = realcam_report(b)
-    return row
+    keys = ("mcc", "accuracy", "auroc", "ece", "mean_gflops", "baselines")
+    return {"tiers": b.cascade.tier_names, **_score(b, test, keys=keys, realcam=realcam)}
 
 
 def measure_val(label: str, bdir: str, quick: bool) -> dict:

@@ -286,11 +286,6 @@ def compare(ref: Path, out: Path) -> dict[str, Any]:
             "tiers_differ": sum(x[k]["tiers"] != y[k]["tiers"] for k in ok)}
 
 
-def _columns(recs) -> dict[str, list]:
-    return {"path": [r.path for r in recs], "label": [r.label for r in recs], "file": [r.file for r in recs],
-            "data": [r.data for r in recs]}
-
-
 class Marks:
     """A label progress callback that keeps (time, rows written) per batch: ``second_half_img_s`` is the rate over the
     second half of the rows, which neither the start-up nor the batches a pipeline delivers late at its start skew."""
@@ -332,7 +327,7 @@ def single_gpu(bundle: Path, inputs, out: Path, batch: int, device: str, threads
     ``fast``, then the fast path alone on the same payloads in host memory, warm (predict_stream, twice)."""
     import torch
 
-    from roadcascade.distributed.label import CascadeRunner, decode_batch
+    from roadcascade.distributed.label import CascadeRunner, _columns, decode_batch
     from roadcascade.distributed.shards import ShardWriter
     from roadcascade.io.images import DecodeLimits
 
