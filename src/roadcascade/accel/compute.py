@@ -96,9 +96,11 @@ class TierRunner:
         feats: list[dict[int, np.ndarray]] = [dict() for _ in range(K)]
         tier_ms = [0.0] * K
         active = dec.good
-        # which rows are full frames: only asked when an exit has a threshold of its own for them
-        full = full_frames(dec) if any(e.full_threshold is not None for e in self.cascade.exits) else None
-        frames = (full if full is not None else full_frames(dec)) if any(self.squares_only) else None
+        # which rows are full frames: only asked when an exit has a threshold of its own for them, or a tier's engine
+        # takes only the other rows
+        by_exit = any(e.full_threshold is not None for e in self.cascade.exits)
+        frames = full_frames(dec) if by_exit or any(self.squares_only) else None
+        full = frames if by_exit else None
         ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext()
         with ctx, torch.inference_mode():
             if dec.event is not None:
