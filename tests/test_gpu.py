@@ -329,6 +329,41 @@ def test_threads_decode_reduced_like_the_cpu_path():
                                       decode_bytes(payloads[i], min_size=m))
 
 
+def test_gpu_stage_keeps_images_reduced_like_the_cpu_decoders():
+    """Images the GPU decoder decoded at full size are kept for later tiers at the size the CPU decoders' DCT scaling
+    gives (memory bounded by the cascade's decode size), a faithful reduction (as close to the area average of the full
+    image as the CPU decoders' own reduced decode is, or closer); small ones as they are."""
+    from types import SimpleNamespace
+
+    from roadcascade.accel.config import GpuConfig
+    from roadcascade.accel.decode import reduced_dims
+    from roadcascade.accel.route import Router
+    from roadcascade.accel.stages import GpuStage
+    from roadcascade.io.images import draft_scale
+
+    rng = np.random.default_rng(5)
+    shapes = ((481, 641), (481, 641), (150, 120), (1000, 333))
+    payloads = [encode_jpeg(_smooth(rng, h, w), 90) for h, w in shapes]
+    full = [torch.from_numpy(decode_bytes(p)).permute(2, 0, 1) for p in payloads]
+    m = 100
+    stage = GpuStage(torch.device("cpu"), GpuConfig(), Router(), put=lambda *a: None, min_size=m)
+    dec = SimpleNamespace(images=[None] * len(shapes))
+    stage.keep(dec, list(enumerate(full)))
+    for i, (h, w) in enumerate(shapes):
+        kept = dec.images[i]
+        assert tuple(kept.shape[1:]) == reduced_dims(h, w, draft_scale(w, h, m)) and min(kept.shape[1:]) >= m
+        ref = torch.from_numpy(decode_bytes(payloads[i], min_size=m)).permute(2, 0, 1)
+        assert kept.shape == ref.shape
+        area = torch.nn.functional.interpolate(full[i][None].float(), size=tuple(kept.shape[1:]), mode="area")[0]
+        err, err_cpu = (kept.float() - area).abs().mean(), (ref.float() - area).abs().mean()
+        assert err < 2.0 and err <= err_cpu + 0.5, (err, err_cpu)
+    assert dec.images[2] is full[2]  # nothing to reduce: kept as decoded
+    unreduced = GpuStage(torch.device("cpu"), GpuConfig(), Router(), put=lambda *a: None, min_size=None)
+    dec2 = SimpleNamespace(images=[None] * len(shapes))
+    unreduced.keep(dec2, list(enumerate(full)))
+    assert all(a is b for a, b in zip(dec2.images, full))
+
+
 # ----------------------------------------------------------------------------- BatchNorm folding
 
 

@@ -98,10 +98,14 @@ def test_gpu_runtime_on_cpu_agrees_with_square_pooling():
         assert g.trace.gflops == pytest.approx(r.trace.gflops)
 
 
+@pytest.mark.parametrize("view_engine", [True, False])
 @pytest.mark.parametrize("view_scale", [1.0, 1.3])
-def test_gpu_runtime_runs_single_view_rows_on_the_engine_and_full_frames_on_the_tier(view_scale):
+def test_gpu_runtime_runs_square_views_on_engines(view_scale, view_engine):
     """A tier with square views gets an engine on the fast path: rows that are one view (not full frames, e.g. the
-    validators' 224x224 challenge views) run there; full frames run the tier's own pooled views. Answers as the CPU path."""
+    validators' 224x224 challenge views) run there at the input size; full frames are cut into their squares on the
+    device and run on a second engine at the view size (``view_engine``; off: the tier's own pooled code). Answers
+    as the CPU path, to float rounding."""
+    from roadcascade.accel.config import GpuConfig
     from roadcascade.accel.runtime import GpuCascade
     from roadcascade.io.images import decode_bytes, encode_jpeg
 
@@ -112,9 +116,14 @@ def test_gpu_runtime_runs_single_view_rows_on_the_engine_and_full_frames_on_the_
     payloads = [encode_jpeg(_img(h, w, i), 90) for i, (h, w) in enumerate(shapes)]
     # the CPU path's decode: reduced in size down to the cascade's decode size, as the fast path's decoders do
     ref = casc.predict([decode_bytes(p, min_size=casc.decode_size()) for p in payloads])
-    gc = GpuCascade(casc, device="cpu")
+    gc = GpuCascade(casc, device="cpu", config=GpuConfig(view_engine=view_engine))
     try:
         assert gc.engines[0] is not None and gc.squares_only == [True]
+        if view_engine:
+            veng, k = gc.view_engines[0]
+            assert k == 3 and veng.size == tier.view_size and gc.engines[0].size == tier.input_size
+        else:
+            assert gc.view_engines == [None]
         seen: list[tuple[int, int]] = []
         own_run = tier.run
         tier.run = lambda images: (seen.extend(im.shape[:2] for im in images), own_run(images))[1]
@@ -122,14 +131,17 @@ def test_gpu_runtime_runs_single_view_rows_on_the_engine_and_full_frames_on_the_
     finally:
         tier.run = own_run
         gc.close()
-    # only the full frames ran the tier's own code (the large one decoded reduced to the tier's decode size)
+    # without the view engine only the full frames ran the tier's own code (the large one decoded reduced to the
+    # tier's decode size); with it, nothing did
     big = decode_bytes(payloads[-1], min_size=casc.decode_size()).shape[:2]
-    assert sorted(seen) == sorted(((48, 120), (130, 50), big))
+    assert sorted(seen) == ([] if view_engine else sorted(((48, 120), (130, 50), big)))
     for g, r in zip(got, ref):
         assert g.probability == pytest.approx(r.probability, abs=1e-6) and g.label == r.label
         assert g.trace.gflops == pytest.approx(r.trace.gflops)
     assert _tier(3).caps().square_input == 48 and _tier(3).caps().tensor_input is None
+    assert _tier(3).caps().square_views == (3, 48)
     assert _tier(1).caps().square_input is None and _tier(1).caps().tensor_input == 48
+    assert _tier(1).caps().square_views is None
 
 
 def test_cost_counts_every_square_view():

@@ -1,8 +1,9 @@
 """The tier loop of the GPU fast path: a decoded batch -> calibrated, folded probabilities (:class:`BatchResult`).
 
-Engine tiers run their compiled model on device-resized pixels (a tier with square views: only on the rows that
-are one view, i.e. not full frames); any other tier or row (test-time scaling, detectors, pooled square views)
-runs its own ``run``/``run_after`` on HxWx3 arrays, as :meth:`Cascade.run_stage` does. Calibration, fusion, fold
+Engine tiers run their compiled model on device-resized pixels (a tier with square views: the rows that are one
+view at its input size, the full frames' squares, cut and resized on the device, on a second engine at the view
+size, max-pooled per frame); any other tier (test-time scaling, detectors) runs its own ``run``/``run_after`` on
+HxWx3 arrays, as :meth:`Cascade.run_stage` does. Calibration, fusion, fold
 and deferral rules are the CPU path's float64 functions (``cascade.decision.decide``); later tiers run once on
 the undecided rows only.
 """
@@ -17,11 +18,12 @@ import numpy as np
 import torch
 
 from ..cascade.decision import decide, exit_rule_name, is_full_frame, stack_features
-from ..cascade.runtime import Cascade, Prediction, Trace, run_tier
+from ..cascade.runtime import Cascade, Prediction, Trace, run_tier, square_offsets
 from ..io.images import BadImage
 from .decode import Decoded
 from .decoder import BatchDecoder
 from .engine import ClassifierEngine
+from .resize import resize_images
 
 __all__ = ["BatchResult", "TierRunner", "full_frames"]
 
@@ -80,10 +82,13 @@ class TierRunner:
     """The cascade loop on a decoded batch, on one compute stream."""
 
     def __init__(self, cascade: Cascade, engines: list[ClassifierEngine | None], decoder: BatchDecoder,
-                 device: torch.device, squares_only: list[bool] | None = None):
+                 device: torch.device, squares_only: list[bool] | None = None,
+                 view_engines: list[tuple[ClassifierEngine, int] | None] | None = None):
         self.cascade, self.engines, self.decoder, self.device = cascade, engines, decoder, device
-        # per tier: its engine runs only the rows that are not full frames (the rest: the tier's own code)
+        # per tier: its engine runs only the rows that are not full frames; the full frames' square views run on
+        # its view engine (engine at the view size, number of squares) or, without one, on the tier's own code
         self.squares_only = list(squares_only) if squares_only is not None else [False] * len(engines)
+        self.view_engines = list(view_engines) if view_engines is not None else [None] * len(engines)
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.rule_names = [exit_rule_name(e, k == cascade.n_stages - 1) for k, e in enumerate(cascade.exits)]
@@ -117,7 +122,9 @@ class TierRunner:
                     if len(rows):
                         z = eng.logits(self.decoder.gather(dec, rows, eng.size)).cpu().numpy().astype(np.float64)
                         L[rows, k], P[rows, k], G[rows, k] = z, tier.calibrator.calibrated(z), tier.gflops
-                    if own.any():
+                    if own.any() and self.view_engines[k] is not None:
+                        self._run_views(k, tier, dec, active[own], L, P, G)
+                    elif own.any():
                         self._run_other(k, tier, dec, active[own], L, P, G, feats)
                 else:
                     self._run_other(k, tier, dec, active, L, P, G, feats)
@@ -132,6 +139,26 @@ class TierRunner:
                            errors=dec.errors, tier_ms=tier_ms, decode_ms=dec.decode_ms, n_gpu_decoded=dec.n_gpu,
                            n_cpu_decoded=dec.n_cpu, n_proc_decoded=dec.n_proc, tier_names=self.cascade.tier_names,
                            rule_names=self.rule_names, features=feats)
+
+    def _run_views(self, k: int, tier, dec: Decoded, rows: np.ndarray, L, P, G) -> None:
+        """Full frames of a tier with square views, as ``ClassifierTier._pooled`` sees them: each decoded frame cut
+        on the device into its k squares (``square_offsets``), resized to the view size (PIL-exact or antialiased,
+        as the first tier's input), one engine call for all views, the largest logit per frame."""
+        eng, k_sq = self.view_engines[k]
+        self.decoder.fill_images(dec, rows)
+        views: list[torch.Tensor] = []
+        for i in rows:
+            img = dec.images[int(i)]  # (3, H, W) uint8 on the device (reduced like the CPU decoders' images)
+            h, w = int(img.shape[1]), int(img.shape[2])
+            s = min(h, w)
+            views += [img[:, o:o + s, :] if h > w else img[:, :, o:o + s] for o in square_offsets(h, w, k_sq)]
+        # views larger than the view size take the antialiased float32 resize (in bounded pieces) on CUDA: PIL-exact
+        # float64 products over 3 x 540x540 views of each 1080p frame held 39.5 GB at batch 1024 on the H200
+        exact = self.decoder.exact_max_px
+        z = eng.logits(resize_images(views, eng.size, self.device, None if exact is None else min(exact, eng.size ** 2)))
+        z = z.view(len(rows), k_sq).amax(dim=1).cpu().numpy().astype(np.float64)
+        L[rows, k], P[rows, k] = z, tier.calibrator.calibrated(z)
+        G[rows, k] = tier.gflops * k_sq * (eng.size / tier.input_size) ** 2  # ClassifierTier._pooled's cost
 
     def _run_other(self, k: int, tier, dec: Decoded, active: np.ndarray, L, P, G, feats) -> None:
         """A tier without a GPU engine: its own run/run_after on HxWx3 uint8 arrays, as run_stage does."""

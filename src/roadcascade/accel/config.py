@@ -106,6 +106,9 @@ class GpuConfig:
     #                          processes, 2 without: H100 sweep)
     prefetch: int = 3  # batches decoded ahead in predict_stream
     cudnn_benchmark: bool = True
+    view_engine: bool = True  # a tier with square views (squares > 1): the views of full frames are cropped and resized on
+    #                           the device and run as an engine at the view size (max-pooled per frame), as the
+    #                           single-view rows do at the input size; False: full frames run the tier's own code
     limits: DecodeLimits = field(default_factory=DecodeLimits)
 
     def __post_init__(self) -> None:

@@ -118,7 +118,7 @@ class BatchDecoder:
         self.exact_max_px = cfg.exact_resize_max_px if self.cuda else None  # the CPU runtime stays PIL-exact
         self.router = Router(rates=dict(zip(("gpu", "threads", "procs"), cfg.rate_priors_mps)))
         self._local = threading.local()
-        self.gpu = GpuStage(device, cfg, self.router, self._put)
+        self.gpu = GpuStage(device, cfg, self.router, self._put, self.min_size)
         self.cpu = CpuStage(device, cfg, self.router, self._put, self.min_size)
         self.procs = None
         self.proc_share_now = cfg.proc_share  # the adapted share (route="share" with proc_adapt)

@@ -73,8 +73,10 @@ class ClassifierEngine:
     """One ClassifierTier on the device: uint8 (n, 3, S, S) -> float32 logits (n,)."""
 
     def __init__(self, tier: ClassifierTier, device: torch.device, cfg: GpuConfig, compile_: bool,
-                 log: Callable[[str], None]):
-        self.tier, self.device, self.cfg, self.size = tier, device, cfg, tier.input_size
+                 log: Callable[[str], None], size: int | None = None):
+        # ``size``: the input side this engine takes (default the tier's input size; a tier's square views of full
+        # frames run at their own view size, on an engine of their own)
+        self.tier, self.device, self.cfg, self.size = tier, device, cfg, int(size or tier.input_size)
         self.log = log
         cuda = device.type == "cuda"
         dtype = cfg.torch_dtype if cuda else torch.float32

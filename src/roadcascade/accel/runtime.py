@@ -108,25 +108,35 @@ class GpuCascade:
         self.log = log or (lambda m: None)
         if not self.cuda:  # the CPU runtime: same loop, fp32, no compile, no graphs
             self.cfg = _replace(self.cfg, compile=False, graphs=False, decode="cpu", fold_bn=False)
-        if self.cfg.procs == -1:
-            self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda else 0)
         self.engines: list[ClassifierEngine | None] = []
         # per tier: its engine takes only the rows that are not full frames (a tier with square views: such an image
-        # is one view; a full frame's pooled views run the tier's own code)
+        # is one view); a full frame's views run on the tier's view engine (or, without one, the tier's own code)
         self.squares_only: list[bool] = []
+        self.view_engines: list[tuple[ClassifierEngine, int] | None] = []  # (engine at the view size, k squares)
         for k, tier in enumerate(cascade.tiers):
             # a tier that is one model on one resized tensor gets an engine; any other runs its own code
             caps = tier.caps()
+            comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
             if caps.tensor_input is not None or caps.square_input is not None:
-                comp = self.cfg.compile and (k == 0 or self.cfg.compile_later_tiers)
                 self.engines.append(ClassifierEngine(tier, self.device, self.cfg, comp, self.log))
             else:
                 self.engines.append(None)
             self.squares_only.append(caps.tensor_input is None and caps.square_input is not None)
+            sv = caps.square_views if self.squares_only[-1] and self.cfg.view_engine else None
+            # eager + CUDA graphs: compiling the same forward at a second input size made dynamo treat the spatial
+            # dimensions as dynamic, and the H200 warm-up ran for minutes
+            self.view_engines.append((ClassifierEngine(tier, self.device, self.cfg, False, self.log, size=sv[1]), sv[0])
+                                     if sv else None)
+        if self.cfg.procs == -1:
+            # none before a view engine: the decode processes hand back only the first tier's input, so each full
+            # frame they took would be decoded a second time for its views (nvJPEG alone out-ran the routed mix on
+            # the H200 anyway, GPU.md)
+            views_first = bool(self.view_engines) and self.view_engines[0] is not None
+            self.cfg = _replace(self.cfg, procs=auto_procs() if self.cuda and not views_first else 0)
         first = self.engines[0].size if self.engines and self.engines[0] is not None else None
         keep = first is None or cascade.n_stages > 1 or any(self.squares_only)
         self.decoder = BatchDecoder(self.device, self.cfg, first, cascade.decode_size(), keep_images=keep, log=self.log)
-        self.runner = TierRunner(cascade, self.engines, self.decoder, self.device, self.squares_only)
+        self.runner = TierRunner(cascade, self.engines, self.decoder, self.device, self.squares_only, self.view_engines)
         self.rule_names = self.runner.rule_names
         self._workers = ThreadPoolExecutor(max(1, self.cfg.decode_workers), thread_name_prefix="rc-gpu-prep")
         if self.cuda and self.cfg.gil_switch_ms is not None:
@@ -165,7 +175,7 @@ class GpuCascade:
     def warmup(self) -> float:
         """Compile and capture every engine, warm the decoders; returns the seconds it took."""
         t0 = time.perf_counter()
-        for eng in self.engines:
+        for eng in self.engines + [v[0] for v in self.view_engines if v is not None]:
             if eng is not None:
                 eng.warmup()
         if self.cuda:

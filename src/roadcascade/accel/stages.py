@@ -18,6 +18,7 @@ import torch
 from ..io.images import BadImage, decode_any, decode_bytes, draft_scale
 from .config import GpuConfig
 from .decode import Decoded, NvImgCodecDecoder, Payload, Plan, decode_into, reduced_dims
+from .resize import resize_antialias, shape_groups
 from .route import Router
 
 __all__ = ["GpuStage", "CpuStage"]
@@ -30,8 +31,9 @@ class GpuStage:
     """The GPU decoder (torchvision's nvJPEG op, or nvImageCodec): full-size decodes in calls of at most
     ``gpu_chunk_mpix`` megapixels, each call's images resized into their rows at once."""
 
-    def __init__(self, device: torch.device, cfg: GpuConfig, router: Router, put: Put):
+    def __init__(self, device: torch.device, cfg: GpuConfig, router: Router, put: Put, min_size: int | None = None):
         self.device, self.cfg, self.router, self.put = device, cfg, router, put
+        self.min_size = min_size  # kept images are reduced as the CPU decoders' DCT scaling would (None: full size)
         self.cuda = device.type == "cuda"
         self._gpu_timings: list[tuple] = []  # the calls, read by observe() once finished
         self._timing_lock = threading.Lock()
@@ -74,9 +76,9 @@ class GpuStage:
                 else:
                     got.append((i, t))
                     dec.dims[i] = plan.hw[i]
-                    if keep:
-                        dec.images[i] = t
             self.put(xrows, [i for i, _ in got], [t for _, t in got])
+            if keep:
+                self.keep(dec, got)
             a = b
         if start is not None:
             end = torch.cuda.Event(enable_timing=True)
@@ -84,6 +86,22 @@ class GpuStage:
             with self._timing_lock:
                 self._gpu_timings.append((time.perf_counter() - t0, start, end, float(mp.sum())))
         return refused
+
+    def keep(self, dec: Decoded, got: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Keep decoded images for later tiers, reduced (antialiased, per shape group) to the size the CPU decoders'
+        DCT scaling gives them (``draft_scale``): memory per kept image bounded by the cascade's decode size, not
+        by the photo (a 12-megapixel frame kept at full size is 36 MB; at 1/8 scale, 0.6 MB)."""
+        groups = shape_groups([tuple(t.shape[1:]) for _, t in got])
+        for (h, w), idx in groups.items():
+            scale = draft_scale(w, h, self.min_size) if self.min_size else 1
+            if scale == 1:
+                for j in idx:
+                    dec.images[got[j][0]] = got[j][1]
+                continue
+            rh, rw = reduced_dims(h, w, scale)
+            small = resize_antialias(torch.stack([got[j][1] for j in idx]), rh, rw)
+            for n, j in enumerate(idx):
+                dec.images[got[j][0]] = small[n]
 
     def decode(self, datas: list[Payload], stream: Any) -> list[torch.Tensor | None]:
         """(3, H, W) uint8 device tensors from the GPU decoder (nvImageCodec or torchvision's nvJPEG op);

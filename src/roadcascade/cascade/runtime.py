@@ -139,8 +139,9 @@ class TierCaps:
     #   engine on device-resized pixels; None: it runs its own ``run`` on decoded HxWx3 uint8 arrays
     decode_size: int | None = None  # the short side a reduced-size decode must keep (None: the full image)
     square_input: int | None = None  # S, for a tier with square views: an image that is not a full frame is one view,
-    #   the tier is then ``model(resized to S)`` as for ``tensor_input`` and may run as the engine for those rows;
-    #   full frames (several views pooled) run the tier's own ``run``
+    #   the tier is then ``model(resized to S)`` as for ``tensor_input`` and may run as the engine for those rows
+    square_views: tuple[int, int] | None = None  # (k, V) with ``square_input``: a full frame is the max of the logits
+    #   of ``model`` on its k squares (``square_offsets``) resized to V; it costs k * (V / S)^2 x ``gflops``
     reads_earlier: bool = False  # its output depends on earlier tiers' logits (``run_after``)
 
 
@@ -178,6 +179,12 @@ class Tier(ABC):
 SQUARE_TOLERANCE = FULL_FRAME_TOLERANCE  # images closer to square than this aspect ratio are seen whole
 
 
+def square_offsets(h: int, w: int, k: int) -> np.ndarray:
+    """Where the ``k`` squares of side min(h, w) of an h x w full frame start along its long side (evenly spread,
+    the first and last at its two ends): the one geometry of square views, on the CPU and on the GPU path."""
+    return np.linspace(0, max(h, w) - min(h, w), k).round().astype(int)
+
+
 def square_views(images: Sequence[np.ndarray], k: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Each image as ``k`` squares of side min(h, w) spread evenly along its long side (an image within
     ``SQUARE_TOLERANCE`` of square stays one view), and the index of the image each view belongs to."""
@@ -190,7 +197,7 @@ def square_views(images: Sequence[np.ndarray], k: int) -> tuple[list[np.ndarray]
             views.append(im)
             owner.append(i)
             continue
-        for off in np.linspace(0, max(h, w) - s, k).round().astype(int):
+        for off in square_offsets(h, w, k):
             views.append(im[off : off + s] if h > w else im[:, off : off + s])
             owner.append(i)
     return views, np.asarray(owner, dtype=np.int64)
@@ -272,8 +279,10 @@ class ClassifierTier(Tier):
 
     def caps(self) -> TierCaps:
         # square views pool over several crops of one image: its own code, not one resized tensor
-        return TierCaps(gflops=self.gflops, tensor_input=self.input_size if self.squares == 1 else None,
-                        decode_size=self.decode_size(), square_input=self.input_size if self.squares > 1 else None)
+        sq = self.squares > 1
+        return TierCaps(gflops=self.gflops, tensor_input=None if sq else self.input_size, decode_size=self.decode_size(),
+                        square_input=self.input_size if sq else None,
+                        square_views=(self.squares, self.view_size) if sq else None)
 
     def run(self, images: Sequence[np.ndarray]) -> TierOutput:
         t0 = time.perf_counter()
