@@ -207,6 +207,49 @@ def test_make_items_follow_the_protocol(tmp_path):
         make_items(ds, "challenge", seed=0, protocol="bogus")
 
 
+def test_challenge_items_are_made_once_and_remade_when_an_image_changes(tmp_path, monkeypatch):
+    """Challenge views asked for again (build, select, ship and eval in one run) come from the process's cache: the
+    same items, without making them again; a changed image, other settings, a bad image or a list too large are not
+    served from it."""
+    import os
+
+    from PIL import Image
+
+    import roadcascade.io.items as items_mod
+    from roadcascade.io.data import open_dataset
+
+    monkeypatch.setattr(items_mod, "_VIEWS_CACHE", {})
+    root = tmp_path / "imgs"
+    for cls, seed in (("roadwork", 1), ("none", 2)):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(_bright(120, 200, seed)).save(root / cls / f"a{seed}.png")
+    ds = open_dataset(str(root))
+    calls = []
+    real = items_mod._make_items
+    monkeypatch.setattr(items_mod, "_make_items", lambda *a: (calls.append(a[2:]), real(*a))[1])
+    first = items_mod.make_items(ds, "challenge", seed=0, n_views=2)
+    again = items_mod.make_items(ds, "challenge", seed=0, n_views=2)
+    assert again == first and again is not first and len(calls) == 1
+    items_mod.make_items(ds, "challenge", seed=1, n_views=2)  # another seed: made
+    items_mod.make_items(ds, "clean", seed=0)  # clean items are the stored bytes: never cached
+    assert len(calls) == 3
+    f = root / "none" / "a2.png"
+    Image.fromarray(_bright(120, 200, 7)).save(f)
+    os.utime(f, ns=(1, 1))  # a changed file (size or mtime) is another image
+    changed = items_mod.make_items(ds, "challenge", seed=0, n_views=2)
+    assert len(calls) == 4 and changed != first
+    (root / "roadwork" / "a1.png").write_bytes(b"not an image")
+    for _ in range(2):  # a set with a bad image: made each time, its bad rows reported each time
+        bad: list[dict] = []
+        got = items_mod.make_items(ds, "challenge", seed=0, n_views=2, bad=bad)
+        assert len(got) == 2 and len(bad) == 1 and "a1" in bad[0]["key"]
+    assert len(calls) == 6
+    monkeypatch.setattr(items_mod, "_VIEWS_CACHE_BYTES", 10)
+    items_mod.make_items(ds, "challenge", seed=3, n_views=1, bad=[])
+    items_mod.make_items(ds, "challenge", seed=3, n_views=1, bad=[])
+    assert len(calls) == 8  # too large to keep
+
+
 # ------------------------------------------------------------------------------------ training augmentation
 def test_training_augmentation_follows_the_protocol():
     from roadcascade.fit.train import AugmentedSet, TrainConfig, augment, view_set

@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -195,6 +197,20 @@ def test_calibration_reader_gives_every_input_once_in_strided_ranges(n, batch):
     r.set_range(0, len(r))
     r.rewind()
     assert sum(len(b["image"]) for b in iter(r.get_next, None)) == n
+
+
+@given(st.integers(0, 400), st.integers(1, 200))
+@settings(max_examples=60, deadline=None)
+def test_even_subset_keeps_at_most_n_rows_in_order_with_both_ends(n, k):
+    from roadcascade.models.export import even_subset
+
+    x = np.arange(n)
+    got = even_subset(x, k)
+    assert len(got) == min(n, k) and np.all(np.diff(got) > 0)
+    if n and k >= 2:
+        assert got[0] == 0 and got[-1] == n - 1
+    if n <= k:
+        assert got is x
 
 
 def test_head_nodes_are_the_last_conv_and_the_classifier(tmp_path):

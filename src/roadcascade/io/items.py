@@ -40,6 +40,48 @@ def make_items(ds: Dataset, views: str, seed: int, n_views: int = 4, size: int =
     (else it raises)."""
     if views not in ("clean", "challenge"):
         raise ValueError(f"views must be 'clean' or 'challenge', not {views!r}")
+    if views == "challenge":  # the same views are asked for again and again in one run (build, select, ship, eval)
+        key = _views_key(ds, seed, n_views, size, protocol)
+        hit = _VIEWS_CACHE.get(key)
+        if hit is not None:
+            if progress:
+                progress(f"prepare {views} views", len(ds), len(ds))
+            return list(hit)
+        found_bad: list[dict] | None = None if bad is None else []
+        items = _make_items(ds, views, seed, n_views, size, progress, found_bad, protocol)  # strict: raises as before
+        if found_bad:  # a set with bad images is made again each time (its bad rows are reported each time)
+            bad.extend(found_bad)  # type: ignore[union-attr]
+        elif sum(len(it.payload) for it in items) <= _VIEWS_CACHE_BYTES:  # large sets: made again, memory stays bounded
+            _VIEWS_CACHE[key] = items
+            while len(_VIEWS_CACHE) > _VIEWS_CACHE_MAX:
+                _VIEWS_CACHE.pop(next(iter(_VIEWS_CACHE)))
+        return list(items)
+    return _make_items(ds, views, seed, n_views, size, progress, bad, protocol)
+
+
+#: challenge views already made in this process, by (images, seed, views, size, protocol): a few hundred kB to a few
+#: MB each, the oldest dropped first
+_VIEWS_CACHE: dict[tuple, list[EvalItem]] = {}
+_VIEWS_CACHE_MAX = 4
+_VIEWS_CACHE_BYTES = 64 << 20  # payload bytes of one cached list (StreetWork val's 1,204 views: about 12 MB)
+
+
+def _views_key(ds: Dataset, seed: int, n_views: int, size: int, protocol: str) -> tuple:
+    """What a challenge item list depends on: each image (its key, label, source and where its bytes are: the path,
+    its size and mtime, or the in-memory bytes' hash) and the view settings."""
+    def where(s) -> tuple:
+        if s.data is not None:
+            return ("data", hash(s.data), len(s.data))
+        try:
+            st = s.path.stat()
+            return (str(s.path), st.st_size, st.st_mtime_ns)
+        except OSError:
+            return (str(s.path), -1, -1)
+    return (tuple((s.key, s.label, s.source, where(s)) for s in ds.samples), seed, n_views, size, protocol)
+
+
+def _make_items(ds: Dataset, views: str, seed: int, n_views: int, size: int, progress: Progress | None,
+                bad: list[dict] | None, protocol: str) -> list[EvalItem]:
     items: list[EvalItem] = []
     cfg = ChallengeConfig(size=size, jpeg_quality=None, protocol=protocol)  # encoded once below, as the validator does
     if protocol == "native":

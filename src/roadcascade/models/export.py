@@ -193,6 +193,13 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig) -
     return out
 
 
+def even_subset(x: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` rows of ``x``, evenly spaced (first and last kept), in order."""
+    if len(x) <= n:
+        return x
+    return x[np.linspace(0, len(x) - 1, n).round().astype(int)]
+
+
 def val_images(data: str | None, n: int, seed: int, skip: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """n stratified ``val`` images (decoded) and their labels; ``skip`` leaves out the first ``skip`` of the
     same order (the check images are never the calibration images)."""
@@ -225,7 +232,7 @@ def _graph(tier: ClassifierTier, size: int, path: Path, cfg: ExportConfig, calib
     if not cfg.int8:
         return fp32
     t0 = time.perf_counter()
-    calib = tier_inputs(tier, calib_imgs, size)
+    calib = even_subset(tier_inputs(tier, calib_imgs, size), cfg.calib_max_inputs)
     q = quantize_int8(fp32, path.with_name(path.name + ".int8.onnx"), calib, cfg)
     fp32.unlink()  # the INT8 bundle ships its INT8 graph (and the PyTorch weights), not a third copy
     log(f"{path.name}: INT8 calibrated on {len(calib)} inputs at {size} px ({cfg.calibrate_method}) in "

@@ -14,6 +14,8 @@ class ExportConfig:
     data: str | None = None  # dataset whose ``val`` split calibrates and checks (default StreetWork)
     calib_images: int = 96  # val images for INT8 calibration (each seen clean and as one challenge view)
     check_images: int = 48  # other val images for the check against PyTorch (clean + one challenge view each)
+    calib_max_inputs: int = 128  # network inputs per graph, evenly spaced (a square-view graph sees 3 per full frame:
+    #                              231 inputs at 288 px took 56-61 s of the 2-core quickstart, 115 at 224 px 16 s)
     calibrate_method: str = "percentile"
     percentile: float = 99.999  # of each activation's histogram, for calibrate_method percentile
     per_channel: bool = True
@@ -27,5 +29,5 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise ValueError(f"calibrate_method must be one of {', '.join(CALIBRATE_METHODS)}, got {self.calibrate_method!r}")
-        if self.calib_images < 1 or self.check_images < 1:
-            raise ValueError("calib_images and check_images must be >= 1")
+        if self.calib_images < 1 or self.check_images < 1 or self.calib_max_inputs < 1:
+            raise ValueError("calib_images, check_images and calib_max_inputs must be >= 1")
