@@ -124,6 +124,29 @@ def test_gpu_fast_path_runner_on_cpu(bundle, streetwork, tmp_path):
     assert len(diffs) == 6 and max(diffs) < 0.05
 
 
+def test_decode_step_finds_the_bundle_decode_size_in_its_process(bundle, streetwork, tmp_path, monkeypatch):
+    """The driver does not load the bundle for its decode size: a decode step given the bundle decodes at its decode
+    size, read from the cascade actor of its process when there is one (Ray fuses them on CPU), else loaded once."""
+    import roadcascade.distributed.label as lab
+    from roadcascade.io.images import DecodeLimits
+
+    monkeypatch.setattr(lab, "_DECODE_SIZES", {})
+    cols = lab._columns(list_inputs(_inputs(streetwork, tmp_path, n=4)))
+    runner = lab.CascadeRunner(str(bundle), threads=1)
+    want = lab.decode_batch(cols, DecodeLimits(), runner.cascade.decode_size())
+    monkeypatch.setattr(lab, "_decode_size", lambda b: (_ for _ in ()).throw(AssertionError("loaded again")))
+    got = lab.decode_batch(cols, DecodeLimits(), None, bundle=str(bundle))  # the actor's size, no second load
+    assert got == want and runner.cascade.decode_size() is not None
+    monkeypatch.setattr(lab, "_DECODE_SIZES", {})
+    loads: list[str] = []
+    monkeypatch.setattr(lab, "_decode_size", lambda b: (loads.append(str(b)), runner.cascade.decode_size())[1])
+    for _ in range(2):  # a process without the actor: loaded once
+        assert lab.decode_batch(cols, DecodeLimits(), None, bundle=str(bundle)) == want
+    assert loads == [str(bundle)]
+    assert lab.decode_batch(cols, DecodeLimits(), None, encoded=True, bundle="/nowhere")["error"] == \
+        lab.decode_batch(cols, DecodeLimits(), None, encoded=True)["error"]  # encoded bytes never need it
+
+
 # ------------------------------------------------------------------------------------------ --decode-tasks
 
 

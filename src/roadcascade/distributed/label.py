@@ -109,8 +109,12 @@ def read_one(file: str | None, data: Any, limits: DecodeLimits, min_size: int | 
     return decode_path(file, limits, min_size=min_size)  # type: ignore[arg-type]
 
 
-def decode_batch(batch: dict[str, Any], limits: DecodeLimits, min_size: int | None, encoded: bool = False) -> dict[str, list]:
-    """Columns path, label, file, data -> path, label, pixels (raw uint8 bytes or encoded bytes), h, w, error."""
+def decode_batch(batch: dict[str, Any], limits: DecodeLimits, min_size: int | None, encoded: bool = False,
+                 bundle: str | None = None) -> dict[str, list]:
+    """Columns path, label, file, data -> path, label, pixels (raw uint8 bytes or encoded bytes), h, w, error.
+    ``bundle`` (with ``min_size`` None): decode at that bundle's decode size, found in this process (``bundle_decode_size``)."""
+    if bundle is not None and min_size is None and not encoded:
+        min_size = bundle_decode_size(bundle)
     out: dict[str, list] = {k: [] for k in ("path", "label", "pixels", "h", "w", "error")}
     for path, label, file, data in zip(batch["path"], batch["label"], batch["file"], batch["data"]):
         out["path"].append(str(path))
@@ -156,6 +160,7 @@ class CascadeRunner:
         if threads:
             torch.set_num_threads(int(threads))
         self.cascade = Bundle.load(bundle, device=device).cascade
+        _DECODE_SIZES[str(bundle)] = self.cascade.decode_size()  # the decode step fused into this actor reads it here
         self.gpu = None
         if gpu != "off":
             from ..accel.runtime import maybe_gpu_cascade
@@ -195,6 +200,19 @@ class CascadeRunner:
 def _columns(recs: list[InputRecord]) -> dict[str, list]:
     return {"path": [r.path for r in recs], "label": [r.label for r in recs], "file": [r.file for r in recs],
             "data": [r.data for r in recs]}
+
+
+#: decode sizes of the bundles loaded in this process, by path: a Ray decode step fused into a cascade actor (Ray Data
+#: fuses them on CPU clusters) finds its actor's here instead of loading the bundle a second time
+_DECODE_SIZES: dict[str, int | None] = {}
+
+
+def bundle_decode_size(bundle: str | Path) -> int | None:
+    """The bundle's ``Cascade.decode_size``: known in this process once a cascade actor loaded it, else loaded once."""
+    key = str(bundle)
+    if key not in _DECODE_SIZES:
+        _DECODE_SIZES[key] = _decode_size(Path(bundle))
+    return _DECODE_SIZES[key]
 
 
 def _decode_size(bundle: Path) -> int | None:
