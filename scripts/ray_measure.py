@@ -59,6 +59,51 @@ def label_runs(bundle: Path, data: str, work: Path, repeats: int, ray_kw: dict, 
             "steady_ratio_ray_to_local": steady["ray"] / steady["local"], "answers": compare(work / "label-local-0", work / "label-ray-0")}
 
 
+def cli_label_runs(bundle: Path, data: str, work: Path, repeats: int, actors: int | None, threads: int | None,
+                   local_threads: int | None) -> dict:
+    """As ``label_runs``, but each job is its own ``roadcascade label`` process, the way a user runs it: the local
+    engine in a fresh process, the ray engine as a fresh driver joining a running cluster (``ray start --head``,
+    started once, standing in for an existing one). Each side pays its own imports and loading inside its job."""
+    import subprocess
+    import sys
+
+    exe = [sys.executable, "-m", "roadcascade.cli"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    t0 = time.perf_counter()
+    subprocess.run([ray_bin, "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    startup = time.perf_counter() - t0
+    runs: dict[str, list] = {"local": [], "ray": []}
+    try:
+        for i in range(repeats):
+            for engine in ("local", "ray"):
+                out = work / f"cli-label-{engine}-{i}"
+                shutil.rmtree(out, ignore_errors=True)
+                js = work / f"cli-label-{engine}-{i}.json"
+                if engine == "ray":  # None: the command's own default
+                    extra = ["--engine", "ray", "--address", "auto"] + (["--actors", str(actors)] if actors else []) + \
+                        (["--threads", str(threads)] if threads else [])
+                else:
+                    extra = ["--threads", str(local_threads)] if local_threads else []
+                t1 = time.perf_counter()
+                subprocess.run(exe + ["label", "--bundle", str(bundle), "--data", data, "--split", "test", "--out", str(out),
+                                      "--batch", "32", "--json", str(js), *extra], check=True, capture_output=True, env=env)
+                r = json.loads(js.read_text())
+                r["process_s"] = time.perf_counter() - t1  # the whole command, interpreter start and imports included
+                runs[engine].append(r)
+                print(f"cli label {engine} #{i}: {r['img_s']:.1f} img/s ({r['seconds']:.1f} s in the job, "
+                      f"{r['process_s']:.1f} s the process)", flush=True)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
+    med = {e: statistics.median(r["img_s"] for r in runs[e]) for e in runs}
+    proc = {e: statistics.median(r["written"] / r["process_s"] for r in runs[e]) for e in runs}
+    return {"mode": "cli", "cluster_start_s": startup, "runs": runs, "median_img_s": med,
+            "ratio_ray_to_local": med["ray"] / med["local"], "median_process_img_s": proc,
+            "process_ratio_ray_to_local": proc["ray"] / proc["local"],
+            "answers": compare(work / "cli-label-local-0", work / "cli-label-ray-0")}
+
+
 def serve_runs(bundle: Path, work: Path, repeats: int, duration: float, concurrency: int, fuzz: int, threads: int) -> dict:
     images, source = validator_images(64, seed=1)
     engines = {"native": [], "ray": ["--engine", "ray"]}
@@ -99,14 +144,24 @@ def main() -> None:
     ap.add_argument("--local-threads", type=int, default=None, help="torch threads of the local engine (default: --threads)")
     ap.add_argument("--skip-label", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--defaults", action="store_true", help="with --cli: each engine with the command's defaults (local: "
+                    "torch's threads; ray: its planned actors), not --threads / --actors")
+    ap.add_argument("--cli", action="store_true", help="label jobs as separate `roadcascade label` processes (the ray ones "
+                    "joining a cluster from `ray start --head`) instead of calls in this process")
     a = ap.parse_args()
     work = a.json.parent / "ray-measure"
     work.mkdir(parents=True, exist_ok=True)
     rep: dict = {"cpu_count": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "load_avg_start": os.getloadavg()}
     if not a.skip_label:
-        rep["label"] = label_runs(a.bundle, a.data, work, a.repeats, {"actors": a.actors, "threads": a.threads},
-                                  a.local_threads or a.threads)
+        if a.cli:
+            d = a.defaults
+            rep["label"] = cli_label_runs(a.bundle, a.data, work, a.repeats, None if d else a.actors, None if d else a.threads,
+                                          None if d else a.local_threads or a.threads)
+            rep["label"]["defaults"] = d
+        else:
+            rep["label"] = label_runs(a.bundle, a.data, work, a.repeats, {"actors": a.actors, "threads": a.threads},
+                                      a.local_threads or a.threads)
         a.json.write_text(json.dumps(rep, indent=2))
     if not a.skip_serve:
         rep["serve"] = serve_runs(a.bundle, work, a.serve_repeats, a.duration, a.concurrency, a.fuzz, a.threads)

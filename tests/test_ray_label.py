@@ -100,8 +100,13 @@ def test_plan_maps_actors_to_gpus(bundle, tmp_path):
     cfg = LabelConfig(bundle=bundle, out=tmp_path, engine="ray")
     gpu = plan(cfg, {"CPU": 16, "GPU": 4})
     assert (gpu["actors"], gpu["num_gpus"], gpu["device"], gpu["gpu"]) == (4, 1, "cuda", "on")
-    cpu = plan(cfg, {"CPU": 8})
-    assert (cpu["actors"], cpu["num_gpus"], cpu["device"]) == (7, 0, "cpu")
+    cpu = plan(cfg, {"CPU": 8})  # the decode step is fused into the CPU actors: every CPU runs an actor
+    assert (cpu["actors"], cpu["num_gpus"], cpu["device"], cpu["threads"]) == (8, 0, "cpu", 1)
+    apart = LabelConfig(bundle=bundle, out=tmp_path, engine="ray", decode_tasks=2)  # capped: decode tasks of their own
+    assert plan(apart, {"CPU": 8})["actors"] == 7
+    assert plan(LabelConfig(bundle=bundle, out=tmp_path, engine="ray", decode_cpus=0.5), {"CPU": 8})["actors"] == 7
+    assert plan(LabelConfig(bundle=bundle, out=tmp_path, engine="ray", actor_cpus=2, decode_cpus=2), {"CPU": 8})["actors"] == 4
+    assert plan(LabelConfig(bundle=bundle, out=tmp_path, engine="ray", actor_cpus=2), {"CPU": 8})["actors"] == 3
     assert plan(LabelConfig(bundle=bundle, out=tmp_path, engine="ray", gpu="off"), {"CPU": 2, "GPU": 1})["num_gpus"] == 0
     with pytest.raises(ValueError):
         LabelConfig(bundle=bundle, out=tmp_path, engine="spark")

@@ -27,7 +27,7 @@ def label_cmd(
     split: Optional[str] = typer.Option(None, help="only this split of a data set with splits"),
     batch: int = typer.Option(32, min=1, help="images per decode task and per cascade call"),
     shard_rows: int = typer.Option(1024, min=1, help="rows per output shard"),
-    actors: Optional[int] = typer.Option(None, min=1, help="ray: cascade actors (default: one per GPU, else the CPUs left by decode)"),
+    actors: Optional[int] = typer.Option(None, min=1, help="ray: cascade actors (default: one per GPU, else one per actor_cpus CPUs; fewer when capped decode tasks need CPUs of their own)"),
     actor_cpus: float = typer.Option(1.0, min=0.01, help="ray: CPUs each CPU cascade actor reserves"),
     decode_cpus: float = typer.Option(1.0, min=0.01, help="ray: CPUs each decode task reserves"),
     decode_tasks: Optional[int] = typer.Option(None, min=1, help="ray: at most this many decode tasks at once (default: "

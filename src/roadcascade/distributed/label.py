@@ -37,7 +37,7 @@ class LabelConfig:
     batch: int = 32  # images per cascade call (and per decode task)
     shard_rows: int = 1024
     address: str | None = None  # Ray cluster address ("auto", "ray://host:10001", ...); None starts a local one
-    actors: int | None = None  # cascade actors (default: one per GPU, else CPUs // actor_cpus - 1, at least 1)
+    actors: int | None = None  # cascade actors (default: one per GPU, else CPUs // actor_cpus, less decode's when apart)
     actor_cpus: float = 1.0  # CPUs each CPU actor reserves
     decode_cpus: float = 1.0  # CPUs each decode task reserves
     decode_tasks: int | None = None  # ray: at most this many decode tasks at once (default: as many as the free CPUs allow)

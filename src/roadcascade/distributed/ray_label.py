@@ -30,7 +30,7 @@ def connect(address: str | None, **init_kwargs: Any) -> bool:
 
 def plan(cfg: LabelConfig, resources: dict[str, float]) -> dict[str, Any]:
     """How many cascade actors, with what resources: one per GPU (the GPU fast path inside) when the cluster has
-    GPUs, else CPU actors leaving room for the decode tasks."""
+    GPUs, else one CPU actor per ``actor_cpus`` (leaving room for the decode tasks when they run apart)."""
     gpus = int(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1))
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and gpus >= 1)
@@ -38,7 +38,10 @@ def plan(cfg: LabelConfig, resources: dict[str, float]) -> dict[str, Any]:
         n = cfg.actors or max(1, gpus)
         return {"actors": n, "num_gpus": 1 if gpus else 0, "num_cpus": 1, "gpu": "on" if gpus else cfg.gpu,
                 "device": "cuda" if gpus else "cpu", "threads": cfg.threads}
-    n = cfg.actors or max(1, int((cpus - cfg.decode_cpus) // cfg.actor_cpus))
+    # Ray Data fuses an uncapped decode step into CPU actors that reserve the same CPUs (it then runs inside them), so
+    # no CPU need be left for decode tasks; a capped or differently sized decode step runs as tasks of its own
+    fused = cfg.decode_tasks is None and cfg.decode_cpus == cfg.actor_cpus
+    n = cfg.actors or max(1, int((cpus - (0.0 if fused else cfg.decode_cpus)) // cfg.actor_cpus))
     return {"actors": n, "num_gpus": 0, "num_cpus": cfg.actor_cpus, "gpu": "off", "device": "cpu",
             "threads": cfg.threads or max(1, math.ceil(cfg.actor_cpus))}
 
