@@ -116,7 +116,8 @@ class TierRunner:
                 t0 = time.perf_counter()
                 eng = self.engines[k]
                 if eng is not None:
-                    # a tier with square views: its engine for single-view rows, its own code for full frames
+                    # a tier with square views: its engine for single-view rows; full frames on its view engine (or,
+                    # without one, its own code)
                     own = frames[active] if self.squares_only[k] else np.zeros(len(active), dtype=bool)
                     rows = active[~own]
                     if len(rows):

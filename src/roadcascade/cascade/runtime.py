@@ -136,7 +136,8 @@ class TierCaps:
     gflops: float  # mean cost per image
     tensor_input: int | None = None  # S: the tier is ``model(uint8 (n, 3, S, S) resized PIL-exact) -> logit`` plus
     #   its calibrator (``model``, ``mean``, ``std``, ``calibrator``), so the GPU path may run it as a compiled
-    #   engine on device-resized pixels; None: it runs its own ``run`` on decoded HxWx3 uint8 arrays
+    #   engine on device-resized pixels; None: it runs its own ``run`` on decoded HxWx3 uint8 arrays (unless it has
+    #   square views, below)
     decode_size: int | None = None  # the short side a reduced-size decode must keep (None: the full image)
     square_input: int | None = None  # S, for a tier with square views: an image that is not a full frame is one view,
     #   the tier is then ``model(resized to S)`` as for ``tensor_input`` and may run as the engine for those rows
@@ -278,7 +279,8 @@ class ClassifierTier(Tier):
         return max(self.input_size, self.view_size if self.squares > 1 else 0)  # the largest view it makes
 
     def caps(self) -> TierCaps:
-        # square views pool over several crops of one image: its own code, not one resized tensor
+        # square views pool over several crops of one image: not one resized tensor, but single views at the input
+        # size (square_input) and a full frame's k squares at the view size (square_views)
         sq = self.squares > 1
         return TierCaps(gflops=self.gflops, tensor_input=None if sq else self.input_size, decode_size=self.decode_size(),
                         square_input=self.input_size if sq else None,
