@@ -36,6 +36,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5)
     ap.add_argument("--n-check", type=int, default=96, help="images per set checked against the CPU path")
     ap.add_argument("--old-batch", type=int, default=64)
+    ap.add_argument("--sets", default="", help="payload sets to measure, comma-separated (default: all)")
+    ap.add_argument("--no-own-code", action="store_true", help="skip the tier's own per-image code")
+    ap.add_argument("--configs", default="view_engine={}",
+                    help="view-engine runs as name=JSON of GpuConfig overrides, ';'-separated, e.g. "
+                         "'base={};chunk128={\"gpu_chunk_mpix\": 128}'")
     a = ap.parse_args()
     import faulthandler
 
@@ -53,6 +58,8 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",") if s]
     t0 = time.perf_counter()
     pools.update(sized_sets(pools["native"][:a.n_sized], sizes))  # forked workers: before CUDA starts here
+    if a.sets:
+        pools = {k: v for k, v in pools.items() if k in a.sets.split(",")}
     print(f"payloads: {{{', '.join(f'{k}: {len(v)}' for k, v in pools.items())}}} in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr, flush=True)
 
@@ -79,11 +86,13 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     peak = (lambda: torch.cuda.max_memory_allocated() / 2**20) if cuda else (lambda: float("nan"))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for view_engine in (True, False):
-        label = "view_engine" if view_engine else "own_code"
-        log(f"{label}: starting")
+    runs = [(name, True, json.loads(js)) for name, js in (c.split("=", 1) for c in a.configs.split(";") if c)]
+    if not a.no_own_code:
+        runs.append(("own_code", False, {}))
+    for label, view_engine, overrides in runs:
+        log(f"{label}: starting ({overrides})")
         # the tier's own code runs the full frames either way; its engine (single-view rows) need not be compiled
-        gc = GpuCascade(cascade, config=GpuConfig(view_engine=view_engine, compile=view_engine), log=log)
+        gc = GpuCascade(cascade, config=GpuConfig(**{"view_engine": view_engine, "compile": view_engine, **overrides}), log=log)
         log(f"{label}: warm in {gc.warmup_s:.0f} s, procs {gc.cfg.procs}")
         res[f"warmup_s_{label}"] = round(gc.warmup_s, 1)
         res[f"procs_{label}"] = gc.cfg.procs
@@ -91,6 +100,8 @@ def main() -> None:
             if not view_engine and name == "q75":  # no full frames: the same engine rows either way
                 continue
             row = res["sets"].setdefault(name, {})
+            if view_engine and label != "view_engine":  # a further config: its own sub-row
+                row = row.setdefault(label, {})
             n = min(a.n_check, len(pool))
             got = np.concatenate([gc.predict_batch(pool[i:min(n, i + 32)]).probability for i in range(0, n, 32)])
             row[f"{label}_match"] = match(refs[name], got)

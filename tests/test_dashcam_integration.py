@@ -52,6 +52,11 @@ def test_realcam_report(run):
     n1, n0 = r["night_dev"]["n"], r["dashcam_negatives"]["n"]
     mix = (r["night_dev"]["recall"] * n1 + (1 - r["dashcam_negatives"]["fpr"]) * n0) / (n1 + n0)
     assert np.isclose(r["joint"]["accuracy"], mix)
+    # the frames behind the two rates are named: as many as the rates count, each from its own set
+    nd, dn = r["night_dev"], r["dashcam_negatives"]
+    assert len(nd["missed"]) == round((1 - nd["recall"]) * n1) and len(dn["false_positives"]) == round(dn["fpr"] * n0)
+    assert set(dn["false_positives"]) <= {s.key for s in neg.samples}
+    assert set(nd["missed"]) <= {s.key for s in open_dataset(str(data.parent / "night-dev")).samples}
 
 
 def test_cli_eval_dashcam_and_synth(run, tmp_path):

@@ -43,9 +43,11 @@ def realcam_report(bundle: Bundle, split: str = "test", data: str | None = None,
     s = summarize(y, np.concatenate([p_pos, p_neg]))
     return {
         "night_dev": {"n": len(p_pos), "recall": float(np.mean(p_pos > 0.5)), "median_p": float(np.median(p_pos)),
-                      "exit_rates": rep_pos["exit_rates"]},
+                      "exit_rates": rep_pos["exit_rates"],
+                      "missed": [s.key for s, p in zip(nd.samples, p_pos) if p <= 0.5]},
         "dashcam_negatives": {"split": split, "n": len(p_neg), "fpr": float(np.mean(p_neg > 0.5)),
-                              "exit_rates": rep_neg["exit_rates"]},
+                              "exit_rates": rep_neg["exit_rates"],
+                              "false_positives": [s.key for s, p in zip(neg.samples, p_neg) if p > 0.5]},
         "joint": {"n": s.n, "mcc": s.mcc, "accuracy": s.accuracy, "auroc": s.auroc},
     }
 
