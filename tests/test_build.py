@@ -20,6 +20,19 @@ def test_parse_tiers():
     assert specs[3].source == "/x/y" and specs[3].views == ("id", "hflip", "c85") and specs[3].size == 240
 
 
+def test_parse_tiers_tags():
+    """A tag tells apart tiers of one model and size (two seeds' networks); it names the tier, tta bases included."""
+    specs = parse_tiers("lite0@224#s0:runs/s0,lite0@224#s1:runs/s1,tta(lite0@224#s1:runs/s1,n=2)")
+    assert [s.name for s in specs] == ["lite0@224#s0", "lite0@224#s1", "tta(lite0@224#s1,n=2..2)"]
+    assert [s.tag for s in specs] == ["s0", "s1", "s1"] and specs[2].base_name == "lite0@224#s1"
+    assert [s.source for s in specs] == ["runs/s0", "runs/s1", "runs/s1"]
+    assert parse_tiers("lite0@224")[0].tag is None
+    with pytest.raises(ValueError, match="unique"):
+        parse_tiers("lite0@224#a:x,lite0@224#a:y")
+    with pytest.raises(ValueError, match="expected model@size"):
+        parse_tiers("lite0@224#:x")
+
+
 @pytest.mark.parametrize("bad, msg", [
     ("lite0@128,lite0@128", "unique"),
     ("tta(lite0@224,k=3)", "unknown option"),
@@ -96,3 +109,21 @@ def test_build_end_to_end_then_eval(streetwork, tmp_path: Path):
     assert gb.meta["policy"]["mode"] == "guaranteed"
     assert gb.cascade.tier_names == gb.meta["guaranteed"]["tiers"]
     assert all(isinstance(t, TTATier) == t.name.startswith("tta(") for t in gb.cascade.tiers)
+
+    # two networks of one model and size from two bundles (seeds), told apart by tags: each keeps its own weights
+    import torch
+
+    src0, src1 = work / "train-test_tiny", tmp_path / "other-seed"
+    other = Bundle.load(src0, device="cpu")
+    with torch.no_grad():
+        for prm in other.cascade.tiers[0].model.parameters():
+            prm.add_(0.05)
+    other.save(src1)
+    build(BuildConfig(tiers=f"test_tiny@48#s0:{src0},test_tiny@48#s1:{src1}", budget="100%", mcc_slack=1.0,
+                      data=str(streetwork), max_val=12, n_views=2, device="cpu", work=str(work)), tmp_path / "t", log=log.append)
+    tb = Bundle.load(tmp_path / "t", device="cpu")
+    assert tb.cascade.tier_names == ["test_tiny@48#s0", "test_tiny@48#s1"]
+    tw = {t["name"]: t["weights"] for t in tb.meta["ensemble"]["tiers"]}
+    w0, w1 = load_file(str(tmp_path / "t" / tw["test_tiny@48#s0"])), load_file(str(tmp_path / "t" / tw["test_tiny@48#s1"]))
+    assert any(not np.array_equal(w0[k], w1[k]) for k in w0)
+    assert len(tb.cascade.predict([np.zeros((40, 60, 3), np.uint8)])) == 1

@@ -16,8 +16,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def build_cmd(
         tiers: str = typer.Option(
             default_of(BuildConfig, "tiers"),
-            help="tiers, cheapest first or any order: model@size[:bundle], tta(model@size[:bundle],n=a..b[,views=id|hflip|...]); "
-                 "a tier without a bundle reuses another tier's weights of the same model, or is trained",
+            help="tiers, cheapest first or any order: model@size[#tag][:bundle], tta(model@size[#tag][:bundle],n=a..b[,views=id|hflip|...]); "
+                 "a tier without a bundle reuses another tier's weights of the same model, or is trained; #tag tells apart "
+                 "tiers of one model and size from different bundles (seeds)",
         ),
         budget: str = typer.Option(default_of(BuildConfig, "budget"), help="mean compute per image: 35% (of the full ensemble), 0.35x, 2.5 (GFLOPs), 12ms"),
         out: Path = typer.Option(..., help="cascade bundle directory to write"),

@@ -1,7 +1,8 @@
 """``roadcascade build``: from a list of tiers to a fitted cascade bundle.
 
 1. **Tiers.** A spec such as ``lite0@128:runs/qs/stage1,lite0@224,tta(lite0@224,n=4..8)`` names
-   classifier tiers ``model@size[:source bundle]`` and test-time-scaling tiers
+   classifier tiers ``model@size[#tag][:source bundle]`` (``#tag`` tells apart two tiers of one model and size,
+   e.g. two seeds' networks: ``lite0@224#s0:runs/s0,lite0@224#s1:runs/s1``) and test-time-scaling tiers
    ``tta(model@size[:source][,n=a..b][,views=id|hflip|c85|...])``. Weights come from the source bundle
    (any bundle holding a classifier of that model); a tier without a source reuses the source of
    another tier of the same model (the same network at another input size: GFLOPs scale with pixels),
@@ -59,10 +60,11 @@ class TierSpec:
     n_min: int = 4
     n_max: int = 8
     views: tuple[str, ...] | None = None
+    tag: str | None = None  # tells apart tiers of one model and size from different bundles (seeds): lite0@224#s1
 
     @property
     def base_name(self) -> str:
-        return f"{self.model}@{self.size}"
+        return f"{self.model}@{self.size}" + (f"#{self.tag}" if self.tag else "")
 
     @property
     def name(self) -> str:
@@ -71,7 +73,7 @@ class TierSpec:
         return self.base_name
 
 
-_ITEM = re.compile(r"^([A-Za-z0-9_.\-]+)(?:@(\d+))?(?::(.+))?$")
+_ITEM = re.compile(r"^([A-Za-z0-9_.\-]+)(?:@(\d+))?(?:#([A-Za-z0-9_\-]+))?(?::(.+))?$")
 _N = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
 
 
@@ -95,11 +97,12 @@ def _split_top(text: str) -> list[str]:
     return [o for o in out if o]
 
 
-def _classifier_item(text: str) -> tuple[str, int | None, str | None]:
+def _classifier_item(text: str) -> tuple[str, int | None, str | None, str | None]:
+    """(model, size, tag, source bundle) of ``model@size[#tag][:bundle]``."""
     m = _ITEM.match(text.strip())
     if not m:
-        raise ValueError(f"tier {text!r}: expected model@size[:bundle], e.g. lite0@224:runs/quickstart/stage1")
-    return m.group(1), (int(m.group(2)) if m.group(2) else None), m.group(3)
+        raise ValueError(f"tier {text!r}: expected model@size[#tag][:bundle], e.g. lite0@224:runs/quickstart/stage1")
+    return m.group(1), (int(m.group(2)) if m.group(2) else None), m.group(3), m.group(4)
 
 
 def parse_tiers(text: str) -> list[TierSpec]:
@@ -117,7 +120,7 @@ def parse_tiers(text: str) -> list[TierSpec]:
             parts = _split_top(item[4:-1])
             if not parts:
                 raise ValueError(f"tier {item!r}: tta() needs a base tier, e.g. tta(lite0@224,n=4..8)")
-            model, size, source = _classifier_item(parts[0])
+            model, size, tag, source = _classifier_item(parts[0])
             n_min, n_max, views = 4, 8, None
             for kv in parts[1:]:
                 key, _, val = kv.partition("=")
@@ -131,14 +134,14 @@ def parse_tiers(text: str) -> list[TierSpec]:
                     raise ValueError(f"tier {item!r}: unknown option {kv!r} (n=a..b, views=id|hflip|c85|...)")
             kind = "tta"
         else:
-            model, size, source = _classifier_item(item)
+            model, size, tag, source = _classifier_item(item)
             n_min, n_max, views, kind = 4, 8, None, "classifier"
         try:
             size = size or get_spec(model).input_size
             get_spec(model)
         except KeyError as e:
             raise ValueError(f"tier {item!r}: {e.args[0]}") from None
-        specs.append(TierSpec(kind, model, size, source, n_min, n_max, views))
+        specs.append(TierSpec(kind, model, size, source, n_min, n_max, views, tag))
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -320,11 +323,11 @@ def _networks(specs: Sequence[TierSpec], sources: dict, device) -> dict[tuple[st
     return nets
 
 
-def _classifier(net: ClassifierTier, model: str, size: int, device, batch_size: int) -> ClassifierTier:
-    """A classifier tier of ``net``'s weights at ``size`` (uncalibrated)."""
+def _classifier(net: ClassifierTier, model: str, size: int, device, batch_size: int, name: str | None = None) -> ClassifierTier:
+    """A classifier tier of ``net``'s weights at ``size`` (uncalibrated), named ``name`` (default model@size)."""
     from ..models.zoo import gflops as zoo_gflops
 
-    return ClassifierTier(name=f"{model}@{size}", model_name=model, model=net.model, input_size=size, mean=net.mean, std=net.std,
+    return ClassifierTier(name=name or f"{model}@{size}", model_name=model, model=net.model, input_size=size, mean=net.mean, std=net.std,
                           calibrator=TemperatureCalibrator(), gflops=zoo_gflops(model, size), device=device,
                           batch_size=batch_size, squares=net.squares, view_scale=net.view_scale)
 
@@ -344,10 +347,10 @@ def _fit_tiers(specs: Sequence[TierSpec], sources: dict, cfg: BuildConfig, rows:
     for s in specs:
         need = [s] if s.kind == "classifier" else []
         if s.kind == "tta" and s.base_name not in fit.tiers:
-            need.append(TierSpec("classifier", s.model, s.size, s.source))
+            need.append(TierSpec("classifier", s.model, s.size, s.source, tag=s.tag))
         for c in need:
             if c.name not in fit.tiers:
-                t = _classifier(nets[(sources[s.name], c.model)], c.model, c.size, device, cfg.batch_size)
+                t = _classifier(nets[(sources[s.name], c.model)], c.model, c.size, device, cfg.batch_size, c.name)
                 add(c.name, t, cache.logits(c.name, t, rows.images, progress))
     for s in filter(_is_open, specs):  # zero-shot, VLM: models at local paths
         t = make_tier(s, device, cfg.batch_size)
