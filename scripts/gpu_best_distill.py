@@ -16,7 +16,9 @@ What runs, as spawned processes sharing the GPU (each job starts as soon as what
 - issue 16: the teacher is the best GPU cascade, i.e. the candidate issue 11's rule picks on val (round 11; rounds 9
   and 10 used ``E2``, the full ensemble of both networks); students Lite0@224 distilled from it
   (``A``: train only; ``B``: train + the synthetic frames, unlabelled for the student), and the same Lite0@224
-  trained on labels alone with the same epochs and seed; all on test challenge views. Between A and B val decides.
+  trained on labels alone with the same epochs and seed; all on test challenge views. Between A and B val decides;
+- with ``--seeds 0,1,2`` (not yet run on the GPU), both networks are also trained with seeds 1 and 2, and a third
+  candidate family ``E6`` stacks all six (tiers ``lite0@224#s0`` ... ``lite2@288#s2``), guarded like the others.
 
 The synthetic set needs the sign crops next to the data (``signs/`` beside ``streetwork/``); without them the
 synthesis fails, and E3 and student B are skipped (the rest runs). The StreetWork tar, night-dev and the Lite0 and
@@ -56,12 +58,21 @@ def _have(bdir: str | Path) -> bool:
     return (Path(bdir) / "bundle.json").is_file()
 
 
-def train_net(name: str, out: str, workers: int, quick: bool) -> str:
+def train_net(name: str, out: str, workers: int, quick: bool, seed: int = 0) -> str:
     from gpu_best_bundle import train_net as _train
 
-    if _have(Path(out) / f"{name}-s0"):
-        return str(Path(out) / f"{name}-s0")
-    return _train(name, 0, out, workers, quick)
+    if _have(Path(out) / f"{name}-s{seed}"):
+        return str(Path(out) / f"{name}-s{seed}")
+    return _train(name, seed, out, workers, quick)
+
+
+def net_key(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def seed_ensemble_tiers(paths: dict[str, str], seeds: list[int]) -> str:
+    """Both networks of every seed as tiers of one stacked ensemble, told apart by ``#s<seed>`` tags."""
+    return ",".join(f"lite0@224#s{k}:{paths[net_key('lite0', k)]},lite2@288#s{k}:{paths[net_key('lite2', k)]}" for k in seeds)
 
 
 def train_labels(out: str, workers: int, epochs: int, quick: bool) -> str:
@@ -188,6 +199,8 @@ def main() -> None:
     ap.add_argument("--det-epochs", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=8, help="students' epochs (distilled and labels-only)")
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--seeds", default="0", help="seeds of the two networks; with more than one, the candidate "
+                    "E<2n> stacks all 2n networks (a seed ensemble), guarded like E2 and E3")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -229,8 +242,13 @@ def main() -> None:
             started.add((kind, key))
             jobs[ex.submit(fn, *args)] = (kind, key)
 
-    submit("net", "lite0", train_net, "lite0", out, workers, q)
-    submit("net", "lite2", train_net, "lite2", out, workers, q)
+    seeds = [int(k) for k in a.seeds.split(",") if k.strip()]
+    if 0 not in seeds:
+        raise SystemExit("--seeds must include 0 (E2 and E3 are built from seed 0)")
+    seed_family = f"E{2 * len(seeds)}" if len(seeds) > 1 else None
+    for k in seeds:
+        for name in ("lite0", "lite2"):
+            submit("net", net_key(name, k), train_net, name, out, workers, q, k)
     submit("labels", "student-labels", train_labels, out, workers, a.epochs, q)
     submit("synth", "synth", make_synth, out, 40 if q else a.n_synth)
     p = res["paths"]
@@ -246,6 +264,8 @@ def main() -> None:
             submit("build", "E2", build_ens, "E2", nets, out, q)
             if "detector" in p:
                 submit("build", "E3", build_ens, "E3", f"{nets},detector(path={p['detector']},name=cones,native_cap={DET_CAP})", out, q)
+        if kind == "net" and seed_family and all(net_key(n, k) in p for n in ("lite0", "lite2") for k in seeds):
+            submit("build", seed_family, build_ens, seed_family, seed_ensemble_tiers(p, seeds), out, q)
         if kind == "build":
             for fpr in GUARDS:
                 submit("guard", f"{key}-guard{fpr}", guard_copy, value, fpr)
@@ -275,6 +295,7 @@ def main() -> None:
     def candidates_done() -> bool:
         """Every issue-11 candidate measured on val (E3's only if its detector could be made)."""
         fams = [f for f in FAMILIES if not (f == "E3" and ("synth:synth" in res["errors"] or "det:detector" in res["errors"]))]
+        fams += [seed_family] if seed_family and not any(k.startswith("net:") for k in res["errors"]) else []
         want = {f"{f}{g}" for f in fams for g in ("", *(f"-guard{fpr}" for fpr in GUARDS))}
         return want <= set(res["val"])
 
