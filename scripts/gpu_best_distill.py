@@ -272,8 +272,6 @@ def main() -> None:
         if kind in ("build", "guard"):
             submit("val", key, measure_val, key, value, q)
             submit("test", key, score_test, value, q, True)
-            if (kind, key) in resumed_val:
-                on_done("val", key, res["val"][key])
         if kind in ("labels", "distill"):
             submit("val", key, measure_val, key, value, q)
             submit("test", key, score_test, value, q, False)
@@ -281,7 +279,7 @@ def main() -> None:
             res[kind][key] = value
             if kind == "test":
                 print(line(key, value), flush=True)
-        if kind == "val" and "teacher" not in res and candidates_done():
+        if "teacher" not in res and candidates_done():  # after any job: a resumed run may hold every val number already
             # issue 16's teacher is the best GPU cascade: the bundle issue 11's rule ships, chosen on val alone
             res["teacher"] = teacher = choose(res)["best_gpu_bundle"]
             tdir = str(Path(out) / teacher)
@@ -289,8 +287,6 @@ def main() -> None:
             submit("distill", "student-A", distill_student, "student-A", out, tdir, (), a.epochs, q)
             if "synth" in p:
                 submit("distill", "student-B", distill_student, "student-B", out, tdir, (p["synth"],), a.epochs, q)
-
-    resumed_val = {("build", k) for k in res["val"]} | {("guard", k) for k in res["val"]}
 
     def candidates_done() -> bool:
         """Every issue-11 candidate measured on val (E3's only if its detector could be made)."""

@@ -176,7 +176,7 @@ def test_decode_tasks_checked(bundle, tmp_path):
 def test_cap_reaches_the_decode_step_only(ray_local, bundle, streetwork, tmp_path, cap):
     cfg = LabelConfig(bundle=bundle, out=tmp_path, engine="ray", batch=4, decode_tasks=cap, gpu="on")
     todo = list_inputs(_listing(streetwork, tmp_path, 8))
-    ds = build_dataset(cfg, todo, plan(cfg, {"CPU": 2}), None)
+    ds = build_dataset(cfg, todo, plan(cfg, {"CPU": 2}))
     cascade_op = ds._logical_plan.dag  # map_batches(CascadeRunner) <- map_batches(decode_batch) <- from_items
     decode_op = cascade_op.input_dependencies[0]
     assert isinstance(_compute(cascade_op), ray.data.ActorPoolStrategy)

@@ -46,17 +46,17 @@ def plan(cfg: LabelConfig, resources: dict[str, float]) -> dict[str, Any]:
             "threads": cfg.threads or max(1, math.ceil(cfg.actor_cpus))}
 
 
-def build_dataset(cfg: LabelConfig, todo: list[InputRecord], p: dict[str, Any], min_size: int | None = None):
-    """``min_size`` None: each decode step finds the bundle's decode size in its own process (a CPU actor it is fused
-    into has loaded the bundle anyway), so the driver never loads the bundle: 4-6 s of torch import and model
-    building before the first task, measured in a fresh process on 2 cores."""
+def build_dataset(cfg: LabelConfig, todo: list[InputRecord], p: dict[str, Any]):
+    """Each decode step finds the bundle's decode size in its own process (a CPU actor it is fused into has loaded
+    the bundle anyway), so the driver never loads the bundle: 4-6 s of torch import and model building before the
+    first task, measured in a fresh process on 2 cores."""
     import ray
 
     ds = ray.data.from_items([r.as_row() for r in todo], override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch)))
     # a cap on concurrent decode tasks (else Ray Data runs as many as the free CPUs allow); a capped decode step is
     # fused into CPU actors only when the cap equals the pool size
     decode_compute = ray.data.TaskPoolStrategy(size=cfg.decode_tasks) if cfg.decode_tasks else None
-    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": cfg.limits, "min_size": min_size, "encoded": p["gpu"] != "off",
+    ds = ds.map_batches(decode_batch, fn_kwargs={"limits": cfg.limits, "min_size": None, "encoded": p["gpu"] != "off",
                                                  "bundle": str(cfg.bundle)},
                         batch_size=cfg.batch, batch_format="numpy", num_cpus=cfg.decode_cpus, compute=decode_compute)
     return ds.map_batches(CascadeRunner, fn_constructor_kwargs={"bundle": str(cfg.bundle), "device": p["device"],

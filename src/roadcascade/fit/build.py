@@ -3,7 +3,7 @@
 1. **Tiers.** A spec such as ``lite0@128:runs/qs/stage1,lite0@224,tta(lite0@224,n=4..8)`` names
    classifier tiers ``model@size[#tag][:source bundle]`` (``#tag`` tells apart two tiers of one model and size,
    e.g. two seeds' networks: ``lite0@224#s0:runs/s0,lite0@224#s1:runs/s1``) and test-time-scaling tiers
-   ``tta(model@size[:source][,n=a..b][,views=id|hflip|c85|...])``. Weights come from the source bundle
+   ``tta(model@size[#tag][:source][,n=a..b][,views=id|hflip|c85|...])``. Weights come from the source bundle
    (any bundle holding a classifier of that model); a tier without a source reuses the source of
    another tier of the same model (the same network at another input size: GFLOPs scale with pixels),
    and a model with no source anywhere is trained with the stage-1 trainer (cached in the work dir).
@@ -323,11 +323,11 @@ def _networks(specs: Sequence[TierSpec], sources: dict, device) -> dict[tuple[st
     return nets
 
 
-def _classifier(net: ClassifierTier, model: str, size: int, device, batch_size: int, name: str | None = None) -> ClassifierTier:
-    """A classifier tier of ``net``'s weights at ``size`` (uncalibrated), named ``name`` (default model@size)."""
+def _classifier(net: ClassifierTier, name: str, model: str, size: int, device, batch_size: int) -> ClassifierTier:
+    """A classifier tier ``name`` of ``net``'s weights at ``size`` (uncalibrated)."""
     from ..models.zoo import gflops as zoo_gflops
 
-    return ClassifierTier(name=name or f"{model}@{size}", model_name=model, model=net.model, input_size=size, mean=net.mean, std=net.std,
+    return ClassifierTier(name=name, model_name=model, model=net.model, input_size=size, mean=net.mean, std=net.std,
                           calibrator=TemperatureCalibrator(), gflops=zoo_gflops(model, size), device=device,
                           batch_size=batch_size, squares=net.squares, view_scale=net.view_scale)
 
@@ -350,7 +350,7 @@ def _fit_tiers(specs: Sequence[TierSpec], sources: dict, cfg: BuildConfig, rows:
             need.append(TierSpec("classifier", s.model, s.size, s.source, tag=s.tag))
         for c in need:
             if c.name not in fit.tiers:
-                t = _classifier(nets[(sources[s.name], c.model)], c.model, c.size, device, cfg.batch_size, c.name)
+                t = _classifier(nets[(sources[s.name], c.model)], c.name, c.model, c.size, device, cfg.batch_size)
                 add(c.name, t, cache.logits(c.name, t, rows.images, progress))
     for s in filter(_is_open, specs):  # zero-shot, VLM: models at local paths
         t = make_tier(s, device, cfg.batch_size)
