@@ -10,8 +10,8 @@ from PIL import Image
 
 from roadcascade.cascade.bundle import Bundle
 from roadcascade.cascade.runtime import ClassifierTier
-from roadcascade.fit.distill import (DistillConfig, TargetCache, distill, distill_loss, fill_targets, soft_target, student_spec,
-                                 teacher_id, teacher_probs, unlabelled_folder)
+from roadcascade.fit.distill import (DistillConfig, TargetCache, distill, distill_loss, every_tier, fill_targets, soft_target,
+                                 student_spec, teacher_id, teacher_probs, unlabelled_folder)
 from roadcascade.serve.testing import tiny_bundle
 
 probs = st.floats(min_value=1e-4, max_value=1 - 1e-4)
@@ -60,6 +60,23 @@ def test_cache_survives_a_torn_line(tmp_path):
     c2 = TargetCache(tmp_path, "t")
     assert c2.table == {("a", 0): 0.2, ("a", 1): 0.9}
     assert c2.missing([("a", 0), ("b", 0)]) == [("b", 0)]
+
+
+def test_every_tier_runs_each_tier_on_each_image_and_answers_as_the_last_exit(tmp_path):
+    c = Bundle.load(tiny_bundle(tmp_path / "t")).cascade
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (40, 60, 3), dtype=np.uint8) for _ in range(16)]
+    early = c.predict(imgs)
+    assert any(len(p.trace.tiers) == 1 for p in early)  # the tiny cascade does stop some images at tier 0
+    full = every_tier(c).predict(imgs)
+    assert all(p.trace.tiers == ["tiny0", "tiny1"] and p.trace.exit == 1 for p in full)
+    for a, b in zip(early, full):  # where the cascade also ran both tiers, the answer is the same
+        if len(a.trace.tiers) == 2:
+            assert a.probability == pytest.approx(b.probability)
+    assert np.allclose(teacher_probs(c, imgs, "ensemble"), [p.calibrated for p in full])
+    one = Bundle.load(tiny_bundle(tmp_path / "t1")).cascade
+    single = type(one)(one.tiers[:1], one.exits[1:])
+    assert every_tier(single) is single  # nothing to close
 
 
 @pytest.mark.integration

@@ -34,7 +34,7 @@ from .schedule import frozen_copy, total_steps
 from .train import (Loop, ValViews, decode_all, fit_epochs, open_training_only, seed_everything, smooth_targets, stage1_cascade,
                     view_set)
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "student_spec", "teacher_probs", "soft_target", "teacher_id", "TargetCache",
+__all__ = ["DistillConfig", "DistillResult", "distill", "student_spec", "every_tier", "teacher_probs", "soft_target", "teacher_id", "TargetCache",
            "image_views", "fill_targets", "unlabelled_folder", "open_extra", "ViewTargetSet", "distill_loss"]
 
 Progress = Callable[[str, int, int], None]
@@ -44,12 +44,21 @@ UNLABELLED = -1
 # ----------------------------------------------------------------------------- teacher targets
 
 
+def every_tier(cascade: Cascade) -> Cascade:
+    """The cascade with its early exits closed: every tier runs on every image and the last exit's fusion decides
+    (the teacher of ``ensemble`` mode). A bundle's report calls the stack of *all* its candidate tiers, including
+    those its policy dropped, the full ensemble; this is the stack of the tiers the cascade kept."""
+    if cascade.n_stages <= 1:
+        return cascade
+    never = ConfidenceRule(1.0)  # |folded - 0.5| never reaches 1: every image goes on to the last tier
+    return Cascade(cascade.tiers, [ExitPoint(e.fusion, e.threshold, never) for e in cascade.exits])
+
+
 def teacher_probs(cascade: Cascade, images: Sequence[np.ndarray], mode: str = "ensemble", batch: int = 32) -> np.ndarray:
     """The teacher's fused, calibrated probability (before the fold), every tier run (``ensemble``) or with the
     bundle's own early exits (``cascade``)."""
-    if mode == "ensemble" and cascade.n_stages > 1:
-        never = ConfidenceRule(1.0)  # |folded - 0.5| never reaches 1: every image goes on to the last tier
-        cascade = Cascade(cascade.tiers, [ExitPoint(e.fusion, e.threshold, never) for e in cascade.exits])
+    if mode == "ensemble":
+        cascade = every_tier(cascade)
     out = [np.array([p.calibrated for p in cascade.predict(images[i : i + batch])]) for i in range(0, len(images), batch)]
     return np.concatenate(out) if out else np.zeros(0)
 
