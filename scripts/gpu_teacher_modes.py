@@ -67,22 +67,27 @@ def main() -> None:
     nets = [(n, k) for k in seeds for n in ("lite0", "lite2")]
     workers = 0 if a.quick else max(1, (os.cpu_count() or 2) // (len(nets) + 1))
     res: dict = {"config": vars(a), "seconds": {}}
+
+    def save() -> None:  # after each phase: a run cut off keeps what it finished
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(res, indent=1))
     with ProcessPoolExecutor(len(nets), mp_context=multiprocessing.get_context("spawn")) as ex:
         futs = {net_key(n, k): ex.submit(train_net, n, a.out, workers, a.quick, k) for n, k in nets}
         paths = {key: f.result() for key, f in futs.items()}
     res["seconds"]["nets"] = round(time.perf_counter() - t0, 1)
+    save()
     name = f"E{2 * len(seeds)}"
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:  # build's threads as in round 12
         bdir = ex.submit(build_ens, name, seed_ensemble_tiers(paths, seeds), a.out, a.quick).result()
         gdir = ex.submit(guard_copy, bdir, a.guard).result()
     res["seconds"]["build"] = round(time.perf_counter() - t0, 1)
     res["teacher"] = Path(gdir).name
+    save()
     res["test_challenge_mcc"] = score_modes(gdir, a.quick)
     res["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res, indent=1), flush=True)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+    save()
 
 
 if __name__ == "__main__":
