@@ -17,8 +17,9 @@ What runs, as spawned processes sharing the GPU (each job starts as soon as what
   and 10 used ``E2``, the full ensemble of both networks); students Lite0@224 distilled from it
   (``A``: train only; ``B``: train + the synthetic frames, unlabelled for the student), and the same Lite0@224
   trained on labels alone with the same epochs and seed; all on test challenge views. Between A and B val decides;
-- with ``--seeds 0,1,2`` (not yet run on the GPU), both networks are also trained with seeds 1 and 2, and a third
-  candidate family ``E6`` stacks all six (tiers ``lite0@224#s0`` ... ``lite2@288#s2``), guarded like the others.
+- with ``--seeds 0,1,2`` (round 12, PERFORMANCE.md), both networks are also trained with seeds 1 and 2, and a third
+  candidate family ``E6`` is built over all six (tiers ``lite0@224#s0`` ... ``lite2@288#s2``; the policy may keep fewer:
+  round 12 kept three), guarded like the others.
 
 The synthetic set needs the sign crops next to the data (``signs/`` beside ``streetwork/``); without them the
 synthesis fails, and E3 and student B are skipped (the rest runs). The StreetWork tar, night-dev and the Lite0 and
