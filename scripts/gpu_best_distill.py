@@ -213,11 +213,6 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                  "config": vars(a), "seconds": {}, "paths": {}, "test": {}, "val": {}, "errors": {}}
 
-    def save() -> None:
-        if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(res, indent=1))
-
     # a resumed run (same warm machine) keeps the val/test numbers of bundles it already measured
     progress = Path(out) / "progress.json"
     if progress.is_file():
@@ -234,9 +229,7 @@ def main() -> None:
 
     ex = ProcessPoolExecutor(a.parallel, mp_context=multiprocessing.get_context("spawn"))
     jobs: dict[Future, tuple[str, str]] = {}  # future -> (kind, key)
-    started: set[tuple[str, str]] = set()
-
-    started |= {(kind, k) for kind in ("val", "test") for k in res[kind]}
+    started: set[tuple[str, str]] = {(kind, k) for kind in ("val", "test") for k in res[kind]}  # resumed: measured
 
     def submit(kind: str, key: str, fn, *args) -> None:
         if (kind, key) not in started:

@@ -44,10 +44,10 @@ def realcam_report(bundle: Bundle, split: str = "test", data: str | None = None,
     return {
         "night_dev": {"n": len(p_pos), "recall": float(np.mean(p_pos > 0.5)), "median_p": float(np.median(p_pos)),
                       "exit_rates": rep_pos["exit_rates"],
-                      "missed": [s.key for s, p in zip(nd.samples, p_pos) if p <= 0.5]},
+                      "missed": [smp.key for smp, p in zip(nd.samples, p_pos) if p <= 0.5]},
         "dashcam_negatives": {"split": split, "n": len(p_neg), "fpr": float(np.mean(p_neg > 0.5)),
                               "exit_rates": rep_neg["exit_rates"],
-                              "false_positives": [s.key for s, p in zip(neg.samples, p_neg) if p > 0.5]},
+                              "false_positives": [smp.key for smp, p in zip(neg.samples, p_neg) if p > 0.5]},
         "joint": {"n": s.n, "mcc": s.mcc, "accuracy": s.accuracy, "auroc": s.auroc},
     }
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..cascade.bundle import Bundle
 from ..cascade.calibration import TemperatureCalibrator, logit
-from ..cascade.runtime import Cascade, ConfidenceRule, ExitPoint
+from ..cascade.rules import NeverRule
+from ..cascade.runtime import Cascade, ExitPoint
 from ..io.challenge import ChallengeConfig, challenge_views
 from ..io.data import IMAGE_SUFFIXES, Dataset, Sample, open_dataset
 from ..models.preprocess import normalize, pick_device, resize_square
@@ -50,8 +51,7 @@ def every_tier(cascade: Cascade) -> Cascade:
     those its policy dropped, the full ensemble; this is the stack of the tiers the cascade kept."""
     if cascade.n_stages <= 1:
         return cascade
-    never = ConfidenceRule(1.0)  # |folded - 0.5| never reaches 1: every image goes on to the last tier
-    return Cascade(cascade.tiers, [ExitPoint(e.fusion, e.threshold, never) for e in cascade.exits])
+    return Cascade(cascade.tiers, [ExitPoint(e.fusion, e.threshold, NeverRule()) for e in cascade.exits])
 
 
 def teacher_probs(cascade: Cascade, images: Sequence[np.ndarray], mode: str = "ensemble", batch: int = 32) -> np.ndarray:
