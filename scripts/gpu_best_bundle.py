@@ -30,6 +30,8 @@ NETS = {
     "lite0": dict(model="lite0", input_size=224, eval_size=224, epochs=8),
     "lite2": dict(model="lite2", input_size=288, eval_size=288, epochs=8),
 }
+# networks trained by name for other scripts only (not part of this script's seeds): round 13's lite2 at 384 px
+EXTRA_NETS = {"lite2h": dict(model="lite2", input_size=384, eval_size=384, epochs=8)}
 VIEWS = dict(squares=3, view_scale=1.3)
 GUARDS = (0.01, 0.02)
 SCORE_NETS = ("lite2",)  # networks also scored alone (lite0 alone was measured in device call 1 of this script)
@@ -42,7 +44,7 @@ def train_net(name: str, seed: int, out: str, workers: int, quick: bool) -> str:
 
     torch.set_num_threads(2)
     quick_kw = dict(max_train=60, max_val=30, max_steps=2, epochs=1) if quick else {}
-    cfg = TrainConfig(**{**NETS[name], **quick_kw}, **VIEWS, seed=seed, num_workers=workers)
+    cfg = TrainConfig(**{**{**NETS, **EXTRA_NETS}[name], **quick_kw}, **VIEWS, seed=seed, num_workers=workers)
     bdir = Path(out) / f"{name}-s{seed}"
     train(cfg, bdir, log=lambda m: None)
     return str(bdir)
