@@ -3,6 +3,7 @@ MCC it reads under each rule, which rows count as candidates, and the build's ou
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,12 +14,17 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 @pytest.fixture(scope="module")
 def gbd():
+    env = os.environ.get("ROADCASCADE_GPU")  # the script sets a default for its workers: not for the tests after it
     sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location("gpu_best_distill_t", SCRIPTS / "gpu_best_distill.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     yield mod
     sys.path.remove(str(SCRIPTS))
+    if env is None:
+        os.environ.pop("ROADCASCADE_GPU", None)
+    else:
+        os.environ["ROADCASCADE_GPU"] = env
 
 
 def _row(insample: float, oof: float | None, dashcam: float) -> dict:
