@@ -20,7 +20,7 @@ def gbd():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     yield mod
-    sys.path.remove(str(SCRIPTS))
+    sys.path[:] = [x for x in sys.path if x != str(SCRIPTS)]  # the script adds its folder too
     if env is None:
         os.environ.pop("ROADCASCADE_GPU", None)
     else:
