@@ -19,8 +19,7 @@ What runs, as spawned processes sharing the GPU (each job starts as soon as what
   trained on labels alone with the same epochs and seed; all on test challenge views. Between A and B val decides;
 - with ``--seeds 0,1,2`` (round 12, PERFORMANCE.md), both networks are also trained with seeds 1 and 2, and a third
   candidate family ``E6`` is built over all six (tiers ``lite0@224#s0`` ... ``lite2@288#s2``; the policy may keep fewer:
-  round 12 kept three), guarded like the others.
-
+  round 12 kept three), guarded like the others;
 - round 13 (``--families E2,E3,H2,H3 --rule oof --no-students``): a second pair family ``H`` with lite2 trained and run
   at 384 px (the issue's "try Lite2 at 320-384"; never measured without the synthetic set before), and the rule reads
   each candidate's out-of-fold val challenge MCC from its build (``oof_val_mcc``) instead of the in-sample one, which
@@ -49,6 +48,7 @@ from pathlib import Path
 
 os.environ.setdefault("ROADCASCADE_GPU", "0")  # the plain runtime: many processes share one GPU
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_best_bundle import EXTRA_NETS, NETS  # noqa: E402  (the networks by name; a light import: torch loads in the workers)
 
 GUARDS = (0.005, 0.01, 0.02)
 DET_CAP = 448
@@ -269,7 +269,9 @@ def main() -> None:
     families = [f.strip() for f in a.families.split(",") if f.strip()]
     if bad := [f for f in families if len(f) != 2 or f[0] not in PAIRS or f[1] not in "23"]:
         raise SystemExit(f"unknown families {bad}: use {sorted(PAIRS)} followed by 2 (the pair) or 3 (+ the detector)")
-    pair_nets = sorted({n for f in families for n, _ in PAIRS[f[0]]}, key=lambda n: (n != "lite2h", n))  # slowest first
+    with_det = any(f[1] == "3" for f in families)
+    size = {n: spec["input_size"] for n, spec in {**NETS, **EXTRA_NETS}.items()}
+    pair_nets = sorted({n for f in families for n, _ in PAIRS[f[0]]}, key=lambda n: (-size[n], n))  # slowest first
     for name in pair_nets:
         submit("net", name, train_net, name, out, workers, q, 0)
     for k in seeds if seed_family else []:  # the seed family's networks (seed 0's are E2's: submitted once)
@@ -277,7 +279,7 @@ def main() -> None:
             submit("net", net_key(name, k), train_net, name, out, workers, q, k)
     if not a.no_students:
         submit("labels", "student-labels", train_labels, out, workers, a.epochs, q)
-    if any(f[1] == "3" for f in families) or not a.no_students:
+    if with_det or not a.no_students:
         submit("synth", "synth", make_synth, out, 40 if q else a.n_synth)
     p = res["paths"]
 
@@ -285,7 +287,7 @@ def main() -> None:
         res["seconds"][f"{kind}:{key}"] = round(time.perf_counter() - t0, 1)
         if kind in ("net", "labels", "synth", "det", "build", "guard", "distill"):
             p[key] = value
-        if kind == "synth" and any(f[1] == "3" for f in families):
+        if kind == "synth" and with_det:
             submit("det", "detector", train_det, out, value, workers, a.det_epochs, q)
         for fam in families if kind in ("net", "det") else ():
             pair = PAIRS[fam[0]]
@@ -358,7 +360,7 @@ def choose(res: dict, rule: str = "insample") -> dict:
     from roadcascade.fit.select import choose_bundle
 
     out: dict = {"rule": rule}
-    cands = sorted(k for k in res["val"] if k[0] in PAIRS)  # a fixed order: ties go to the earlier
+    cands = sorted(k for k in res["val"] if not k.startswith("student-"))  # a fixed order: ties go to the earlier
     key = "oof_val_challenge_mcc" if rule == "oof" else "val_challenge_mcc"
     if cands and rule == "oof" and any(res["val"][c].get(key) is None for c in cands):
         raise ValueError(f"rule oof: no out-of-fold estimate for {[c for c in cands if res['val'][c].get(key) is None]}")
